@@ -1,0 +1,1 @@
+"""Dash head explorer over a runs directory (installed as `headlab.app`). Not built yet."""

@@ -1,0 +1,151 @@
+"""The `"headlab"` attention function, registered in transformers' attention registry.
+
+Loading a model with `attn_implementation="headlab"` routes every self-attention layer through
+`headlab_attention_forward`. With no active `HeadModel.patched(...)` session it computes plain
+SDPA attention (eager-exact numerics for soft-capped models); inside a session it applies the
+session's plan and records its stats for the calling layer (`module.layer_idx`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from headlab.errors import PlanError, UnsupportedArchitectureError
+from headlab.plan import InterventionPlan, LayerPlan
+from headlab.stats import HeadStats, StatsRequest
+
+ATTN_IMPLEMENTATION = "headlab"
+SESSION_ATTR = "_headlab_session"
+log = logging.getLogger("headlab")
+
+
+@dataclass
+class PatchSession:
+    """What one `patched(plan, stats)` context applies and records (`rec` in the docs)."""
+
+    plan: InterventionPlan
+    request: StatsRequest | None
+    n_heads: int
+    head_dim: int
+    stats: HeadStats = field(default_factory=HeadStats)
+    _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
+    _seen: dict[int, int] = field(default_factory=dict)
+
+    def layer_plan(self, layer: int) -> LayerPlan | None:
+        if layer not in self._compiled:
+            self._compiled[layer] = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
+        return self._compiled[layer]
+
+    def track_positions(self, layer: int, q_len: int, k_len: int) -> bool:
+        """Track tokens seen by a layer; False when its cache dropped early keys (sliding window)."""
+        seen = q_len if k_len == q_len else self._seen.get(layer, 0) + q_len
+        self._seen[layer] = seen
+        return k_len >= seen
+
+
+def _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
+    """SDPA numerics, returned as head outputs [B, H, Q, Dv] (float32)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+    return out.transpose(1, 2)
+
+
+def headlab_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface entry point: returns ([B, Q, H, Dv], None)."""
+    from headlab.kernels import patched_attention
+    from headlab.kernels.reference import StatsCollector, apply_output_interventions
+
+    for unsupported in ("s_aux", "sinks", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} passes `{unsupported}` to its attention; headlab's patched attention "
+                "does not implement it yet. Load this model with attn_implementation='eager' instead."
+            )
+    if dropout and module.training:
+        raise PlanError("headlab's patched attention is for inference: call model.eval() (attention dropout is active)")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    session: PatchSession | None = getattr(module, SESSION_ATTR, None)
+    layer = getattr(module, "layer_idx", None)
+    B, H, Q, _ = query.shape
+    K = key.shape[2]
+
+    plan = stats = None
+    if session is not None:
+        if layer is None:
+            raise UnsupportedArchitectureError(f"{type(module).__name__} has no layer_idx; headlab cannot tell its layers apart")
+        positions_ok = session.track_positions(layer, Q, K)
+        plan = session.layer_plan(layer)
+        if session.request is not None and session.request.covers(layer) and not session.request.is_empty():
+            stats = session.request.compile(Q, K, query.device)
+        uses_positions = (plan is not None and plan.has_bias) or (stats is not None and stats.wants_probabilities)
+        if uses_positions and not positions_ok:
+            raise PlanError(
+                f"layer {layer}: its sliding-window cache has dropped early tokens, so key positions no longer "
+                "match token positions; keep the input within the model's sliding window for position-based plans/stats"
+            )
+
+    if plan is None and stats is None and softcap is None:
+        out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        return out.transpose(1, 2), None
+
+    needs_probabilities = softcap is not None or (plan is not None and plan.touches_probabilities) or (
+        stats is not None and stats.wants_probabilities
+    )
+    if needs_probabilities:
+        out, layer_stats = patched_attention(
+            query, key, value, scaling=scaling, is_causal=causal, attention_mask=attention_mask,
+            softcap=softcap, plan=plan, stats=stats,
+        )
+    else:
+        # Only the outputs change: SDPA computes z, the plan acts on it afterwards.
+        z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
+        rows = slice(0, Q)
+        patch = plan.to(z.device).patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
+        z = apply_output_interventions(z, plan.to(z.device) if plan is not None else None, rows, patch)
+        layer_stats = None
+        if stats is not None:
+            collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
+            collector.add_outputs(rows, z)
+            layer_stats = collector.result()
+        out = z.to(query.dtype)
+    if layer_stats is not None:
+        session.stats.add(layer, layer_stats)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the "headlab" attention and mask functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, headlab_attention_forward)
+    # Boolean masks, skipped (None) when plain causal/full attention needs none: the patched
+    # attention builds causal blocks itself, so long inputs never allocate an N×N mask.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    _registered = True

@@ -1,0 +1,126 @@
+"""`HeadMask`: a set of (layer, head) with weights; exports and conversion to plans."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from headlab.errors import HeadlabError
+
+Head = tuple[int, int]
+FORMAT = "headlab.mask/1"
+
+
+@dataclass(frozen=True)
+class HeadMask:
+    """Selected heads of a model with [n_layers, n_heads] shape, each with a weight (default 1)."""
+
+    heads: dict[Head, float]
+    n_layers: int
+    n_heads: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for l, h in self.heads:
+            if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
+                raise HeadlabError(f"mask head ({l}, {h}) is outside a {self.n_layers} x {self.n_heads} model")
+
+    @classmethod
+    def from_heads(cls, heads: list[Head], n_layers: int, n_heads: int, **kw: Any) -> "HeadMask":
+        return cls(heads={(int(l), int(h)): 1.0 for l, h in heads}, n_layers=n_layers, n_heads=n_heads, **kw)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __contains__(self, head: object) -> bool:
+        return head in self.heads
+
+    def __iter__(self):
+        return iter(sorted(self.heads))
+
+    def dense(self) -> torch.Tensor:
+        """[n_layers, n_heads] float tensor of weights (0 for unselected heads)."""
+        t = torch.zeros(self.n_layers, self.n_heads)
+        for (l, h), w in self.heads.items():
+            t[l, h] = w
+        return t
+
+    def jaccard(self, other: "HeadMask") -> float:
+        a, b = set(self.heads), set(other.heads)
+        return len(a & b) / len(a | b) if a | b else 1.0
+
+    def to_plan(self, kind: Literal["prune", "scale", "mean"] = "prune", value: float = 0.0, means: Any = None):
+        """An InterventionPlan over the mask's heads: prune, scale by `value`, or mean-ablate."""
+        from headlab.plan import InterventionPlan
+
+        plan = InterventionPlan()
+        if kind == "prune":
+            return plan.prune_heads(self.heads)
+        if kind == "scale":
+            return plan.scale_heads({h: value for h in self.heads})
+        if kind == "mean":
+            return plan.ablate_heads(self.heads, mode="mean", means=means)
+        raise HeadlabError(f"unknown plan kind {kind!r}: use 'prune', 'scale' or 'mean'")
+
+    # ---- exports -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "n_layers": self.n_layers, "n_heads": self.n_heads, "source": self.source,
+                "heads": [[l, h, w] for (l, h), w in sorted(self.heads.items())]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeadMask":
+        if d.get("format") != FORMAT:
+            raise HeadlabError(f"not a headlab mask (format {d.get('format')!r}, expected {FORMAT!r})")
+        return cls(heads={(int(l), int(h)): float(w) for l, h, w in d["heads"]}, n_layers=int(d["n_layers"]),
+                   n_heads=int(d["n_heads"]), source=d.get("source", {}))
+
+    def save_json(self, path: str | Path) -> Path:
+        from headlab.io import atomic_write_json
+
+        return atomic_write_json(self.to_dict(), path)
+
+    def save_safetensors(self, path: str | Path) -> Path:
+        """`weights` [L, H] float and `mask` [L, H] bool, with the JSON header as metadata."""
+        from headlab.io import atomic_save_safetensors
+
+        d = self.dense()
+        meta = {"headlab": json.dumps({k: v for k, v in self.to_dict().items() if k != "heads"}, default=str)}
+        return atomic_save_safetensors({"weights": d, "mask": d != 0}, path, metadata=meta)
+
+    def save_duo_attention(self, path: str | Path, n_kv_heads: int | None = None) -> Path:
+        """A DuoAttention-style pattern file: tab-separated, one row per layer, one column per head.
+
+        1 marks a retrieval (full-attention) head, 0 a streaming head. DuoAttention gates KV
+        heads: with `n_kv_heads`, a KV head is full when any of its query heads is selected.
+        """
+        from headlab.io import atomic_write_text
+
+        d = (self.dense() != 0).float()
+        if n_kv_heads is not None:
+            if self.n_heads % n_kv_heads:
+                raise HeadlabError(f"{self.n_heads} query heads do not group into {n_kv_heads} kv heads")
+            d = d.view(self.n_layers, n_kv_heads, -1).amax(dim=-1)
+        text = "\n".join("\t".join(str(int(x)) for x in row) for row in d.tolist()) + "\n"
+        return atomic_write_text(text, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadMask":
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("headlab", "{}"))
+                weights = f.get_tensor("weights")
+            heads = {(l, h): float(weights[l, h]) for l, h in (weights != 0).nonzero().tolist()}
+            return cls(heads=heads, n_layers=weights.shape[0], n_heads=weights.shape[1], source=header.get("source", {}))
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"L{l}H{h}" for l, h in sorted(self.heads)[:8])
+        more = "" if len(self.heads) <= 8 else f", … +{len(self.heads) - 8}"
+        return f"HeadMask({len(self.heads)} of {self.n_layers}x{self.n_heads}: {shown}{more})"

@@ -1,0 +1,221 @@
+"""`load_model` and `HeadModel`: a Hugging Face model with headlab's patched attention plugged in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from headlab import attention
+from headlab.errors import HeadlabError, ModelNotFoundError, PlanError, UnsupportedArchitectureError
+from headlab.plan import InterventionPlan
+from headlab.spec import ModelSpec
+from headlab.stats import StatsRequest
+
+log = logging.getLogger("headlab")
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a transformers model: those with a layer_idx and is_causal."""
+    found = []
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "is_causal") and not getattr(module, "is_cross_attention", False):
+            found.append(module)
+    return found
+
+
+@dataclass
+class HeadModel:
+    """A loaded model, its tokenizer/processor and its `ModelSpec`.
+
+    Call it like the underlying model (no gradients); use `patched(plan, stats)` to apply
+    interventions and record per-head stats.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    name: str
+    revision: str | None = None
+    backend: str = "hf"
+
+    def __post_init__(self) -> None:
+        self._modules = attention_modules(self.model)
+        if not self._modules:
+            raise UnsupportedArchitectureError(
+                f"{self.spec.architecture} has no attention modules headlab can patch (none with layer_idx routed "
+                "through transformers' attention registry)"
+            )
+        self._active: attention.PatchSession | None = None
+
+    # ---- running ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass of the wrapped model without gradients."""
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`model.generate(...)` of the wrapped model (runs through the patched attention too)."""
+        with torch.no_grad():
+            return self.model.generate(*args, **kwargs)
+
+    def tokenize(self, text: str | list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Tokenize text to tensors on the model's device."""
+        if self.tokenizer is None:
+            raise HeadlabError(f"{self.name} was loaded without a tokenizer; pass input_ids directly")
+        enc = self.tokenizer(text, return_tensors="pt", **kwargs)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    # ---- patching --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def patched(self, plan: InterventionPlan | None = None, stats: StatsRequest | None = None) -> Iterator[attention.PatchSession]:
+        """Apply `plan` and record `stats` in every forward run inside the context.
+
+        Yields the session; after the forwards, `rec.stats` is a `HeadStats`.
+        """
+        if self.model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
+            raise HeadlabError(
+                f"{self.name} runs attention '{self.model.config._attn_implementation}', not 'headlab': load it with "
+                "headlab.load_model(...) (default attn_implementation='headlab') to patch it"
+            )
+        if self._active is not None:
+            raise PlanError("patched() contexts do not nest: combine the plans instead (plan_a + plan_b)")
+        plan = plan or InterventionPlan()
+        if not isinstance(plan, InterventionPlan):
+            raise PlanError(f"plan must be an InterventionPlan, got {type(plan).__name__}")
+        if stats is not None and not isinstance(stats, StatsRequest):
+            raise PlanError(f"stats must be a StatsRequest, got {type(stats).__name__}")
+        plan.validate(self.spec)
+        if stats is not None:
+            stats.validate(self.spec)
+        session = attention.PatchSession(plan=plan, request=stats, n_heads=self.spec.n_heads, head_dim=self.spec.head_dim)
+        self._active = session
+        for module in self._modules:
+            setattr(module, attention.SESSION_ATTR, session)
+        try:
+            yield session
+        finally:
+            for module in self._modules:
+                if hasattr(module, attention.SESSION_ATTR):
+                    delattr(module, attention.SESSION_ATTR)
+            self._active = None
+
+    def plan(self) -> InterventionPlan:
+        """An empty plan bound to this model's shape."""
+        return InterventionPlan().for_model(self.spec)
+
+    def info(self) -> str:
+        from headlab.kernels import active_kernel
+
+        return f"{self.spec}\nattention      {self.model.config._attn_implementation} -> {active_kernel(str(self.device))} on {self.device}"
+
+
+def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is_local)."""
+    text = str(name_or_path)
+    if text.startswith("zoo:"):
+        from headlab import zoo
+
+        return str(zoo.path(text[4:])), True
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} exists but has no config.json: point to a directory saved with save_pretrained")
+        return str(path), True
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local:
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text, False
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    if getattr(config, "vision_config", None) is not None:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = attention.ATTN_IMPLEMENTATION,
+    load_tokenizer: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> HeadModel:
+    """Load a Hugging Face model (hub name, local directory or `zoo:<name>`) as a HeadModel.
+
+    Weights load from safetensors only; `trust_remote_code` stays off unless asked.
+    `attn_implementation` defaults to "headlab" (the patched attention); "eager" or "sdpa" load
+    the model for comparison, without patching.
+    """
+    import transformers
+
+    attention.register()
+    source, is_local = _resolve_source(name_or_path)
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        if is_local:
+            raise ModelNotFoundError(f"cannot read the config of {source}: {exc}") from exc
+        raise ModelNotFoundError(
+            f"{source!r} is not a local directory and could not be loaded from the Hugging Face hub "
+            f"(offline, or no such repo?): {exc}. Pass the path of a local model directory instead."
+        ) from exc
+    spec = ModelSpec.from_config(config)
+    cls = _model_class(config)
+    try:
+        model = cls.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True, **common, **from_pretrained_kwargs
+        )
+    except ValueError as exc:
+        if "attn" in str(exc).lower() or "attention" in str(exc).lower():
+            raise UnsupportedArchitectureError(
+                f"{spec.architecture} cannot run the patched attention: {exc}"
+            ) from exc
+        raise
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load weights of {source}: {exc} (headlab loads safetensors only)") from exc
+    model.to(device).eval()
+    tokenizer = _load_tokenizer(source, spec, common) if load_tokenizer else None
+    head_model = HeadModel(model=model, tokenizer=tokenizer, spec=spec, name=str(name_or_path), revision=revision)
+    log.info("loaded %s: attention %s", name_or_path, attn_implementation)
+    return head_model
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "processor_config.json")
+
+
+def _load_tokenizer(source: str, spec: ModelSpec, common: dict[str, Any]) -> Any:
+    import transformers
+
+    loader = transformers.AutoProcessor if spec.modality == "vision-language" else transformers.AutoTokenizer
+    local = Path(source)
+    if local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        return loader.from_pretrained(source, **common)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer/processor loaded for %s: %s", source, exc)
+        return None

@@ -1,0 +1,398 @@
+"""`InterventionPlan`: what to change in which (layer, head), and its compiled per-layer tensors.
+
+A plan is a composable, serializable description. Every builder method returns a new plan, so
+plans can be shared and combined without aliasing:
+
+    plan = InterventionPlan().prune_heads([(3, 5)]).scale_first_token({(1, 2): 1.5})
+
+Semantics (METHODS.md), applied in this order inside the patched attention of each head:
+
+1. logits  s[i,j] = q_i·k_j · scaling (+ softcap, + the model's mask)
+2. key bias: s[i,j] += b[h,j] on chosen key positions j. ZeroTuning's γ on the first token is
+   b = log γ on key 0 — exact, because softmax renormalizes:
+   A'[i,0] = γA[i,0] / (1+(γ−1)A[i,0]).
+3. A = softmax(s)
+4. ACT sink calibration (Yu et al. 2024, reference code GATECH-EIC/ACT): the sink set S of the head
+   is {j : r[j] > τ} minus its first element, r[j] = Σ_i A[i,j] / #(queries that see j), computed
+   on this same input; then A'[i,s] = β·A[i,s] for s ∈ S and the removed mass goes to the
+   non-sink keys in proportion to their attention. The sinks keep exactly β·A (this is NOT a
+   logit bias of log β).
+5. z = A' v                                       (per-head output, before o_proj)
+6. replacement: zero ablation (z = 0), mean ablation (z = mean z from a reference run) or
+   patching (z = z from a cached run, for path patching)
+7. output scale: z *= α (VHR reinforcement α > 1; pruning α = 0)
+
+Positions are key indices as the attention sees them: indices into the (padded) `input_ids`
+plus the cache, not RoPE positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from headlab.errors import PlanError
+
+Head = tuple[int, int]
+AblationMode = Literal["zero", "mean"]
+
+_REPLACE_NONE, _REPLACE_ZERO, _REPLACE_MEAN, _REPLACE_PATCH = 0, 1, 2, 3
+
+
+def _head(h: Any) -> Head:
+    try:
+        layer, head = h
+        return (int(layer), int(head))
+    except (TypeError, ValueError):
+        raise PlanError(f"a head must be a (layer, head) pair of ints, got {h!r}") from None
+
+
+def _heads_map(mapping: Mapping[Any, Any] | Iterable[Any], value: Any = None) -> dict[Head, Any]:
+    if isinstance(mapping, Mapping):
+        return {_head(h): v for h, v in mapping.items()}
+    return {_head(h): value for h in mapping}
+
+
+@dataclass(frozen=True)
+class ActSetting:
+    """ACT calibration of one head: β (kept fraction of sink attention) and τ (sink threshold)."""
+
+    beta: float = 0.4
+    tau: float = 0.1
+
+
+@dataclass(frozen=True)
+class InterventionPlan:
+    """Per-(layer, head) interventions. See the module docstring for the exact semantics."""
+
+    head_scales: dict[Head, float] = field(default_factory=dict)
+    key_biases: dict[Head, dict[int, float]] = field(default_factory=dict)
+    act_heads: dict[Head, ActSetting] = field(default_factory=dict)
+    ablations: dict[Head, AblationMode] = field(default_factory=dict)
+    means: dict[Head, torch.Tensor] = field(default_factory=dict)
+    patches: dict[Head, torch.Tensor] = field(default_factory=dict)
+    model_shape: tuple[int, int, int] | None = None
+    """(n_layers, n_heads, head_dim) of the model the plan was built for, when known."""
+
+    # ---- builders -------------------------------------------------------------------------
+    def scale_heads(self, scales: Mapping[Head, float]) -> "InterventionPlan":
+        """Multiply each head's output z by a factor (VHR: α > 1; 0 prunes). Factors compose."""
+        new = dict(self.head_scales)
+        for h, s in _heads_map(scales).items():
+            s = float(s)
+            if not math.isfinite(s):
+                raise PlanError(f"scale for head {h} must be finite, got {s}")
+            new[h] = new.get(h, 1.0) * s
+        return replace(self, head_scales=new)
+
+    def prune_heads(self, heads: Iterable[Head]) -> "InterventionPlan":
+        """Zero the output of each head (scale 0)."""
+        return self.scale_heads(_heads_map(heads, 0.0))
+
+    def key_bias(self, biases: Mapping[Head, float], positions: int | Sequence[int]) -> "InterventionPlan":
+        """Add a logit bias to the given key positions of each head (biases add up)."""
+        pos = [positions] if isinstance(positions, int) else [int(p) for p in positions]
+        if any(p < 0 for p in pos):
+            raise PlanError(f"key positions must be >= 0, got {pos}")
+        new = {h: dict(v) for h, v in self.key_biases.items()}
+        for h, b in _heads_map(biases).items():
+            b = float(b)
+            if math.isnan(b) or b == math.inf:
+                raise PlanError(f"logit bias for head {h} must be a number or -inf, got {b}")
+            slot = new.setdefault(h, {})
+            for p in pos:
+                slot[p] = slot.get(p, 0.0) + b
+        return replace(self, key_biases=new)
+
+    def first_token_bias(self, biases: Mapping[Head, float]) -> "InterventionPlan":
+        """Add an additive logit bias on key 0 (the first token) of each head."""
+        return self.key_bias(biases, 0)
+
+    def scale_first_token(self, gammas: Mapping[Head, float]) -> "InterventionPlan":
+        """ZeroTuning: scale the first token's attention by γ and renormalize (= log γ on key 0)."""
+        biases = {}
+        for h, g in _heads_map(gammas).items():
+            if not float(g) > 0:
+                raise PlanError(f"ZeroTuning gamma for head {h} must be > 0, got {g}")
+            biases[h] = math.log(float(g))
+        return self.first_token_bias(biases)
+
+    def act(self, heads: Iterable[Head] | Mapping[Head, ActSetting], beta: float = 0.4, tau: float = 0.1) -> "InterventionPlan":
+        """ACT sink calibration on each head (paper defaults β=0.4, τ=0.1)."""
+        if isinstance(heads, Mapping):
+            settings = _heads_map(heads)
+        else:
+            settings = _heads_map(heads, ActSetting(beta, tau))
+        for h, s in settings.items():
+            if not (0.0 <= s.beta <= 1.0):
+                raise PlanError(f"ACT beta for head {h} must be in [0, 1], got {s.beta}")
+            if not (0.0 <= s.tau <= 1.0):
+                raise PlanError(f"ACT tau for head {h} must be in [0, 1], got {s.tau}")
+        return replace(self, act_heads={**self.act_heads, **settings})
+
+    def ablate_heads(
+        self,
+        heads: Iterable[Head],
+        mode: AblationMode = "zero",
+        means: Mapping[Head, torch.Tensor] | torch.Tensor | None = None,
+    ) -> "InterventionPlan":
+        """Replace each head's output by zeros or by its mean output from a reference run.
+
+        `means` (mode="mean"): a mapping head -> Tensor[head_dim], or a Tensor[n_layers, n_heads,
+        head_dim] such as `HeadStats.mean_head_outputs()`.
+        """
+        if mode not in ("zero", "mean"):
+            raise PlanError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
+        hs = list(_heads_map(heads))
+        new_means = dict(self.means)
+        if mode == "mean":
+            if means is None:
+                raise PlanError("mean ablation needs `means`: pass HeadStats.mean_head_outputs() from a reference run")
+            for h in hs:
+                m = means[h[0], h[1]] if isinstance(means, torch.Tensor) else means.get(h)
+                if m is None:
+                    raise PlanError(f"mean ablation of head {h}: `means` has no entry for it")
+                new_means[h] = torch.as_tensor(m).detach().float().reshape(-1).cpu()
+        return replace(self, ablations={**self.ablations, **{h: mode for h in hs}}, means=new_means)
+
+    def patch_heads(self, outputs: Mapping[Head, torch.Tensor]) -> "InterventionPlan":
+        """Replace each head's output by a cached one: Tensor[batch, queries, head_dim] per head.
+
+        The forward the plan is applied to must have the same batch and query length (path
+        patching: cache z from a corrupted run with `StatsRequest(head_outputs=True)`).
+        """
+        new = dict(self.patches)
+        for h, z in _heads_map(outputs).items():
+            z = torch.as_tensor(z).detach()
+            if z.dim() == 2:
+                z = z.unsqueeze(0)
+            if z.dim() != 3:
+                raise PlanError(f"patch for head {h} must be [batch, queries, head_dim], got shape {tuple(z.shape)}")
+            new[h] = z
+        return replace(self, patches=new)
+
+    def for_model(self, spec: Any) -> "InterventionPlan":
+        """Record the model shape the plan is meant for, and check every head against it."""
+        plan = replace(self, model_shape=(spec.n_layers, spec.n_heads, spec.head_dim))
+        plan.validate(spec)
+        return plan
+
+    def combine(self, other: "InterventionPlan") -> "InterventionPlan":
+        """Both plans at once: scales multiply, biases add, the other's settings win elsewhere."""
+        if self.model_shape and other.model_shape and self.model_shape != other.model_shape:
+            raise PlanError(f"cannot combine plans built for different models: {self.model_shape} vs {other.model_shape}")
+        plan = self.scale_heads(other.head_scales)
+        for h, biases in other.key_biases.items():
+            for p, b in biases.items():
+                plan = plan.key_bias({h: b}, p)
+        return replace(
+            plan,
+            act_heads={**plan.act_heads, **other.act_heads},
+            ablations={**plan.ablations, **other.ablations},
+            means={**plan.means, **other.means},
+            patches={**plan.patches, **other.patches},
+            model_shape=self.model_shape or other.model_shape,
+        )
+
+    __add__ = combine
+
+    # ---- inspection ----------------------------------------------------------------------
+    def heads(self) -> set[Head]:
+        """Every head the plan touches."""
+        return set(self.head_scales) | set(self.key_biases) | set(self.act_heads) | set(self.ablations) | set(self.patches)
+
+    def layers(self) -> set[int]:
+        return {layer for layer, _ in self.heads()}
+
+    def is_empty(self) -> bool:
+        return not self.heads()
+
+    def validate(self, spec: Any) -> None:
+        """Raise a PlanError naming the problem if the plan does not fit the model `spec`."""
+        if self.model_shape is not None:
+            own = (spec.n_layers, spec.n_heads, spec.head_dim)
+            if tuple(self.model_shape) != own:
+                raise PlanError(
+                    f"this plan was built for a model with (layers, heads, head_dim) = {tuple(self.model_shape)}, "
+                    f"but {spec.architecture} has {own}; rebuild the plan for this model"
+                )
+        for h in sorted(self.heads()):
+            spec.check_head(*h, what="plan names head")
+        for h, m in self.means.items():
+            if m.numel() != spec.head_dim:
+                raise PlanError(f"mean output for head {h} has {m.numel()} values, the model's head_dim is {spec.head_dim}")
+        for h, z in self.patches.items():
+            if z.shape[-1] != spec.head_dim:
+                raise PlanError(f"patch for head {h} has head_dim {z.shape[-1]}, the model's is {spec.head_dim}")
+
+    # ---- compilation ----------------------------------------------------------------------
+    def compile_layer(self, layer: int, n_heads: int, head_dim: int) -> "LayerPlan | None":
+        """The small per-layer tensors a kernel reads; None when the layer is untouched.
+
+        Patches are kept per head and assembled per call (they depend on batch and length).
+        """
+        touched = [h for h in self.heads() if h[0] == layer]
+        if not touched:
+            return None
+        scale = torch.ones(n_heads)
+        for (l, h), s in self.head_scales.items():
+            if l == layer:
+                scale[h] = s
+        positions = sorted({p for (l, _), b in self.key_biases.items() if l == layer for p in b})
+        bias = torch.zeros(n_heads, len(positions))
+        for (l, h), b in self.key_biases.items():
+            if l == layer:
+                for p, v in b.items():
+                    bias[h, positions.index(p)] = v
+        beta = torch.ones(n_heads)
+        tau = torch.ones(n_heads)
+        act = torch.zeros(n_heads, dtype=torch.bool)
+        for (l, h), s in self.act_heads.items():
+            if l == layer:
+                beta[h], tau[h], act[h] = s.beta, s.tau, True
+        replace_mode = torch.zeros(n_heads, dtype=torch.int8)
+        mean_out = None
+        for (l, h), mode in self.ablations.items():
+            if l == layer:
+                replace_mode[h] = _REPLACE_ZERO if mode == "zero" else _REPLACE_MEAN
+                if mode == "mean":
+                    if mean_out is None:
+                        mean_out = torch.zeros(n_heads, head_dim)
+                    mean_out[h] = self.means[(l, h)]
+        patch = {h: z for (l, h), z in self.patches.items() if l == layer}
+        for h in patch:
+            replace_mode[h] = _REPLACE_PATCH
+        return LayerPlan(
+            layer=layer,
+            head_scale=scale,
+            bias_positions=torch.tensor(positions, dtype=torch.long),
+            bias=bias,
+            act_heads=act,
+            act_beta=beta,
+            act_tau=tau,
+            replace_mode=replace_mode,
+            mean_out=mean_out,
+            patches=patch,
+        )
+
+    # ---- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description (tensors of mean/patch ablations are listed, not inlined)."""
+        return {
+            "format": "headlab.plan/1",
+            "model_shape": list(self.model_shape) if self.model_shape else None,
+            "head_scales": [[l, h, s] for (l, h), s in sorted(self.head_scales.items())],
+            "key_biases": [[l, h, p, b] for (l, h), d in sorted(self.key_biases.items()) for p, b in sorted(d.items())],
+            "act": [[l, h, s.beta, s.tau] for (l, h), s in sorted(self.act_heads.items())],
+            "ablations": [[l, h, m] for (l, h), m in sorted(self.ablations.items())],
+            "tensors": sorted([f"mean.{l}.{h}" for l, h in self.means] + [f"patch.{l}.{h}" for l, h in self.patches]),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> "InterventionPlan":
+        if d.get("format") != "headlab.plan/1":
+            raise PlanError(f"not a headlab plan (format {d.get('format')!r}, expected 'headlab.plan/1')")
+        tensors = tensors or {}
+        missing = [n for n in d.get("tensors", []) if n not in tensors]
+        if missing:
+            raise PlanError(f"plan needs tensors {missing}; load it with InterventionPlan.load(path) next to its .safetensors file")
+        biases: dict[Head, dict[int, float]] = {}
+        for l, h, p, b in d.get("key_biases", []):
+            biases.setdefault((l, h), {})[int(p)] = float(b)
+        return cls(
+            head_scales={(l, h): float(s) for l, h, s in d.get("head_scales", [])},
+            key_biases=biases,
+            act_heads={(l, h): ActSetting(float(b), float(t)) for l, h, b, t in d.get("act", [])},
+            ablations={(l, h): m for l, h, m in d.get("ablations", [])},
+            means={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("mean.")},
+            patches={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("patch.")},
+            model_shape=tuple(d["model_shape"]) if d.get("model_shape") else None,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write `<path>.json` (and `<path>.safetensors` when the plan holds tensors), atomically."""
+        from headlab.io import atomic_write_json, atomic_save_safetensors
+
+        path = Path(path).with_suffix(".json")
+        tensors = {f"mean.{l}.{h}": t for (l, h), t in self.means.items()}
+        tensors.update({f"patch.{l}.{h}": t for (l, h), t in self.patches.items()})
+        if tensors:
+            atomic_save_safetensors(tensors, path.with_suffix(".safetensors"))
+        atomic_write_json(self.to_dict(), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InterventionPlan":
+        from safetensors.torch import load_file
+
+        path = Path(path).with_suffix(".json")
+        d = json.loads(path.read_text())
+        st = path.with_suffix(".safetensors")
+        return cls.from_dict(d, load_file(str(st)) if st.exists() else None)
+
+
+@dataclass
+class LayerPlan:
+    """One layer's interventions as flat per-head tensors (what a kernel reads).
+
+    Shapes: head_scale [H]; bias_positions [P] (sorted key positions); bias [H, P] (additive
+    logits, 0 = none); act_heads [H] bool; act_beta, act_tau [H]; replace_mode [H] int8
+    (0 none, 1 zero, 2 mean, 3 patch); mean_out [H, Dv] or None; patches: head -> [B, Q, Dv].
+    """
+
+    layer: int
+    head_scale: torch.Tensor
+    bias_positions: torch.Tensor
+    bias: torch.Tensor
+    act_heads: torch.Tensor
+    act_beta: torch.Tensor
+    act_tau: torch.Tensor
+    replace_mode: torch.Tensor
+    mean_out: torch.Tensor | None = None
+    patches: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_positions.numel() > 0
+
+    @property
+    def has_act(self) -> bool:
+        return bool(self.act_heads.any())
+
+    @property
+    def touches_probabilities(self) -> bool:
+        """True when the attention probabilities themselves change (not only the outputs)."""
+        return self.has_bias or self.has_act
+
+    def to(self, device: torch.device) -> "LayerPlan":
+        return LayerPlan(
+            layer=self.layer,
+            head_scale=self.head_scale.to(device),
+            bias_positions=self.bias_positions.to(device),
+            bias=self.bias.to(device),
+            act_heads=self.act_heads.to(device),
+            act_beta=self.act_beta.to(device),
+            act_tau=self.act_tau.to(device),
+            replace_mode=self.replace_mode.to(device),
+            mean_out=None if self.mean_out is None else self.mean_out.to(device),
+            patches={h: z.to(device) for h, z in self.patches.items()},
+        )
+
+    def patch_tensor(self, batch: int, q_len: int, n_heads: int, head_dim: int, device: torch.device) -> torch.Tensor | None:
+        """Patched outputs as [B, H, Q, Dv] (zeros for unpatched heads), checked against the call."""
+        if not self.patches:
+            return None
+        out = torch.zeros(batch, n_heads, q_len, head_dim, device=device)
+        for h, z in self.patches.items():
+            if z.shape[0] not in (1, batch) or z.shape[1] != q_len:
+                raise PlanError(
+                    f"patch for head ({self.layer}, {h}) has shape [batch={z.shape[0]}, queries={z.shape[1]}], "
+                    f"but this forward has batch {batch} and {q_len} queries; cache the patch from an input of the same shape"
+                )
+            out[:, h] = z.to(device=device, dtype=torch.float32)
+        return out

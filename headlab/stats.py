@@ -1,0 +1,272 @@
+"""`StatsRequest` (what to measure per head) and `HeadStats` (what was measured).
+
+Stats are computed inside the patched attention without materializing the attention matrix of a
+whole layer, on the attention the model actually used (after the plan's bias and ACT changes).
+
+Query selection: `queries` indexes the queries of each forward call, like Python indexing of that
+call's tokens — `slice(-8, None)` is the last 8 tokens of a prefill, and the single token of each
+decode step in `generate()`. Span and argmax positions are key indices (positions in the padded
+`input_ids` plus cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from headlab.errors import PlanError
+
+SpanLike = tuple[int, int] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which per-head statistics to emit.
+
+    argmax:        top-1 key and its probability per (head, query)
+    spans:         name -> [start, end) key range or explicit list of key positions; emits the
+                   attention mass on those keys per (head, query)
+    entropy:       attention entropy (nats) per (head, query)
+    received:      received attention per key, summed over the selected queries, with the count
+                   of selected queries that can see each key (ACT's r[j] = sum / count)
+    head_outputs:  per-head output z (before o_proj, after interventions) at the selected queries
+    queries:       None (all), a slice or a list of indices into each call's queries
+    layers:        None (all) or the layers to measure
+    """
+
+    argmax: bool = False
+    spans: Mapping[str, SpanLike] = field(default_factory=dict)
+    entropy: bool = False
+    received: bool = False
+    head_outputs: bool = False
+    queries: slice | Sequence[int] | None = None
+    layers: Sequence[int] | None = None
+
+    def wants_probabilities(self) -> bool:
+        """True when a stat needs the attention probabilities (not only the outputs)."""
+        return self.argmax or bool(self.spans) or self.entropy or self.received
+
+    def is_empty(self) -> bool:
+        return not (self.wants_probabilities() or self.head_outputs)
+
+    def covers(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def validate(self, spec) -> None:
+        """Raise a PlanError naming the problem if the request does not fit the model."""
+        for layer in self.layers or []:
+            if not 0 <= layer < spec.n_layers:
+                raise PlanError(f"stats request names layer {layer}; {spec.architecture} has layers 0..{spec.n_layers - 1}")
+        for name, span in self.spans.items():
+            _span_positions(name, span)  # checks the form
+
+    def compile(self, q_len: int, k_len: int, device: torch.device) -> "CompiledStats":
+        """Resolve the query window and span positions for one call with `q_len` queries and `k_len` keys."""
+        idx = torch.arange(q_len)
+        if self.queries is not None:
+            try:
+                idx = idx[self.queries] if isinstance(self.queries, slice) else idx[list(self.queries)]
+            except IndexError:
+                raise PlanError(f"query window {self.queries!r} is outside this call's {q_len} queries") from None
+        spans = {}
+        for name, span in self.spans.items():
+            pos = _span_positions(name, span)
+            if pos.numel() and int(pos.max()) >= k_len:
+                raise PlanError(
+                    f"span {name!r} reaches key position {int(pos.max())}, but the sequence has only {k_len} keys "
+                    f"(positions 0..{k_len - 1}); fix the span or the input"
+                )
+            spans[name] = pos.to(device)
+        return CompiledStats(
+            query_index=idx.to(device),
+            argmax=self.argmax,
+            spans=spans,
+            entropy=self.entropy,
+            received=self.received,
+            head_outputs=self.head_outputs,
+        )
+
+
+def _span_positions(name: str, span: SpanLike) -> torch.Tensor:
+    if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
+        start, end = span
+        if start < 0 or end < start:
+            raise PlanError(f"span {name!r} = {span}: need 0 <= start <= end (a [start, end) key range)")
+        return torch.arange(start, end)
+    try:
+        pos = torch.as_tensor(list(span), dtype=torch.long)
+    except (TypeError, ValueError):
+        raise PlanError(f"span {name!r} must be a (start, end) tuple or a list of key positions, got {span!r}") from None
+    if pos.numel() and int(pos.min()) < 0:
+        raise PlanError(f"span {name!r} has negative key positions: {span!r}")
+    return pos
+
+
+@dataclass
+class CompiledStats:
+    """A StatsRequest resolved for one call: query indices [Qs] and span key positions."""
+
+    query_index: torch.Tensor
+    argmax: bool
+    spans: dict[str, torch.Tensor]
+    entropy: bool
+    received: bool
+    head_outputs: bool
+
+    @property
+    def wants_probabilities(self) -> bool:
+        return self.argmax or bool(self.spans) or self.entropy or self.received
+
+
+@dataclass
+class LayerStats:
+    """Stats of one layer for one forward call. B batch, H query heads, Qs selected queries, K keys.
+
+    query_positions [Qs] (key index of each selected query), argmax [B,H,Qs] long,
+    argmax_prob [B,H,Qs], span_mass name -> [B,H,Qs], entropy [B,H,Qs], received [B,H,K],
+    received_count [B,H,K], head_outputs [B,H,Qs,Dv].
+    """
+
+    query_positions: torch.Tensor
+    argmax: torch.Tensor | None = None
+    argmax_prob: torch.Tensor | None = None
+    span_mass: dict[str, torch.Tensor] = field(default_factory=dict)
+    entropy: torch.Tensor | None = None
+    received: torch.Tensor | None = None
+    received_count: torch.Tensor | None = None
+    head_outputs: torch.Tensor | None = None
+
+
+_PER_QUERY = ("argmax", "argmax_prob", "entropy")
+
+
+class HeadStats:
+    """Stats recorded inside one `patched(...)` context, per layer and per forward call.
+
+    Per-query stats concatenate over calls along the query axis (so a `generate()` gives one
+    column per decode step); received attention sums over calls (keys aligned at position 0).
+    All getters return tensors stacked over the recorded layers, in `self.layers` order.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[LayerStats]] = {}
+
+    def add(self, layer: int, stats: LayerStats) -> None:
+        self._calls.setdefault(layer, []).append(stats)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._calls)
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def n_calls(self, layer: int | None = None) -> int:
+        layer = self.layers[0] if layer is None else layer
+        return len(self._calls.get(layer, []))
+
+    def calls(self, layer: int) -> list[LayerStats]:
+        """The raw per-call stats of one layer."""
+        return self._calls[layer]
+
+    def _need(self, name: str) -> None:
+        if not self._calls:
+            raise PlanError("no stats were recorded: run a forward inside `with model.patched(plan, stats) as rec:`")
+        first = self._calls[self.layers[0]][0]
+        present = first.span_mass if name.startswith("span:") else getattr(first, name)
+        if name.startswith("span:"):
+            if name[5:] not in present:
+                raise PlanError(f"span {name[5:]!r} was not requested; requested spans: {sorted(present)}")
+        elif present is None:
+            raise PlanError(f"stat {name!r} was not requested in the StatsRequest")
+
+    def _per_query(self, get) -> torch.Tensor:
+        return torch.stack([torch.cat([get(s) for s in self._calls[layer]], dim=-1) for layer in self.layers])
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """[Q_total] key index of each recorded query (same for all layers)."""
+        return torch.cat([s.query_positions for s in self._calls[self.layers[0]]])
+
+    @property
+    def argmax(self) -> torch.Tensor:
+        """[L, B, H, Q] top-1 key position."""
+        self._need("argmax")
+        return self._per_query(lambda s: s.argmax)
+
+    @property
+    def argmax_prob(self) -> torch.Tensor:
+        """[L, B, H, Q] probability of the top-1 key."""
+        self._need("argmax_prob")
+        return self._per_query(lambda s: s.argmax_prob)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """[L, B, H, Q] attention entropy in nats."""
+        self._need("entropy")
+        return self._per_query(lambda s: s.entropy)
+
+    def span_mass(self, name: str) -> torch.Tensor:
+        """[L, B, H, Q] attention mass on the named span."""
+        self._need("span:" + name)
+        return self._per_query(lambda s: s.span_mass[name])
+
+    @property
+    def span_names(self) -> list[str]:
+        return sorted(self._calls[self.layers[0]][0].span_mass) if self._calls else []
+
+    @property
+    def head_outputs(self) -> torch.Tensor:
+        """[L, B, H, Q, Dv] per-head outputs z at the recorded queries."""
+        self._need("head_outputs")
+        return torch.stack([torch.cat([s.head_outputs for s in self._calls[layer]], dim=2) for layer in self.layers])
+
+    def _received(self, attr: str) -> torch.Tensor:
+        self._need("received")
+        out = []
+        for layer in self.layers:
+            calls = self._calls[layer]
+            k = max(getattr(s, attr).shape[-1] for s in calls)
+            total = torch.zeros(*getattr(calls[0], attr).shape[:-1], k, dtype=torch.float32)
+            for s in calls:
+                t = getattr(s, attr)
+                total[..., : t.shape[-1]] += t.float()
+            out.append(total)
+        return torch.stack(out)
+
+    @property
+    def received(self) -> torch.Tensor:
+        """[L, B, H, K] attention received by each key, summed over the recorded queries."""
+        return self._received("received")
+
+    @property
+    def received_count(self) -> torch.Tensor:
+        """[L, B, H, K] number of recorded queries that could see each key."""
+        return self._received("received_count")
+
+    @property
+    def received_mean(self) -> torch.Tensor:
+        """[L, B, H, K] ACT's received attention r[j] = Σ_i A[i,j] / #queries that see j (0 if none)."""
+        count = self.received_count
+        return torch.where(count > 0, self.received / count.clamp_min(1), torch.zeros_like(count))
+
+    def mean_head_outputs(self) -> torch.Tensor:
+        """[L, H, Dv] mean head output over batch and recorded queries (for mean ablation).
+
+        Indexed by position in `self.layers`; when all layers were recorded that is the layer id.
+        """
+        z = self.head_outputs
+        return z.float().mean(dim=(1, 3))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __repr__(self) -> str:
+        if not self._calls:
+            return "HeadStats(empty)"
+        first = self._calls[self.layers[0]][0]
+        got = [n for n in ("argmax", "entropy", "received", "head_outputs") if getattr(first, n) is not None]
+        got += [f"span:{n}" for n in first.span_mass]
+        return f"HeadStats(layers={self.layers}, calls={self.n_calls()}, queries={self.query_positions.numel()}, stats={got})"

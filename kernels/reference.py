@@ -1,0 +1,289 @@
+"""Exact patched attention in PyTorch: the specification every faster kernel is tested against.
+
+`patched_attention` computes softmax attention with an `InterventionPlan` compiled for one layer
+(`LayerPlan`) applied, and emits the stats of a `CompiledStats`, processing queries in chunks so
+that at most one [B, H, chunk, K] block of the attention matrix exists at a time: memory is
+O(chunk · K · H), never O(N²) for the whole layer. Everything is accumulated in fp32 and the
+output is cast back to the query's dtype.
+
+Shapes: query [B, H, Q, D]; key [B, Hkv, K, D]; value [B, Hkv, K, Dv]; H a multiple of Hkv (GQA).
+Query i sits at key index K − Q + i (bottom-right alignment, as with a KV cache).
+
+Mask: None (causal when `is_causal`, else full), a boolean mask [B, 1|H, Q, K] (True = attend),
+or an additive float mask [B, 1|H, Q, K] (entries at the dtype's minimum or −inf are masked).
+Rows that can see no key (padding queries) give zeros, never NaN.
+
+The semantics of each intervention are documented in `headlab.plan`. ACT follows the reference
+code (GATECH-EIC/ACT, `atten_process_eval`) with two named differences, both tested:
+- the sink set is computed per batch row and from the queries of this call, with r[j] divided by
+  the number of queries that can see key j (= N − j for an unpadded causal prefill, exactly the
+  reference's `arange(N, 0, -1)`), so padding is handled;
+- a row whose attention lies entirely on sinks (nowhere to move the mass) is left unchanged; the
+  reference divides by zero there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headlab.plan import LayerPlan
+from headlab.stats import CompiledStats, LayerStats
+
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+"""Largest attention block (B·H·chunk·K fp32 entries, 64 MiB) held at a time."""
+
+
+def _logits(
+    query: torch.Tensor,
+    key_t: torch.Tensor,
+    rows: slice,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Scaled logits of query rows `rows`: [B, H, C, K] fp32, with GQA by broadcasting (no copy of K)."""
+    B, H, _, D = query.shape
+    Hkv = key_t.shape[1]
+    qc = query[:, :, rows].float()
+    C = qc.shape[2]
+    s = torch.matmul(qc.view(B, Hkv, H // Hkv, C, D), key_t.unsqueeze(2)).view(B, H, C, -1) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def _mask_block(
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    rows: slice,
+    q_pos: torch.Tensor,
+    k_len: int,
+    shape: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(allowed [B|1, H|1, C, K] bool, additive float block or None) for query rows `rows`."""
+    device = q_pos.device
+    if attention_mask is None:
+        if is_causal:
+            allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[rows][:, None]
+        else:
+            allowed = torch.ones(q_pos[rows].numel(), k_len, dtype=torch.bool, device=device)
+        return allowed[None, None], None
+    block = attention_mask[:, :, rows, :k_len]
+    if block.dtype == torch.bool:
+        return block, None
+    additive = block.float()
+    allowed = additive > torch.finfo(attention_mask.dtype).min / 2
+    return allowed, additive
+
+
+def _probabilities(
+    query: torch.Tensor,
+    key_t: torch.Tensor,
+    rows: slice,
+    *,
+    scaling: float,
+    softcap: float | None,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    q_pos: torch.Tensor,
+    plan: LayerPlan | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities of rows `rows` after the plan's key bias: (A [B,H,C,K], allowed)."""
+    s = _logits(query, key_t, rows, scaling, softcap)
+    B, H, C, K = s.shape
+    allowed, additive = _mask_block(attention_mask, is_causal, rows, q_pos, K, (B, H, C, K))
+    if additive is not None:
+        s = s + additive
+    if plan is not None and plan.has_bias:
+        s[..., plan.bias_positions] += plan.bias[None, :, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom)), allowed
+
+
+def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    """ACT's sink set per (batch, head): [B, H, K] bool.
+
+    r[j] = received[j] / count[j]; S = {j : r[j] > τ_h} without its first element (the reference
+    drops `indices[0]` whatever it is — normally key 0, the initial-token sink ACT keeps).
+    Only heads with ACT enabled get a non-empty set.
+    """
+    r = torch.where(count > 0, received / count.clamp_min(1), torch.zeros_like(received))
+    sinks = r > plan.act_tau.to(r.device)[None, :, None]
+    first = sinks.int().argmax(dim=-1, keepdim=True)
+    sinks = sinks.scatter(-1, first, torch.zeros_like(first, dtype=torch.bool))
+    return sinks & plan.act_heads.to(r.device)[None, :, None]
+
+
+def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ACT on a probability block: A[i,s] → β·A[i,s] on sinks, the removed mass to non-sinks.
+
+    attn [B,H,C,K]; sinks [B,H,K] bool; beta [H]. Non-sink keys are scaled by
+    c = (1 − β·S_i)/(1 − S_i), S_i the row's sink mass — the same as adding
+    (1−β)·S_i · A[i,j] / Σ_{k∉S} A[i,k]. Heads without sinks are unchanged (c = 1).
+    """
+    sink_block = sinks[:, :, None, :]
+    b = beta.to(attn.device)[None, :, None, None]
+    s_i = (attn * sink_block).sum(dim=-1, keepdim=True)
+    rest = 1.0 - s_i
+    movable = rest > 1e-12
+    c = torch.where(movable, (1.0 - b * s_i) / torch.where(movable, rest, torch.ones_like(rest)), torch.ones_like(rest))
+    calibrated = torch.where(sink_block, b * attn, c * attn)
+    return torch.where(movable, calibrated, attn)
+
+
+def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: slice, patch: torch.Tensor | None) -> torch.Tensor:
+    """Replacement (zero / mean / patch) then output scale, on head outputs z [B, H, C, Dv] fp32."""
+    if plan is None:
+        return z
+    mode = plan.replace_mode.to(z.device)[None, :, None, None]
+    if bool((plan.replace_mode == 1).any()):
+        z = torch.where(mode == 1, torch.zeros_like(z), z)
+    if plan.mean_out is not None:
+        z = torch.where(mode == 2, plan.mean_out.to(z.device)[None, :, None, :].expand_as(z), z)
+    if patch is not None:
+        z = torch.where(mode == 3, patch[:, :, rows].to(z.device), z)
+    return z * plan.head_scale.to(z.device)[None, :, None, None]
+
+
+class StatsCollector:
+    """Accumulates LayerStats chunk by chunk for the selected queries."""
+
+    def __init__(self, req: CompiledStats, shape: tuple[int, int, int], k_len: int, dv: int, q_len: int, device: torch.device):
+        B, H, _ = shape
+        self.req = req
+        qi = req.query_index.to(device)
+        self.qi = qi
+        n = qi.numel()
+        f32 = dict(device=device, dtype=torch.float32)
+        self.out = LayerStats(query_positions=(qi + (k_len - q_len)).cpu())
+        if req.argmax:
+            self.out.argmax = torch.zeros(B, H, n, dtype=torch.long, device=device)
+            self.out.argmax_prob = torch.zeros(B, H, n, **f32)
+        for name in req.spans:
+            self.out.span_mass[name] = torch.zeros(B, H, n, **f32)
+        if req.entropy:
+            self.out.entropy = torch.zeros(B, H, n, **f32)
+        if req.received:
+            self.out.received = torch.zeros(B, H, k_len, **f32)
+            self.out.received_count = torch.zeros(B, H, k_len, **f32)
+        if req.head_outputs:
+            self.out.head_outputs = torch.zeros(B, H, n, dv, **f32)
+
+    def selected(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        hit = (self.qi >= rows.start) & (self.qi < rows.stop)
+        if not bool(hit.any()):
+            return None
+        slots = hit.nonzero().squeeze(-1)
+        return slots, self.qi[slots] - rows.start
+
+    def add_probabilities(self, rows: slice, attn: torch.Tensor, allowed: torch.Tensor) -> None:
+        sel = self.selected(rows)
+        if sel is None:
+            return
+        slots, local = sel
+        a = attn[:, :, local]
+        o = self.out
+        if self.req.argmax:
+            prob, idx = a.max(dim=-1)
+            o.argmax[:, :, slots] = idx
+            o.argmax_prob[:, :, slots] = prob
+        for name, pos in self.req.spans.items():
+            o.span_mass[name][:, :, slots] = a[..., pos].sum(dim=-1)
+        if self.req.entropy:
+            o.entropy[:, :, slots] = torch.special.entr(a).sum(dim=-1)
+        if self.req.received:
+            o.received += a.sum(dim=2)
+            o.received_count += allowed[:, :, local].float().sum(dim=2).expand_as(o.received_count)
+
+    def add_outputs(self, rows: slice, z: torch.Tensor) -> None:
+        if not self.req.head_outputs:
+            return
+        sel = self.selected(rows)
+        if sel is not None:
+            slots, local = sel
+            self.out.head_outputs[:, :, slots] = z[:, :, local]
+
+    def result(self) -> LayerStats:
+        o = self.out
+        for name in ("argmax", "argmax_prob", "entropy", "received", "received_count", "head_outputs"):
+            t = getattr(o, name)
+            if t is not None:
+                setattr(o, name, t.cpu())
+        o.span_mass = {k: v.cpu() for k, v in o.span_mass.items()}
+        return o
+
+
+def chunk_rows(batch: int, heads: int, q_len: int, k_len: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
+    """Queries per chunk so that one [B, H, chunk, K] block holds at most `block_elements`."""
+    return max(1, min(q_len, block_elements // max(1, batch * heads * k_len)))
+
+
+def patched_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    is_causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    plan: LayerPlan | None = None,
+    stats: CompiledStats | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, LayerStats | None]:
+    """Attention with a layer's interventions applied and its stats emitted.
+
+    Returns (output [B, H, Q, Dv] in query.dtype — the per-head z before o_proj, and the
+    LayerStats or None when no stats were asked).
+    """
+    B, H, Q, _ = query.shape
+    Hkv, K, Dv = key.shape[1], key.shape[2], value.shape[-1]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    device = query.device
+    key_t = key.float().transpose(-1, -2)
+    v = value.float().unsqueeze(2)  # [B, Hkv, 1, K, Dv]
+    q_pos = torch.arange(Q, device=device) + (K - Q)
+    chunk = chunk_rows(B, H, Q, K, block_elements)
+    if plan is not None:
+        plan = plan.to(device)
+        if plan.has_bias and int(plan.bias_positions.max()) >= K:
+            from headlab.errors import PlanError
+
+            raise PlanError(
+                f"layer {plan.layer}: the plan biases key position {int(plan.bias_positions.max())}, "
+                f"but this call has only {K} keys"
+            )
+    patch = plan.patch_tensor(B, Q, H, Dv, device) if plan is not None else None
+    kw = dict(scaling=scaling, softcap=softcap, attention_mask=attention_mask, is_causal=is_causal, q_pos=q_pos, plan=plan)
+
+    sinks = None
+    if plan is not None and plan.has_act:
+        received = torch.zeros(B, H, K, device=device)
+        count = torch.zeros(B, H, K, device=device)
+        for r0 in range(0, Q, chunk):
+            rows = slice(r0, min(Q, r0 + chunk))
+            attn, allowed = _probabilities(query, key_t, rows, **kw)
+            received += attn.sum(dim=2)
+            count += allowed.float().sum(dim=2).expand(B, H, K)
+        sinks = act_sink_sets(received, count, plan)
+
+    collector = StatsCollector(stats, (B, H, Q), K, Dv, Q, device) if stats is not None else None
+    out = torch.empty(B, H, Q, Dv, dtype=query.dtype, device=device)
+    for r0 in range(0, Q, chunk):
+        rows = slice(r0, min(Q, r0 + chunk))
+        attn, allowed = _probabilities(query, key_t, rows, **kw)
+        if sinks is not None:
+            attn = act_calibrate(attn, sinks, plan.act_beta)
+        if collector is not None and stats.wants_probabilities:
+            collector.add_probabilities(rows, attn, allowed)
+        C = attn.shape[2]
+        z = torch.matmul(attn.view(B, Hkv, H // Hkv, C, K), v).view(B, H, C, Dv)
+        z = apply_output_interventions(z, plan, rows, patch)
+        if collector is not None:
+            collector.add_outputs(rows, z)
+        out[:, :, rows] = z.to(query.dtype)
+    return out, (collector.result() if collector is not None else None)
