@@ -46,6 +46,9 @@ class PatchSession:
         self._seen[layer] = seen
         return k_len >= seen
 
+    def tokens_seen(self, layer: int) -> int:
+        return self._seen.get(layer, 0)
+
 
 def _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
     """SDPA numerics, returned as head outputs [B, H, Q, Dv] (float32)."""
@@ -129,6 +132,8 @@ def headlab_attention_forward(
             layer_stats = collector.result()
         out = z.to(query.dtype)
     if layer_stats is not None:
+        # Token positions, also past a sliding window where cache indices stop matching them.
+        layer_stats.query_positions = stats.query_index.cpu() + (session.tokens_seen(layer) - Q)
         session.stats.add(layer, layer_stats)
     return out.transpose(1, 2).contiguous(), None
 

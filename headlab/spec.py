@@ -47,7 +47,15 @@ class ModelSpec:
         architecture = architectures[0] if architectures else type(config).__name__.replace("Config", "")
         vision = getattr(config, "vision_config", None) is not None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_heads = int(_first(text, "num_attention_heads", "n_head", "num_heads"))
+        n_heads = _first(text, "num_attention_heads", "n_head", "num_heads")
+        if n_heads is None:
+            from headlab.errors import UnsupportedArchitectureError
+
+            raise UnsupportedArchitectureError(
+                f"{architecture} has no attention heads headlab can patch (its config has no num_attention_heads); "
+                "headlab supports transformer models whose attention goes through transformers' attention registry"
+            )
+        n_heads = int(n_heads)
         hidden = _first(text, "hidden_size", "n_embd", "d_model")
         head_dim = _first(text, "head_dim")
         if head_dim is None:

@@ -124,7 +124,7 @@ class CompiledStats:
 class LayerStats:
     """Stats of one layer for one forward call. B batch, H query heads, Qs selected queries, K keys.
 
-    query_positions [Qs] (key index of each selected query), argmax [B,H,Qs] long,
+    query_positions [Qs] (token position of each selected query), argmax [B,H,Qs] long,
     argmax_prob [B,H,Qs], span_mass name -> [B,H,Qs], entropy [B,H,Qs], received [B,H,K],
     received_count [B,H,K], head_outputs [B,H,Qs,Dv].
     """
@@ -187,7 +187,7 @@ class HeadStats:
 
     @property
     def query_positions(self) -> torch.Tensor:
-        """[Q_total] key index of each recorded query (same for all layers)."""
+        """[Q_total] token position of each recorded query (same for all layers)."""
         return torch.cat([s.query_positions for s in self._calls[self.layers[0]]])
 
     @property

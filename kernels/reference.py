@@ -95,12 +95,14 @@ def _probabilities(
         s = s + additive
     if plan is not None and plan.has_bias:
         s[..., plan.bias_positions] += plan.bias[None, :, None, :]
-    s = s.masked_fill(~allowed, float("-inf"))
+    # In place from here on: one [B, H, C, K] block is all this function holds.
+    s.masked_fill_(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
+    m.masked_fill_(~torch.isfinite(m), 0.0)
+    p = s.sub_(m).exp_()
     denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom > 0, denom, torch.ones_like(denom)), allowed
+    denom.masked_fill_(denom == 0, 1.0)
+    return p.div_(denom), allowed
 
 
 def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
