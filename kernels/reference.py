@@ -123,15 +123,17 @@ def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -
     """ACT on a probability block: A[i,s] → β·A[i,s] on sinks, the removed mass to non-sinks.
 
     attn [B,H,C,K]; sinks [B,H,K] bool; beta [H]. Non-sink keys are scaled by
-    c = (1 − β·S_i)/(1 − S_i), S_i the row's sink mass — the same as adding
-    (1−β)·S_i · A[i,j] / Σ_{k∉S} A[i,k]. Heads without sinks are unchanged (c = 1).
+    c = 1 + (1−β)·S_i / R_i, S_i the row's sink mass and R_i = Σ_{k∉S} A[i,k] — the same as
+    adding (1−β)·S_i · A[i,j] / R_i. R_i is summed directly rather than taken as 1 − S_i, which
+    loses all precision when a row sits almost entirely on its sinks. Heads without sinks are
+    unchanged (c = 1).
     """
     sink_block = sinks[:, :, None, :]
     b = beta.to(attn.device)[None, :, None, None]
     s_i = (attn * sink_block).sum(dim=-1, keepdim=True)
-    rest = 1.0 - s_i
-    movable = rest > 1e-12
-    c = torch.where(movable, (1.0 - b * s_i) / torch.where(movable, rest, torch.ones_like(rest)), torch.ones_like(rest))
+    rest = (attn * ~sink_block).sum(dim=-1, keepdim=True)
+    movable = rest > 0
+    c = torch.where(movable, 1.0 + (1.0 - b) * s_i / torch.where(movable, rest, torch.ones_like(rest)), torch.ones_like(rest))
     calibrated = torch.where(sink_block, b * attn, c * attn)
     return torch.where(movable, calibrated, attn)
 
