@@ -29,8 +29,8 @@ import torch
 from headlab.plan import LayerPlan
 from headlab.stats import CompiledStats, LayerStats
 
-DEFAULT_BLOCK_ELEMENTS = 1 << 24
-"""Largest attention block (B·H·chunk·K fp32 entries, 64 MiB) held at a time."""
+DEFAULT_BLOCK_ELEMENTS = 1 << 23
+"""Largest attention block (B·H·chunk·K fp32 entries, 32 MiB) held at a time."""
 
 
 def _logits(
@@ -45,9 +45,9 @@ def _logits(
     Hkv = key_t.shape[1]
     qc = query[:, :, rows].float()
     C = qc.shape[2]
-    s = torch.matmul(qc.view(B, Hkv, H // Hkv, C, D), key_t.unsqueeze(2)).view(B, H, C, -1) * scaling
+    s = torch.matmul(qc.view(B, Hkv, H // Hkv, C, D), key_t.unsqueeze(2)).view(B, H, C, -1).mul_(scaling)
     if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+        s = s.div_(softcap).tanh_().mul_(softcap)
     return s
 
 
@@ -120,7 +120,7 @@ def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) 
 
 
 def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ACT on a probability block: A[i,s] → β·A[i,s] on sinks, the removed mass to non-sinks.
+    """ACT on a probability block, in place: A[i,s] → β·A[i,s] on sinks, the removed mass to non-sinks.
 
     attn [B,H,C,K]; sinks [B,H,K] bool; beta [H]. Non-sink keys are scaled by
     c = 1 + (1−β)·S_i / R_i, S_i the row's sink mass and R_i = Σ_{k∉S} A[i,k] — the same as
@@ -128,14 +128,14 @@ def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -
     loses all precision when a row sits almost entirely on its sinks. Heads without sinks are
     unchanged (c = 1).
     """
-    sink_block = sinks[:, :, None, :]
+    sink_cols = sinks.float().unsqueeze(-1)  # [B, H, K, 1]: row sums by matmul, no block-sized temporaries
+    s_i = torch.matmul(attn, sink_cols)
+    rest = torch.matmul(attn, 1.0 - sink_cols)
+    movable = rest > torch.finfo(torch.float32).tiny  # below it, S_i / R_i overflows to inf
     b = beta.to(attn.device)[None, :, None, None]
-    s_i = (attn * sink_block).sum(dim=-1, keepdim=True)
-    rest = (attn * ~sink_block).sum(dim=-1, keepdim=True)
-    movable = rest > 0
     c = torch.where(movable, 1.0 + (1.0 - b) * s_i / torch.where(movable, rest, torch.ones_like(rest)), torch.ones_like(rest))
-    calibrated = torch.where(sink_block, b * attn, c * attn)
-    return torch.where(movable, calibrated, attn)
+    b_row = torch.where(movable, b, torch.ones_like(rest))
+    return attn.mul_(torch.where(sinks[:, :, None, :], b_row, c))
 
 
 def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: slice, patch: torch.Tensor | None) -> torch.Tensor:
@@ -188,7 +188,8 @@ class StatsCollector:
         if sel is None:
             return
         slots, local = sel
-        a = attn[:, :, local]
+        whole = local.numel() == attn.shape[2] and bool((local == torch.arange(attn.shape[2], device=local.device)).all())
+        a = attn if whole else attn[:, :, local]
         o = self.out
         if self.req.argmax:
             prob, idx = a.max(dim=-1)
