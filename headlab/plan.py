@@ -91,8 +91,8 @@ class InterventionPlan:
         return replace(self, head_scales=new)
 
     def prune_heads(self, heads: Iterable[Head]) -> "InterventionPlan":
-        """Zero the output of each head (scale 0)."""
-        return self.scale_heads(_heads_map(heads, 0.0))
+        """Zero the output of each head (scale 0). A mapping's keys are the heads."""
+        return self.scale_heads({h: 0.0 for h in _heads_map(list(heads))})
 
     def key_bias(self, biases: Mapping[Head, float], positions: int | Sequence[int]) -> "InterventionPlan":
         """Add a logit bias to the given key positions of each head (biases add up)."""

@@ -1,0 +1,55 @@
+"""The `headlab` command line: info, demo, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from headlab import HeadScores
+from headlab.cli import app
+from headlab.runs import read_manifest
+
+runner = CliRunner()
+
+
+def test_info_prints_the_spec(tiny_dirs):
+    result = runner.invoke(app, ["info", str(tiny_dirs("qwen2"))])
+    assert result.exit_code == 0, result.output
+    assert "Qwen2ForCausalLM" in result.output
+    assert "layers         2" in result.output
+    assert "1 kv heads (GQA x4)" in result.output
+    assert "reference (exact PyTorch" in result.output
+
+
+def test_info_on_a_missing_path(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_demo_writes_a_run(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "runs")], env={"HOME": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert "first_mass:patched" in result.output and "run written to" in result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = read_manifest(run_dir)
+    assert manifest["status"] == "finished" and manifest["analysis"] == "demo"
+    assert manifest["summary"]["kl_next_token"] > 0  # the plan changed the prediction
+    scores = HeadScores.load(run_dir / "scores.safetensors")
+    assert scores.shape == (4, 8) and scores.analysis == "first_token_mass"
+    table = pd.read_parquet(run_dir / "samples.parquet")
+    assert len(table) == 2 * 4 * 8
+    patched = table[table.run == "patched"].set_index(["layer", "head"])
+    base = table[table.run == "baseline"].set_index(["layer", "head"])
+    # ZeroTuning gamma=1.5 on L1H2 raises its first-token mass; untouched earlier heads keep theirs.
+    assert patched.loc[(1, 2), "first_mass"] > base.loc[(1, 2), "first_mass"]
+    assert patched.loc[(0, 5), "first_mass"] == base.loc[(0, 5), "first_mass"]
+    assert (run_dir / "figures" / "first_token_mass.html").is_file()
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "headlab.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout
