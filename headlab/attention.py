@@ -35,9 +35,11 @@ class PatchSession:
     _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
     _seen: dict[int, int] = field(default_factory=dict)
 
-    def layer_plan(self, layer: int) -> LayerPlan | None:
+    def layer_plan(self, layer: int, device: torch.device) -> LayerPlan | None:
+        """The layer's compiled plan on `device`, built once per session (not per decode step)."""
         if layer not in self._compiled:
-            self._compiled[layer] = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
+            compiled = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
+            self._compiled[layer] = None if compiled is None else compiled.to(device)
         return self._compiled[layer]
 
     def track_positions(self, layer: int, q_len: int, k_len: int) -> bool:
@@ -97,7 +99,7 @@ def headlab_attention_forward(
         if layer is None:
             raise UnsupportedArchitectureError(f"{type(module).__name__} has no layer_idx; headlab cannot tell its layers apart")
         positions_ok = session.track_positions(layer, Q, K)
-        plan = session.layer_plan(layer)
+        plan = session.layer_plan(layer, query.device)
         if session.request is not None and session.request.covers(layer) and not session.request.is_empty():
             stats = session.request.compile(Q, K, query.device)
         uses_positions = (plan is not None and plan.has_bias) or (stats is not None and stats.wants_probabilities)
@@ -123,8 +125,8 @@ def headlab_attention_forward(
         # Only the outputs change: SDPA computes z, the plan acts on it afterwards.
         z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
         rows = slice(0, Q)
-        patch = plan.to(z.device).patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
-        z = apply_output_interventions(z, plan.to(z.device) if plan is not None else None, rows, patch)
+        patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
+        z = apply_output_interventions(z, plan, rows, patch)
         layer_stats = None
         if stats is not None:
             collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
