@@ -34,16 +34,30 @@ def parity(device: str) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         transformers.LlamaForCausalLM(config).save_pretrained(d)
+        ids = torch.randint(0, 128, (2, 512), device=device)
+        fp32 = None
         for dtype in (torch.float32, torch.bfloat16):
             model = headlab.load_model(d, dtype=dtype, device=device)
             eager = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="eager").to(device).eval()
-            ids = torch.randint(0, 128, (2, 512), device=device)
             with torch.no_grad():
                 ref = eager(ids).logits.float()
             with model.patched(None, StatsRequest(entropy=True, argmax=True)):
                 got = model(ids).logits.float()
+            fp32 = ref if fp32 is None else fp32
+            # In bf16 both sides round differently; the distance of each from the fp32 model says
+            # whether the patched attention loses accuracy (it accumulates in fp32).
             out[str(dtype)] = {"max_abs_logit_diff_vs_eager": float((got - ref).abs().max()),
+                               "headlab_vs_fp32_eager": float((got - fp32).abs().max()),
+                               "eager_vs_fp32_eager": float((ref - fp32).abs().max()),
                                "logit_scale": float(ref.abs().max())}
+            if dtype == torch.float32:
+                kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+                with torch.no_grad():
+                    expected = eager.generate(ids[:, :64], **kw)
+                with model.patched(None, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
+                    generated = model.generate(ids[:, :64], **kw)
+                out[str(dtype)]["cached_generation_tokens_equal"] = bool(torch.equal(generated, expected))
+                out[str(dtype)]["decode_stats_shape"] = list(rec.stats.argmax.shape)
     return out
 
 
