@@ -263,3 +263,28 @@ def test_stats_window_in_sdpa_fast_path(models, ids):
         model(ids)
     torch.testing.assert_close(fast.stats.head_outputs, ref.stats.head_outputs, atol=1e-5, rtol=1e-5)
     assert fast.stats.head_outputs.shape[3] == 4
+
+
+def test_interventions_apply_at_every_cached_decode_step(models, ids):
+    """generate() with a KV cache: ZeroTuning + ACT + pruning at each step, as the oracle does it."""
+    model, oracle = models
+    gammas = {(0, 1): 3.0}
+
+    def zerotune(a, gamma):
+        a = a.clone()
+        a[..., 0] *= gamma
+        return a / a.sum(-1, keepdim=True)
+
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    HOOKS.update(probs=on_heads(gammas, zerotune), z=on_heads({(1, 2): 0.0}, lambda z, a: z * a))
+    try:
+        with torch.no_grad():
+            expected = oracle.generate(ids, **kw)
+    finally:
+        HOOKS.update(probs=None, z=None)
+    plan = headlab.InterventionPlan().scale_first_token(gammas).prune_heads([(1, 2)])
+    with model.patched(plan):
+        got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
