@@ -28,18 +28,10 @@ WORDS = (
 
 
 def build_tokenizer(directory: Path) -> Any:
-    """A word-level `tokenizers` tokenizer saved as a PreTrainedTokenizerFast (AutoTokenizer-loadable)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """The demo's word-level tokenizer, saved to `directory`."""
+    from headlab.zoo.tokenizer import build_word_tokenizer
 
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
-    fast.save_pretrained(directory)
-    return fast
+    return build_word_tokenizer(["<pad>", "<unk>", "<bos>", "<eos>", *WORDS], directory)
 
 
 def build_demo_model(directory: str | Path, seed: int = 0) -> Path:
