@@ -37,24 +37,26 @@ def info(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs"), help="runs directory to write into"),
-    model: Optional[str] = typer.Option(None, help="model to use (default: a small model built on the fly)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="which needle prompt"),
 ) -> None:
-    """Patched forward with an intervention and stats on a small model; prints a per-head table, writes a run."""
+    """Patched forward + generation with an intervention and stats on the zoo model; prints a per-head table, writes a run."""
     import pandas as pd
 
     from headlab.demo import run_demo
 
     try:
-        result = run_demo(out=out, model=model, seed=seed)
+        result = run_demo(out=out, seed=seed)
     except HeadlabError as exc:
         _fail(exc)
     table = result.table
-    wide = table.pivot_table(index=["layer", "head"], columns="run", values=["first_mass", "needle_mass", "entropy"])
+    wide = table.pivot_table(index=["layer", "head"], columns="run", values=["needle_mass", "first_mass", "entropy"])
     wide.columns = [f"{stat}:{run}" for stat, run in wide.columns]
     with pd.option_context("display.max_rows", 200, "display.width", 160, "display.float_format", "{:.3f}".format):
         typer.echo(wide.reset_index().to_string(index=False))
-    typer.echo(f"\nplan: prune L2H3, ZeroTuning gamma=1.5 on L1H2; KL(patched || baseline) of the next token = {result.kl:.4g}")
+    a = result.answers
+    typer.echo(f"\nplan: {result.plan_text}")
+    typer.echo(f"answer expected {a['expected']!r} | baseline {a['baseline']!r} | patched {a['patched']!r}")
+    typer.echo(f"KL(patched || baseline) of the next token = {result.kl:.4g}")
     typer.echo(f"run written to {result.run_dir}")
 
 

@@ -31,23 +31,25 @@ def test_info_on_a_missing_path(tmp_path):
 
 
 def test_demo_writes_a_run(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "runs")], env={"HOME": str(tmp_path)})
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
-    assert "first_mass:patched" in result.output and "run written to" in result.output
+    assert "needle_mass:patched" in result.output and "run written to" in result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
     manifest = read_manifest(run_dir)
     assert manifest["status"] == "finished" and manifest["analysis"] == "demo"
-    assert manifest["summary"]["kl_next_token"] > 0  # the plan changed the prediction
+    answers = manifest["summary"]["answers"]
+    assert answers["baseline"] == answers["expected"]  # the zoo model retrieves the needle
+    assert answers["patched"] != answers["baseline"]  # pruning the card's needle-critical head breaks it
     scores = HeadScores.load(run_dir / "scores.safetensors")
-    assert scores.shape == (4, 8) and scores.analysis == "first_token_mass"
+    assert scores.shape == (4, 8) and scores.analysis == "needle_attention_mass"
     table = pd.read_parquet(run_dir / "samples.parquet")
     assert len(table) == 2 * 4 * 8
     patched = table[table.run == "patched"].set_index(["layer", "head"])
     base = table[table.run == "baseline"].set_index(["layer", "head"])
-    # ZeroTuning gamma=1.5 on L1H2 raises its first-token mass; untouched earlier heads keep theirs.
+    # ZeroTuning gamma=1.5 on L1H2 raises its first-token mass; layer 0 sees unchanged inputs.
     assert patched.loc[(1, 2), "first_mass"] > base.loc[(1, 2), "first_mass"]
-    assert patched.loc[(0, 5), "first_mass"] == base.loc[(0, 5), "first_mass"]
-    assert (run_dir / "figures" / "first_token_mass.html").is_file()
+    assert patched.loc[(0, 4), "needle_mass"] == base.loc[(0, 4), "needle_mass"]
+    assert (run_dir / "figures" / "needle_attention_mass.html").is_file()
 
 
 def test_console_script_is_installed():

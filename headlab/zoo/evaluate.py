@@ -62,3 +62,25 @@ def accuracy(model: Any, examples: Sequence[Example], *, plan: Any = None, batch
     """Fraction of examples answered exactly."""
     results = answers_correct(model, examples, plan=plan, batch_size=batch_size)
     return sum(results) / max(1, len(results))
+
+
+def mean_head_outputs(model: Any, examples: Sequence[Example], batch_size: int = 50) -> torch.Tensor:
+    """[L, H, D] mean head output over all real (unpadded) positions of the examples' prompts+answers.
+
+    The reference values for mean ablation (`InterventionPlan.ablate_heads(..., "mean", means=...)`).
+    """
+    from headlab.stats import StatsRequest
+
+    L, H, D = model.spec.n_layers, model.spec.n_heads, model.spec.head_dim
+    total = torch.zeros(L, H, D, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        batch = encode(model.tokenizer, examples[i : i + batch_size], model.device)
+        batch.pop("labels")
+        with model.patched(None, StatsRequest(head_outputs=True)) as rec:
+            model(**batch)
+        z = rec.stats.head_outputs  # [L, B, H, Q, D]
+        keep = batch["attention_mask"].bool().cpu()  # [B, Q]
+        total += (z * keep[None, :, None, :, None]).sum(dim=(1, 3)).double()
+        count += int(keep.sum())
+    return (total / count).float()

@@ -22,26 +22,9 @@ import torch
 import headlab
 from headlab.io import atomic_write_json, atomic_write_text
 from headlab.zoo import tasks
-from headlab.zoo.evaluate import accuracy, encode
+from headlab.zoo.evaluate import accuracy, mean_head_outputs
 
 CARD_SEED = 20_000  # held-out examples of the card: a seed neither training nor training-eval uses
-
-
-def mean_head_outputs(model: headlab.HeadModel, examples, batch_size: int = 50) -> torch.Tensor:
-    """[L, H, D] mean head output over all real (unpadded) positions of the examples."""
-    L, H, D = model.spec.n_layers, model.spec.n_heads, model.spec.head_dim
-    total = torch.zeros(L, H, D, dtype=torch.float64)
-    count = 0
-    for i in range(0, len(examples), batch_size):
-        batch = encode(model.tokenizer, examples[i : i + batch_size], model.device)
-        batch.pop("labels")
-        with model.patched(None, headlab.StatsRequest(head_outputs=True)) as rec:
-            model(**batch)
-        z = rec.stats.head_outputs  # [L, B, H, Q, D]
-        keep = batch["attention_mask"].bool().cpu()  # [B, Q]
-        total += (z * keep[None, :, None, :, None]).sum(dim=(1, 3)).double()
-        count += int(keep.sum())
-    return (total / count).float()
 
 
 def task_card(model: headlab.HeadModel, task: str, n: int, k: int, draws: int, rng: random.Random) -> dict:
