@@ -48,7 +48,7 @@ def _greedy(hm: HeadModel, ids: torch.Tensor, plan: InterventionPlan | None, n: 
     return hm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def run_demo(out: str | Path = "runs", seed: int = 0) -> DemoResult:
+def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
     """Load the zoo model, run baseline and patched forwards with stats and greedy answers, write a run."""
     model = f"zoo:{DEMO_MODEL}"
     hm: HeadModel = load_model(model)

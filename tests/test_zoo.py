@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 import headlab
@@ -75,23 +76,33 @@ def test_card_ablation_heads_reproduce(model, task):
     base = accuracy(model, examples)
     top = card["top_heads"][0]
     head = (top["layer"], top["head"])
-    zero_drop = base - accuracy(model, examples, plan=headlab.InterventionPlan().ablate_heads([head], "zero"))
-    assert zero_drop >= min(0.5 * top["zero_drop"], top["zero_drop"] - 0.1), (task, head, zero_drop, top)
-    joint = [tuple(h) for h in card["joint_top_k"]["heads"]]
     means = mean_head_outputs(model, examples)
+    mode = "mean" if top["mean_drop"] >= top["zero_drop"] else "zero"
+    drop = base - accuracy(model, examples, plan=headlab.InterventionPlan().ablate_heads([head], mode, means=means))
+    assert drop >= 0.5 * top[f"{mode}_drop"] > 0, (task, head, mode, drop, top)
+    joint = [tuple(h) for h in card["joint_top_k"]["heads"]]
     joint_drop = base - accuracy(model, examples, plan=headlab.InterventionPlan().ablate_heads(joint, "mean", means=means))
     assert joint_drop >= 0.5 * card["joint_top_k"]["mean_ablation_drop"], (task, joint_drop)
     assert card["joint_top_k"]["mean_ablation_drop"] > card["random_k"]["mean_drop"] + 0.3
 
 
-def test_training_script_runs_a_few_steps(tmp_path):
-    out = tmp_path / "model"
+def train_few_steps(out: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "studies/zoo/train.py"), "--out", str(out), "--steps", "3", "--batch", "4",
                     "--eval-every", "3", "--eval-n", "4", "--haystack", "16", "32", "--device", "cpu"],
-                   check=True, capture_output=True, cwd=tmp_path)
-    log = json.loads((out / "training.json").read_text())
+                   check=True, capture_output=True, cwd=out.parent)
+
+
+def test_training_script_runs_a_few_steps_reproducibly(tmp_path):
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_few_steps(first)
+    train_few_steps(second)
+    log = json.loads((first / "training.json").read_text())
     assert [e["step"] for e in log["eval"]] == [3] and set(tasks.TASKS) <= set(log["eval"][0])
     assert log["loss"] and log["args"]["seed"] == 0
-    small = headlab.load_model(out)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded: bit-identical on CPU
+    small = headlab.load_model(first)
     batch = encode(small.tokenizer, tasks.held_out("refusal", 2))
     assert batch["labels"].ne(-100).sum() > 0
