@@ -106,3 +106,17 @@ def test_training_script_runs_a_few_steps_reproducibly(tmp_path):
     small = headlab.load_model(first)
     batch = encode(small.tokenizer, tasks.held_out("refusal", 2))
     assert batch["labels"].ne(-100).sum() > 0
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_card_shows_sparse_head_structure(task):
+    """Acceptance of the zoo: ≤ 10% of heads carry most of each task's single-head ablation damage."""
+    card = CARD["tasks"][task]
+    k = card["joint_top_k"]["k"]
+    assert k <= 0.1 * len(card["all_heads"])
+    for mode in ("zero_drop", "mean_drop"):
+        drops = sorted((max(0.0, r[mode]) for r in card["all_heads"]), reverse=True)
+        assert sum(drops) > 0.1
+        assert sum(drops[:k]) / sum(drops) >= 0.8, (task, mode)
+    assert card["joint_top_k"]["mean_ablation_drop"] >= 0.4
+    assert card["random_k"]["mean_drop"] <= 0.05
