@@ -8,7 +8,6 @@ session's plan and records its stats for the calling layer (`module.layer_idx`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,6 @@ from headlab.stats import HeadStats, StatsRequest
 
 ATTN_IMPLEMENTATION = "headlab"
 SESSION_ATTR = "_headlab_session"
-log = logging.getLogger("headlab")
 
 
 @dataclass

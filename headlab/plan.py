@@ -41,7 +41,8 @@ from headlab.errors import PlanError
 Head = tuple[int, int]
 AblationMode = Literal["zero", "mean"]
 
-_REPLACE_NONE, _REPLACE_ZERO, _REPLACE_MEAN, _REPLACE_PATCH = 0, 1, 2, 3
+REPLACE_NONE, REPLACE_ZERO, REPLACE_MEAN, REPLACE_PATCH = 0, 1, 2, 3
+"""Codes of LayerPlan.replace_mode: what replaces a head's output z."""
 
 
 def _head(h: Any) -> Head:
@@ -259,14 +260,14 @@ class InterventionPlan:
         mean_out = None
         for (l, h), mode in self.ablations.items():
             if l == layer:
-                replace_mode[h] = _REPLACE_ZERO if mode == "zero" else _REPLACE_MEAN
+                replace_mode[h] = REPLACE_ZERO if mode == "zero" else REPLACE_MEAN
                 if mode == "mean":
                     if mean_out is None:
                         mean_out = torch.zeros(n_heads, head_dim)
                     mean_out[h] = self.means[(l, h)]
         patch = {h: z for (l, h), z in self.patches.items() if l == layer}
         for h in patch:
-            replace_mode[h] = _REPLACE_PATCH
+            replace_mode[h] = REPLACE_PATCH
         return LayerPlan(
             layer=layer,
             head_scale=scale,

@@ -139,8 +139,6 @@ class LayerStats:
     head_outputs: torch.Tensor | None = None
 
 
-_PER_QUERY = ("argmax", "argmax_prob", "entropy")
-
 
 class HeadStats:
     """Stats recorded inside one `patched(...)` context, per layer and per forward call.

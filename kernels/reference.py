@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from headlab.plan import LayerPlan
+from headlab.plan import REPLACE_MEAN, REPLACE_PATCH, REPLACE_ZERO, LayerPlan
 from headlab.stats import CompiledStats, LayerStats
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
@@ -143,12 +143,12 @@ def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: sl
     if plan is None:
         return z
     mode = plan.replace_mode.to(z.device)[None, :, None, None]
-    if bool((plan.replace_mode == 1).any()):
-        z = torch.where(mode == 1, torch.zeros_like(z), z)
+    if bool((plan.replace_mode == REPLACE_ZERO).any()):
+        z = torch.where(mode == REPLACE_ZERO, torch.zeros_like(z), z)
     if plan.mean_out is not None:
-        z = torch.where(mode == 2, plan.mean_out.to(z.device)[None, :, None, :].expand_as(z), z)
+        z = torch.where(mode == REPLACE_MEAN, plan.mean_out.to(z.device)[None, :, None, :].expand_as(z), z)
     if patch is not None:
-        z = torch.where(mode == 3, patch[:, :, rows].to(z.device), z)
+        z = torch.where(mode == REPLACE_PATCH, patch[:, :, rows].to(z.device), z)
     return z * plan.head_scale.to(z.device)[None, :, None, None]
 
 

@@ -13,7 +13,6 @@ device).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
