@@ -1,7 +1,9 @@
 """Head analyses (installed as `headlab.analyses`).
 
-One module per kind of head — retrieval, sinks, select-and-copy, safety, conflict, vision,
-zerotuning — each with `build_dataset`, `score(...) -> HeadScores` and, where the paper has one,
-the intervention and its `evaluate`. None has landed yet; the core API they build on is
-`headlab.load_model`, `HeadModel.patched`, `InterventionPlan`, `StatsRequest` and `HeadScores`.
+One module per kind of head, each with the same shape: a config dataclass with the paper's
+defaults, `build_dataset`, `score(...)` returning HeadScores (and per-finding tables), and, where
+the paper has one, the intervention and its `evaluate`.
+
+Landed: `sinks` (first-token mass, hidden sinks, massive activations). The others — retrieval,
+select-and-copy, ZeroTuning, ACT's calibration search, safety, conflict, vision — are open issues.
 """

@@ -1,0 +1,125 @@
+"""Attention sinks: first-token mass, hidden sinks and massive activations, per head.
+
+Definitions (METHODS.md, "Attention sinks and ACT"; Yu et al. 2024, reference code GATECH-EIC/ACT):
+- first-token mass of head h: mean over the text's queries of A[h, i, 0];
+- received attention of key j: r[j] = Σ_i A[h,i,j] / #(queries that see j) — computed inside the
+  patched attention (`StatsRequest(received=True)`), never by materializing attention;
+- hidden sinks of head h: tokens beyond the first (j ≥ 1) with r[j] > τ (τ = 0.1, the paper's
+  threshold). ACT itself drops the *first element* of the set {r > τ}, which is position 0 when
+  the initial token is a sink; this analysis reports every position ≥ 1 above τ so that a model
+  whose first token is not a sink still shows its sinks;
+- massive activations (Sun et al. 2024, "Massive Activations in Large Language Models"):
+  residual-stream entries whose magnitude exceeds `massive_abs` and `massive_ratio` × the median
+  magnitude of that layer's hidden states for the text (paper: > 100 and ~1000× the median).
+
+Texts are run one at a time (no padding), through the patched attention. τ = 0.1 is meant for
+long inputs: on a text of fewer than ~10 tokens, uniform attention alone gives r[j] > 0.1.
+
+    from headlab.analyses import sinks
+    report = sinks.score(model, ["some text", ...])
+    report.first_token_mass.top(5); report.hidden_sinks.head(); report.massive.head()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.scores import HeadScores
+from headlab.stats import StatsRequest
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    """Parameters, with the papers' defaults."""
+
+    tau: float = 0.1
+    """ACT's sink threshold on received attention r[j]."""
+    massive_abs: float = 100.0
+    """Massive activation: |h| above this ..."""
+    massive_ratio: float = 1000.0
+    """... and above this multiple of the layer's median |h| for the text."""
+    max_tokens: int = 4096
+
+
+@dataclass
+class SinkReport:
+    """Results of `score`. Frames have one row per finding."""
+
+    first_token_mass: HeadScores
+    hidden_sink_rate: HeadScores
+    """Per head: fraction of texts in which the head has at least one hidden sink."""
+    hidden_sinks: Any
+    """DataFrame: text, layer, head, position, token, received."""
+    massive: Any
+    """DataFrame: text, layer (0 = embeddings), position, token, dim, value, ratio_to_median."""
+    top_activation: Any
+    """DataFrame: per text and layer, the largest |h| with its position, token, dim and ratio."""
+
+    @property
+    def fraction_of_heads_with_hidden_sinks(self) -> float:
+        return float((self.hidden_sink_rate.values > 0).float().mean())
+
+
+def build_dataset(texts: Sequence[str] | None = None, path: str | None = None) -> list[str]:
+    """Texts to analyse: given directly, or one per line of a UTF-8 text file (blank lines skipped)."""
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise HeadlabError("the sinks analysis needs at least one non-empty text")
+    return list(texts)
+
+
+def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksConfig(), progress: bool = True) -> SinkReport:
+    """Run every text through the patched attention and collect sink statistics per head."""
+    import pandas as pd
+
+    texts = build_dataset(texts)
+    L, H = model.spec.shape
+    first_sum = torch.zeros(L, H, dtype=torch.float64)
+    sink_count = torch.zeros(L, H, dtype=torch.float64)
+    sink_rows, massive_rows, top_rows = [], [], []
+    request = StatsRequest(received=True, spans={"first": [0]})
+    for t, text in enumerate(tqdm(texts, desc="sinks", disable=not progress)):
+        enc = model.tokenize(text, truncation=True, max_length=config.max_tokens)
+        ids = enc["input_ids"][0].tolist()
+        tokens = model.tokenizer.convert_ids_to_tokens(ids)
+        with model.patched(None, request) as rec:
+            with torch.no_grad():
+                out = model.model(**enc, output_hidden_states=True)
+        first_sum += rec.stats.span_mass("first")[:, 0].mean(dim=-1).double()
+        r = rec.stats.received_mean[:, 0]  # [L, H, K]
+        hidden = r[..., 1:] > config.tau
+        sink_count += hidden.any(dim=-1).double()
+        for layer, head, j in hidden.nonzero().tolist():
+            sink_rows.append({"text": t, "layer": layer, "head": head, "position": j + 1, "token": tokens[j + 1],
+                              "received": float(r[layer, head, j + 1])})
+        states = torch.stack(out.hidden_states)[:, 0].float().abs()  # [L+1, T, D]
+        median = states.flatten(1).median(dim=1).values.clamp_min(1e-12)  # [L+1]
+        ratio = states / median[:, None, None]
+        for layer in range(states.shape[0]):
+            flat = int(states[layer].argmax())
+            pos, dim = divmod(flat, states.shape[-1])
+            top_rows.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
+                             "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])})
+        massive = (states > config.massive_abs) & (ratio > config.massive_ratio)
+        for layer, pos, dim in massive.nonzero().tolist():
+            massive_rows.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
+                                 "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])})
+    n = float(len(texts))
+    common = dict(model=model.name, params={"tau": config.tau, "texts": len(texts)})
+    return SinkReport(
+        first_token_mass=HeadScores(sums=first_sum, counts=torch.full((L, H), n, dtype=torch.float64),
+                                    analysis="first_token_mass", **common),
+        hidden_sink_rate=HeadScores(sums=sink_count, counts=torch.full((L, H), n, dtype=torch.float64),
+                                    analysis="hidden_sink_rate", **common),
+        hidden_sinks=pd.DataFrame(sink_rows, columns=["text", "layer", "head", "position", "token", "received"]),
+        massive=pd.DataFrame(massive_rows, columns=["text", "layer", "position", "token", "dim", "value", "ratio_to_median"]),
+        top_activation=pd.DataFrame(top_rows, columns=["text", "layer", "position", "token", "dim", "value", "ratio_to_median"]),
+    )
