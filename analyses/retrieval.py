@@ -1,0 +1,194 @@
+"""Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality").
+
+Definition (METHODS.md; reference code nightdessert/Retrieval_Head, retrieval_head_detection.py):
+the needle span [s, e) is located in the prompt's token ids as the first window whose token-id
+set overlaps the needle's by more than 90%. The model decodes greedily after the prompt; at the
+step that produces token w, a head "copies" w when its top-1 attended key j* lies in [s, e) and
+prompt_ids[j*] == w; each copy adds 1 / (e − s) to the head's score for the sample. A head's
+score is the mean over samples; heads above 0.1 are retrieval heads.
+
+How it runs here: one `generate()` inside `HeadModel.patched(None, StatsRequest(argmax=True,
+queries=slice(-1, None)))`. The prefill computes the prompt at full speed and only the last
+prompt position's argmax is kept — that row is exactly the reference's first decode step (whose
+input is the last prompt token) — and each later decode step emits one argmax per head: O(N) per
+step, never `output_attentions`. Decoding stops at <eos>, a newline token or `max_new_tokens`.
+
+Teacher-forced variant (`teacher_forced=True`): one forward pass over prompt + reference answer,
+argmax on the answer window, w = the answer's tokens. When the model's greedy answer equals the
+reference answer both give the same attention rows, hence the same scores (tested).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.plan import InterventionPlan
+from headlab.scores import HeadScores
+from headlab.stats import StatsRequest
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Parameters with the paper's defaults."""
+
+    threshold: float = 0.1
+    """Heads scoring above this are retrieval heads."""
+    overlap: float = 0.9
+    """Needle location: first window whose token set overlaps the needle's by more than this."""
+    max_new_tokens: int = 16
+    teacher_forced: bool = False
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    """A needle-in-a-haystack prompt: the needle sentence is inside `prompt`; `answer` copies from it."""
+
+    prompt: str
+    needle: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+def locate_needle(prompt_ids: Sequence[int], needle_ids: Sequence[int], overlap: float = 0.9) -> tuple[int, int]:
+    """[s, e): the first window of len(needle) whose token-id set overlaps the needle's by > `overlap`."""
+    target = set(needle_ids)
+    n = len(needle_ids)
+    for s in range(len(prompt_ids) - n + 1):
+        if len(set(prompt_ids[s : s + n]) & target) / len(target) > overlap:
+            return s, s + n
+    raise HeadlabError("the needle does not occur in the tokenized prompt (no window overlaps it by > 90%)")
+
+
+def zoo_dataset(lengths: Iterable[int] = (64, 128, 256, 512), depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                per_cell: int = 2, seed: int = 0) -> list[NeedleSample]:
+    """A context-length × depth grid of the zoo's needle task (haystack words, "the code of KEY is V1 V2 .")."""
+    from headlab.zoo import tasks
+
+    rng = random.Random(seed)
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(per_cell):
+                hay = [rng.choice(tasks.FILLER) for _ in range(length)]
+                key, values = rng.choice(tasks.KEYS), [rng.choice(tasks.VALUES) for _ in range(2)]
+                needle = ["the", "code", "of", key, "is", *values, "."]
+                at = round(depth * length)
+                words = hay[:at] + needle + hay[at:] + ["question", ":", "what", "is", "the", "code", "of", key, "?", "answer", ":"]
+                samples.append(NeedleSample(" ".join(words), " ".join(needle), " ".join(values),
+                                            {"length": length, "depth": depth, "key": key}))
+    return samples
+
+
+@dataclass
+class RetrievalResult:
+    scores: HeadScores
+    samples: Any
+    """DataFrame: one row per sample (generated answer, correct, needle span, per-sample top head)."""
+
+    def retrieval_heads(self, threshold: float | None = None):
+        return self.scores.to_mask(threshold=self.scores.params.get("threshold", 0.1) if threshold is None else threshold)
+
+
+def _stop_ids(model: HeadModel) -> set[int]:
+    tok = model.tokenizer
+    stops = {tok.eos_token_id}
+    newline = tok.convert_tokens_to_ids("\n") if hasattr(tok, "convert_tokens_to_ids") else None
+    if isinstance(newline, int) and newline != tok.unk_token_id:
+        stops.add(newline)
+    return {s for s in stops if s is not None}
+
+
+def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfig) -> tuple[torch.Tensor, dict]:
+    """[L, H] retrieval score of one sample, and a record of what was generated."""
+    tok = model.tokenizer
+    prompt_ids = tok(sample.prompt)["input_ids"]
+    needle_ids = tok(sample.needle, add_special_tokens=False)["input_ids"]
+    s, e = locate_needle(prompt_ids, needle_ids, config.overlap)
+    ids = torch.tensor([prompt_ids], device=model.device)
+    n = len(prompt_ids)
+    if config.teacher_forced:
+        answer = tok(sample.answer, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([prompt_ids + answer], device=model.device)
+        with model.patched(None, StatsRequest(argmax=True, queries=list(range(n - 1, n - 1 + len(answer))))) as rec:
+            model(full)
+        produced = answer
+    else:
+        stops = _stop_ids(model)
+        with model.patched(None, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
+            out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                 eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
+        produced = [t for t in out[0, n:].tolist()]
+        while produced and produced[-1] in stops:
+            produced.pop()
+    top = rec.stats.argmax[:, 0]  # [L, H, steps]
+    prompt = torch.tensor(prompt_ids)
+    score = torch.zeros(top.shape[:2], dtype=torch.float64)
+    for t, w in enumerate(produced[: top.shape[-1]]):
+        j = top[..., t]
+        inside = (j >= s) & (j < e)
+        copied = inside & (prompt[j.clamp(max=n - 1)] == w)
+        score += copied.double() / (e - s)
+    generated = tok.decode(produced, skip_special_tokens=True)
+    record = {"generated": generated, "answer": sample.answer, "correct": generated.strip() == sample.answer.strip(),
+              "needle_start": s, "needle_end": e, "prompt_tokens": n, **sample.meta}
+    return score, record
+
+
+def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalConfig = RetrievalConfig(),
+          progress: bool = True) -> RetrievalResult:
+    """Retrieval score of every head over the samples."""
+    import pandas as pd
+
+    if not samples:
+        raise HeadlabError("the retrieval analysis needs at least one needle sample")
+    L, H = model.spec.shape
+    total = torch.zeros(L, H, dtype=torch.float64)
+    rows = []
+    for i, sample in enumerate(tqdm(samples, desc="retrieval", disable=not progress)):
+        per, record = sample_scores(model, sample, config)
+        total += per
+        best = int(per.argmax())
+        rows.append({"sample": i, **record, "top_layer": best // H, "top_head": best % H, "top_score": float(per.max())})
+    scores = HeadScores(sums=total, counts=torch.full((L, H), float(len(samples)), dtype=torch.float64),
+                        analysis="retrieval", model=model.name,
+                        params={"threshold": config.threshold, "teacher_forced": config.teacher_forced,
+                                "max_new_tokens": config.max_new_tokens})
+    return RetrievalResult(scores=scores, samples=pd.DataFrame(rows))
+
+
+def needle_accuracy(model: HeadModel, samples: Sequence[NeedleSample], plan: InterventionPlan | None = None,
+                    max_new_tokens: int = 16) -> float:
+    """Fraction of samples whose greedy answer (to <eos> / newline) equals the reference answer."""
+    tok = model.tokenizer
+    stops = _stop_ids(model)
+    hits = 0
+    for sample in samples:
+        ids = model.tokenize(sample.prompt)["input_ids"]
+        with model.patched(plan):
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
+                                 pad_token_id=tok.pad_token_id)
+        hits += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == sample.answer.strip()
+    return hits / len(samples)
+
+
+def masking_test(model: HeadModel, samples: Sequence[NeedleSample], scores: HeadScores, k: int,
+                 draws: int = 3, seed: int = 0) -> dict:
+    """The paper's causal test: needle accuracy with the top-k retrieval heads pruned vs k random heads."""
+    top = [(l, h) for l, h, _ in scores.top(k)]
+    rng = random.Random(seed)
+    others = [(l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1]) if (l, h) not in top]
+    return {
+        "k": k,
+        "top_heads": top,
+        "baseline": needle_accuracy(model, samples),
+        "top_pruned": needle_accuracy(model, samples, InterventionPlan().prune_heads(top)),
+        "random_pruned": [needle_accuracy(model, samples, InterventionPlan().prune_heads(rng.sample(others, k)))
+                          for _ in range(draws)],
+    }
