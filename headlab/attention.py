@@ -8,7 +8,7 @@ session's plan and records its stats for the calling layer (`module.layer_idx`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -111,26 +111,37 @@ def headlab_attention_forward(
         out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         return out.transpose(1, 2), None
 
-    needs_probabilities = softcap is not None or (plan is not None and plan.touches_probabilities) or (
-        stats is not None and stats.wants_probabilities
-    )
-    if needs_probabilities:
-        out, layer_stats = patched_attention(
-            query, key, value, scaling=scaling, is_causal=causal, attention_mask=attention_mask,
-            softcap=softcap, plan=plan, stats=stats,
-        )
-    else:
-        # Only the outputs change: SDPA computes z, the plan acts on it afterwards.
+    plan_touches_probabilities = plan is not None and plan.touches_probabilities
+    # SDPA computes every output at full speed unless the probabilities themselves change (or
+    # softcap, which SDPA lacks); the reference then only computes the rows whose probability
+    # stats are asked for — e.g. the last prompt token of a retrieval-score prefill.
+    probability_rows = stats.query_index.numel() if stats is not None and stats.wants_probabilities else 0
+    if softcap is None and not plan_touches_probabilities and probability_rows < Q:
         z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
         rows = slice(0, Q)
         patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
         z = apply_output_interventions(z, plan, rows, patch)
+        out = z.to(query.dtype)
         layer_stats = None
         if stats is not None:
             collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
             collector.add_outputs(rows, z)
             layer_stats = collector.result()
-        out = z.to(query.dtype)
+        if probability_rows:
+            idx = stats.query_index
+            window = replace(stats, query_index=torch.arange(idx.numel(), device=idx.device), head_outputs=False)
+            _, probs = patched_attention(
+                query[:, :, idx], key, value, scaling=scaling, is_causal=causal,
+                attention_mask=None if attention_mask is None else attention_mask[:, :, idx],
+                stats=window, query_positions=idx + (K - Q),
+            )
+            for name in ("argmax", "argmax_prob", "span_mass", "entropy", "received", "received_count"):
+                setattr(layer_stats, name, getattr(probs, name))
+    else:
+        out, layer_stats = patched_attention(
+            query, key, value, scaling=scaling, is_causal=causal, attention_mask=attention_mask,
+            softcap=softcap, plan=plan, stats=stats,
+        )
     if layer_stats is not None:
         # Token positions, also past a sliding window where cache indices stop matching them.
         layer_stats.query_positions = stats.query_index.cpu() + (session.tokens_seen(layer) - Q)

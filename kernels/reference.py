@@ -238,8 +238,12 @@ def patched_attention(
     plan: LayerPlan | None = None,
     stats: CompiledStats | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    query_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LayerStats | None]:
     """Attention with a layer's interventions applied and its stats emitted.
+
+    `query_positions` [Q]: the key index of each query row, when the rows are not the last Q
+    positions (e.g. a subset of a prefill's queries); causal masking without a mask uses it.
 
     Returns (output [B, H, Q, Dv] in query.dtype — the per-head z before o_proj, and the
     LayerStats or None when no stats were asked).
@@ -251,7 +255,7 @@ def patched_attention(
     device = query.device
     key_t = key.float().transpose(-1, -2)
     v = value.float().unsqueeze(2)  # [B, Hkv, 1, K, Dv]
-    q_pos = torch.arange(Q, device=device) + (K - Q)
+    q_pos = torch.arange(Q, device=device) + (K - Q) if query_positions is None else query_positions.to(device)
     chunk = chunk_rows(B, H, Q, K, block_elements)
     if plan is not None:
         plan = plan.to(device)

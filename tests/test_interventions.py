@@ -35,7 +35,7 @@ def materialized_attention(module, query, key, value, attention_mask, dropout=0.
         allowed = torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
     else:
         allowed = attention_mask
-    a = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    a = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)  # padding rows see nothing
     if HOOKS["probs"] is not None:
         a = HOOKS["probs"](layer, a)
     z = a @ v
@@ -288,3 +288,36 @@ def test_interventions_apply_at_every_cached_decode_step(models, ids):
     assert torch.equal(got.sequences, expected.sequences)
     for a, b in zip(got.logits, expected.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_query_window_stats_on_the_sdpa_path_match_materialized_attention(models, ids):
+    """No probability change + a query window: SDPA outputs, reference rows for the window only."""
+    model, oracle = models
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding on row 1
+    queries = [5, 12, 19]
+    spans = {"first": [4], "window": (6, 11)}
+    request = headlab.StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans=spans, queries=queries)
+    with model.patched(headlab.InterventionPlan().prune_heads([(0, 3)]), request) as rec:
+        got = model(ids, attention_mask=mask).logits
+    HOOKS.update(z=on_heads({(0, 3): 0.0}, lambda z, a: z * a))
+    CAPTURE.clear()
+    try:
+        with torch.no_grad():
+            expected = oracle(ids, attention_mask=mask).logits
+    finally:
+        HOOKS.update(z=None)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    stats = rec.stats
+    for li, layer in enumerate(stats.layers):
+        a, z = CAPTURE[layer]
+        sel = a[:, :, queries]
+        prob, idx = sel.max(dim=-1)
+        assert torch.equal(stats.argmax[li], idx)
+        torch.testing.assert_close(stats.argmax_prob[li], prob, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.entropy[li], -(sel * sel.clamp_min(1e-30).log()).sum(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.span_mass("window")[li], sel[..., 6:11].sum(-1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.received[li], sel.sum(dim=2), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(stats.head_outputs[li], z[:, :, queries], atol=1e-5, rtol=1e-5)
+    assert stats.received_count[0, 1, 0, :4].eq(0).all()  # padding keys are seen by no query
