@@ -111,12 +111,10 @@ def headlab_attention_forward(
         out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         return out.transpose(1, 2), None
 
-    plan_touches_probabilities = plan is not None and plan.touches_probabilities
     # SDPA computes every output at full speed unless the probabilities themselves change (or
-    # softcap, which SDPA lacks); the reference then only computes the rows whose probability
-    # stats are asked for — e.g. the last prompt token of a retrieval-score prefill.
-    probability_rows = stats.query_index.numel() if stats is not None and stats.wants_probabilities else 0
-    if softcap is None and not plan_touches_probabilities and probability_rows < Q:
+    # softcap, which SDPA lacks); the reference then computes only the probability stats, only
+    # on the rows asked for — e.g. the last prompt token of a retrieval-score prefill.
+    if softcap is None and not (plan is not None and plan.touches_probabilities):
         z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
         rows = slice(0, Q)
         patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
@@ -127,13 +125,13 @@ def headlab_attention_forward(
             collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
             collector.add_outputs(rows, z)
             layer_stats = collector.result()
-        if probability_rows:
+        if stats is not None and stats.wants_probabilities:
             idx = stats.query_index
             window = replace(stats, query_index=torch.arange(idx.numel(), device=idx.device), head_outputs=False)
             _, probs = patched_attention(
                 query[:, :, idx], key, value, scaling=scaling, is_causal=causal,
                 attention_mask=None if attention_mask is None else attention_mask[:, :, idx],
-                stats=window, query_positions=idx + (K - Q),
+                stats=window, query_positions=idx + (K - Q), compute_output=False,
             )
             for name in ("argmax", "argmax_prob", "span_mass", "entropy", "received", "received_count"):
                 setattr(layer_stats, name, getattr(probs, name))

@@ -239,11 +239,14 @@ def patched_attention(
     stats: CompiledStats | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     query_positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, LayerStats | None]:
+    compute_output: bool = True,
+) -> tuple[torch.Tensor | None, LayerStats | None]:
     """Attention with a layer's interventions applied and its stats emitted.
 
     `query_positions` [Q]: the key index of each query row, when the rows are not the last Q
     positions (e.g. a subset of a prefill's queries); causal masking without a mask uses it.
+    `compute_output=False` emits the probability stats only (no values read, output None): for
+    callers that get the outputs elsewhere (SDPA) and want stats on some rows.
 
     Returns (output [B, H, Q, Dv] in query.dtype — the per-head z before o_proj, and the
     LayerStats or None when no stats were asked).
@@ -254,7 +257,7 @@ def patched_attention(
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     device = query.device
     key_t = key.float().transpose(-1, -2)
-    v = value.float().unsqueeze(2)  # [B, Hkv, 1, K, Dv]
+    v = value.float().unsqueeze(2) if compute_output else None  # [B, Hkv, 1, K, Dv]
     q_pos = torch.arange(Q, device=device) + (K - Q) if query_positions is None else query_positions.to(device)
     chunk = chunk_rows(B, H, Q, K, block_elements)
     if plan is not None:
@@ -281,7 +284,7 @@ def patched_attention(
         sinks = act_sink_sets(received, count, plan)
 
     collector = StatsCollector(stats, (B, H, Q), K, Dv, Q, device) if stats is not None else None
-    out = torch.empty(B, H, Q, Dv, dtype=query.dtype, device=device)
+    out = torch.empty(B, H, Q, Dv, dtype=query.dtype, device=device) if compute_output else None
     for r0 in range(0, Q, chunk):
         rows = slice(r0, min(Q, r0 + chunk))
         attn, allowed = _probabilities(query, key_t, rows, **kw)
@@ -289,6 +292,8 @@ def patched_attention(
             attn = act_calibrate(attn, sinks, plan.act_beta)
         if collector is not None and stats.wants_probabilities:
             collector.add_probabilities(rows, attn, allowed)
+        if not compute_output:
+            continue
         C = attn.shape[2]
         z = torch.matmul(attn.view(B, Hkv, H // Hkv, C, K), v).view(B, H, C, Dv)
         z = apply_output_interventions(z, plan, rows, patch)

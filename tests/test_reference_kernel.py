@@ -94,3 +94,22 @@ def test_act_row_entirely_on_sinks_is_left_unchanged():
     ref, _ = patched_attention(q, k, v, scaling=0.25)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out[0, 0, 3:], ref[0, 0, 3:], atol=1e-6, rtol=1e-6)
+
+
+def test_identity_plan_is_bit_identical_to_no_plan():
+    q, k, v = qkv(Q=33, K=33)
+    plan = (InterventionPlan().scale_first_token({(0, h): 1.0 for h in range(8)}).act([(0, 1), (0, 5)], beta=1.0)
+            .scale_heads({(0, 2): 1.0}).compile_layer(0, 8, 16))
+    assert plan.has_bias and plan.has_act  # the identity still runs every code path
+    with_plan, _ = patched_attention(q, k, v, scaling=0.25, plan=plan)
+    without, _ = patched_attention(q, k, v, scaling=0.25)
+    assert torch.equal(with_plan, without)
+
+
+def test_stats_only_mode_reads_no_values():
+    q, k, v = qkv(Q=20, K=20)
+    request = StatsRequest(argmax=True, entropy=True).compile(20, 20, torch.device("cpu"))
+    out, st = patched_attention(q, k, v[..., :0], scaling=0.25, stats=request, compute_output=False)
+    _, full = patched_attention(q, k, v, scaling=0.25, stats=request)
+    assert out is None
+    assert torch.equal(st.argmax, full.argmax) and torch.equal(st.entropy, full.entropy)
