@@ -127,7 +127,7 @@ def headlab_attention_forward(
             layer_stats = collector.result()
         if stats is not None and stats.wants_probabilities:
             idx = stats.query_index
-            window = replace(stats, query_index=torch.arange(idx.numel(), device=idx.device), head_outputs=False)
+            window = replace(stats, query_index=torch.arange(idx.numel()), head_outputs=False)
             _, probs = patched_attention(
                 query[:, :, idx], key, value, scaling=scaling, is_causal=causal,
                 attention_mask=None if attention_mask is None else attention_mask[:, :, idx],
@@ -142,7 +142,7 @@ def headlab_attention_forward(
         )
     if layer_stats is not None:
         # Token positions, also past a sliding window where cache indices stop matching them.
-        layer_stats.query_positions = stats.query_index.cpu() + (session.tokens_seen(layer) - Q)
+        layer_stats.query_positions = stats.query_index + (session.tokens_seen(layer) - Q)
         session.stats.add(layer, layer_stats)
     return out.transpose(1, 2).contiguous(), None
 

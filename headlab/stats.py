@@ -80,7 +80,7 @@ class StatsRequest:
                 )
             spans[name] = pos.to(device)
         return CompiledStats(
-            query_index=idx.to(device),
+            query_index=idx,
             argmax=self.argmax,
             spans=spans,
             entropy=self.entropy,
@@ -106,7 +106,8 @@ def _span_positions(name: str, span: SpanLike) -> torch.Tensor:
 
 @dataclass
 class CompiledStats:
-    """A StatsRequest resolved for one call: query indices [Qs] and span key positions."""
+    """A StatsRequest resolved for one call: query indices [Qs] (on the CPU, so that selecting
+    rows never waits on the GPU) and span key positions (on the device)."""
 
     query_index: torch.Tensor
     argmax: bool
@@ -145,6 +146,7 @@ class HeadStats:
 
     Per-query stats concatenate over calls along the query axis (so a `generate()` gives one
     column per decode step); received attention sums over calls (keys aligned at position 0).
+    Tensors stay on the model's device (`.cpu()` them for plotting); query positions are on the CPU.
     All getters return tensors stacked over the recorded layers, in `self.layers` order.
     """
 
@@ -227,7 +229,8 @@ class HeadStats:
         for layer in self.layers:
             calls = self._calls[layer]
             k = max(getattr(s, attr).shape[-1] for s in calls)
-            total = torch.zeros(*getattr(calls[0], attr).shape[:-1], k, dtype=torch.float32)
+            first = getattr(calls[0], attr)
+            total = torch.zeros(*first.shape[:-1], k, dtype=torch.float32, device=first.device)
             for s in calls:
                 t = getattr(s, attr)
                 total[..., : t.shape[-1]] += t.float()

@@ -158,7 +158,7 @@ class StatsCollector:
     def __init__(self, req: CompiledStats, shape: tuple[int, int, int], k_len: int, dv: int, q_len: int, device: torch.device):
         B, H, _ = shape
         self.req = req
-        qi = req.query_index.to(device)
+        qi = req.query_index.cpu()  # row selection is bookkeeping: keep it off the GPU
         self.qi = qi
         n = qi.numel()
         f32 = dict(device=device, dtype=torch.float32)
@@ -181,14 +181,14 @@ class StatsCollector:
         if not bool(hit.any()):
             return None
         slots = hit.nonzero().squeeze(-1)
-        return slots, self.qi[slots] - rows.start
+        return slots, self.qi[slots] - rows.start  # CPU indices: no device synchronization
 
     def add_probabilities(self, rows: slice, attn: torch.Tensor, allowed: torch.Tensor) -> None:
         sel = self.selected(rows)
         if sel is None:
             return
         slots, local = sel
-        whole = local.numel() == attn.shape[2] and bool((local == torch.arange(attn.shape[2], device=local.device)).all())
+        whole = local.numel() == attn.shape[2] and bool((local == torch.arange(attn.shape[2])).all())
         a = attn if whole else attn[:, :, local]
         o = self.out
         if self.req.argmax:
@@ -212,13 +212,8 @@ class StatsCollector:
             self.out.head_outputs[:, :, slots] = z[:, :, local]
 
     def result(self) -> LayerStats:
-        o = self.out
-        for name in ("argmax", "argmax_prob", "entropy", "received", "received_count", "head_outputs"):
-            t = getattr(o, name)
-            if t is not None:
-                setattr(o, name, t.cpu())
-        o.span_mass = {k: v.cpu() for k, v in o.span_mass.items()}
-        return o
+        """The stats, left on the device: moving them to the CPU here would wait on the GPU at every layer."""
+        return self.out
 
 
 def chunk_rows(batch: int, heads: int, q_len: int, k_len: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
