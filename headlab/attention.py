@@ -125,13 +125,18 @@ def headlab_attention_forward(
             collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
             collector.add_outputs(rows, z)
             layer_stats = collector.result()
-        if stats is not None and stats.wants_probabilities:
+        if stats is not None and stats.wants_probabilities and stats.query_index.numel():
             idx = stats.query_index
+            first = int(idx[0])
+            if torch.equal(idx, torch.arange(first, first + idx.numel())):  # a window: slices, no index copies
+                rows, positions = slice(first, first + idx.numel()), first + (K - Q)
+            else:
+                rows, positions = idx, idx + (K - Q)
             window = replace(stats, query_index=torch.arange(idx.numel()), head_outputs=False)
             _, probs = patched_attention(
-                query[:, :, idx], key, value, scaling=scaling, is_causal=causal,
-                attention_mask=None if attention_mask is None else attention_mask[:, :, idx],
-                stats=window, query_positions=idx + (K - Q), compute_output=False,
+                query[:, :, rows], key, value, scaling=scaling, is_causal=causal,
+                attention_mask=None if attention_mask is None else attention_mask[:, :, rows],
+                stats=window, query_positions=positions, compute_output=False,
             )
             for name in ("argmax", "argmax_prob", "span_mass", "entropy", "received", "received_count"):
                 setattr(layer_stats, name, getattr(probs, name))

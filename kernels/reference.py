@@ -161,6 +161,10 @@ class StatsCollector:
         qi = req.query_index.cpu()  # row selection is bookkeeping: keep it off the GPU
         self.qi = qi
         n = qi.numel()
+        # A contiguous window (the usual case) is addressed by slices: indexing GPU tensors with
+        # CPU index tensors copies them to the device, which blocks the host at every layer.
+        self.start = int(qi[0]) if n else 0
+        self.contiguous = n > 0 and torch.equal(qi, torch.arange(self.start, self.start + n))
         f32 = dict(device=device, dtype=torch.float32)
         self.out = LayerStats(query_positions=(qi + (k_len - q_len)).cpu())
         if req.argmax:
@@ -176,7 +180,13 @@ class StatsCollector:
         if req.head_outputs:
             self.out.head_outputs = torch.zeros(B, H, n, dv, **f32)
 
-    def selected(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def selected(self, rows: slice) -> tuple[torch.Tensor | slice, torch.Tensor | slice] | None:
+        """(output slots, rows within the chunk) of the selected queries in chunk `rows`."""
+        if self.contiguous:
+            lo, hi = max(rows.start, self.start), min(rows.stop, self.start + self.qi.numel())
+            if lo >= hi:
+                return None
+            return slice(lo - self.start, hi - self.start), slice(lo - rows.start, hi - rows.start)
         hit = (self.qi >= rows.start) & (self.qi < rows.stop)
         if not bool(hit.any()):
             return None
@@ -188,8 +198,7 @@ class StatsCollector:
         if sel is None:
             return
         slots, local = sel
-        whole = local.numel() == attn.shape[2] and bool((local == torch.arange(attn.shape[2])).all())
-        a = attn if whole else attn[:, :, local]
+        a = attn[:, :, local]
         o = self.out
         if self.req.argmax:
             prob, idx = a.max(dim=-1)
@@ -233,13 +242,14 @@ def patched_attention(
     plan: LayerPlan | None = None,
     stats: CompiledStats | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    query_positions: torch.Tensor | None = None,
+    query_positions: torch.Tensor | int | None = None,
     compute_output: bool = True,
 ) -> tuple[torch.Tensor | None, LayerStats | None]:
     """Attention with a layer's interventions applied and its stats emitted.
 
     `query_positions` [Q]: the key index of each query row, when the rows are not the last Q
-    positions (e.g. a subset of a prefill's queries); causal masking without a mask uses it.
+    positions (e.g. a subset of a prefill's queries) — or an int, the key index of the first row
+    of consecutive rows; causal masking without a mask uses it.
     `compute_output=False` emits the probability stats only (no values read, output None): for
     callers that get the outputs elsewhere (SDPA) and want stats on some rows.
 
@@ -253,7 +263,10 @@ def patched_attention(
     device = query.device
     key_t = key.float().transpose(-1, -2)
     v = value.float().unsqueeze(2) if compute_output else None  # [B, Hkv, 1, K, Dv]
-    q_pos = torch.arange(Q, device=device) + (K - Q) if query_positions is None else query_positions.to(device)
+    if query_positions is None or isinstance(query_positions, int):
+        q_pos = torch.arange(Q, device=device) + (K - Q if query_positions is None else query_positions)
+    else:
+        q_pos = query_positions.to(device)
     chunk = chunk_rows(B, H, Q, K, block_elements)
     if plan is not None:
         plan = plan.to(device)

@@ -144,3 +144,9 @@ def test_stat_not_requested(model):
         model(ids(8))
     with pytest.raises(PlanError, match="'argmax' was not requested"):
         rec.stats.argmax
+
+
+def test_empty_query_window_records_empty_stats(model):
+    with model.patched(None, headlab.StatsRequest(argmax=True, queries=[])) as rec:
+        model(ids(8))
+    assert rec.stats.argmax.shape[-1] == 0

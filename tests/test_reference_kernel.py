@@ -36,11 +36,12 @@ def test_matches_dense_attention(H, Hkv, Q, K):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_chunking_does_not_change_results():
+@pytest.mark.parametrize("queries", [[0, 5, 33, 63], slice(10, 50)], ids=["scattered", "window"])
+def test_chunking_does_not_change_results(queries):
     q, k, v = qkv(Q=64, K=64)
     plan = InterventionPlan().scale_first_token({(0, 1): 2.0}).act([(0, 3)], beta=0.4).compile_layer(0, 8, 16)
     request = StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans={"s": (3, 9)},
-                           queries=[0, 5, 33, 63]).compile(64, 64, torch.device("cpu"))
+                           queries=queries).compile(64, 64, torch.device("cpu"))
     whole, st1 = patched_attention(q, k, v, scaling=0.25, plan=plan, stats=request)
     pieces, st2 = patched_attention(q, k, v, scaling=0.25, plan=plan, stats=request, block_elements=2 * 8 * 64 * 3)
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
