@@ -15,7 +15,7 @@ import torch
 
 from headlab.errors import PlanError, UnsupportedArchitectureError
 from headlab.plan import InterventionPlan, LayerPlan
-from headlab.stats import HeadStats, StatsRequest
+from headlab.stats import HeadStats, StatsRequest, as_slice
 
 ATTN_IMPLEMENTATION = "headlab"
 SESSION_ATTR = "_headlab_session"
@@ -126,16 +126,12 @@ def headlab_attention_forward(
             collector.add_outputs(rows, z)
             layer_stats = collector.result()
         if stats is not None and stats.wants_probabilities and stats.query_index.numel():
-            idx = stats.query_index
-            first = int(idx[0])
-            if torch.equal(idx, torch.arange(first, first + idx.numel())):  # a window: slices, no index copies
-                rows, positions = slice(first, first + idx.numel()), first + (K - Q)
-            else:
-                rows, positions = idx, idx + (K - Q)
-            window = replace(stats, query_index=torch.arange(idx.numel()), head_outputs=False)
+            selected = as_slice(stats.query_index)
+            positions = selected.start + (K - Q) if isinstance(selected, slice) else selected + (K - Q)
+            window = replace(stats, query_index=torch.arange(stats.query_index.numel()), head_outputs=False)
             _, probs = patched_attention(
-                query[:, :, rows], key, value, scaling=scaling, is_causal=causal,
-                attention_mask=None if attention_mask is None else attention_mask[:, :, rows],
+                query[:, :, selected], key, value, scaling=scaling, is_causal=causal,
+                attention_mask=None if attention_mask is None else attention_mask[:, :, selected],
                 stats=window, query_positions=positions, compute_output=False,
             )
             for name in ("argmax", "argmax_prob", "span_mass", "entropy", "received", "received_count"):

@@ -89,6 +89,17 @@ class StatsRequest:
         )
 
 
+def as_slice(index: torch.Tensor) -> slice | torch.Tensor:
+    """A non-empty contiguous ascending CPU index as a slice, anything else unchanged.
+
+    Indexing a GPU tensor with a CPU index tensor copies the index to the device and blocks the
+    host; a slice does not — this keeps per-layer stats collection from stalling generation.
+    """
+    if index.numel() and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + index.numel())):
+        return slice(int(index[0]), int(index[0]) + index.numel())
+    return index
+
+
 def _span_positions(name: str, span: SpanLike) -> torch.Tensor:
     if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
         start, end = span

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from headlab.plan import REPLACE_MEAN, REPLACE_PATCH, REPLACE_ZERO, LayerPlan
-from headlab.stats import CompiledStats, LayerStats
+from headlab.stats import CompiledStats, LayerStats, as_slice
 
 DEFAULT_BLOCK_ELEMENTS = 1 << 23
 """Largest attention block (B·H·chunk·K fp32 entries, 32 MiB) held at a time."""
@@ -161,10 +161,7 @@ class StatsCollector:
         qi = req.query_index.cpu()  # row selection is bookkeeping: keep it off the GPU
         self.qi = qi
         n = qi.numel()
-        # A contiguous window (the usual case) is addressed by slices: indexing GPU tensors with
-        # CPU index tensors copies them to the device, which blocks the host at every layer.
-        self.start = int(qi[0]) if n else 0
-        self.contiguous = n > 0 and torch.equal(qi, torch.arange(self.start, self.start + n))
+        self.window = as_slice(qi)  # the usual contiguous window: slices, no blocking index copies
         f32 = dict(device=device, dtype=torch.float32)
         self.out = LayerStats(query_positions=(qi + (k_len - q_len)).cpu())
         if req.argmax:
@@ -182,11 +179,12 @@ class StatsCollector:
 
     def selected(self, rows: slice) -> tuple[torch.Tensor | slice, torch.Tensor | slice] | None:
         """(output slots, rows within the chunk) of the selected queries in chunk `rows`."""
-        if self.contiguous:
-            lo, hi = max(rows.start, self.start), min(rows.stop, self.start + self.qi.numel())
+        if isinstance(self.window, slice):
+            start = self.window.start
+            lo, hi = max(rows.start, start), min(rows.stop, self.window.stop)
             if lo >= hi:
                 return None
-            return slice(lo - self.start, hi - self.start), slice(lo - rows.start, hi - rows.start)
+            return slice(lo - start, hi - start), slice(lo - rows.start, hi - rows.start)
         hit = (self.qi >= rows.start) & (self.qi < rows.stop)
         if not bool(hit.any()):
             return None
