@@ -10,11 +10,8 @@ with stats at long N against the size of one layer's materialized attention matr
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ import headlab
 from headlab.kernels.reference import patched_attention
 from headlab.plan import InterventionPlan
 from headlab.stats import StatsRequest
+from record import emit, header
 
 
 def parity(device: str) -> dict:
@@ -87,18 +85,12 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda"
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "headlab": headlab.__version__, "python": platform.python_version()},
+        **header(),
         "kernel": "reference (exact PyTorch, chunked)",
         "parity": parity(device),
         "memory": [memory(device, n) for n in (4096, 16384, 32768)],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,7 @@ and writes wall time, the ratio, and peak GPU memory.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ import headlab
 from headlab import attention
 from headlab.model import HeadModel
 from headlab.spec import ModelSpec
+from record import emit, header
 
 
 def llama3_8b_shaped(layers: int) -> HeadModel:
@@ -87,20 +85,14 @@ def main() -> None:
                 shape = list(out[1])
     best = {k: min(v) for k, v in runs.items()}
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "headlab": headlab.__version__,
-                     "python": platform.python_version()},
+        **header(),
         "model": f"Llama-3-8B shape, {args.layers} layers, 32 q / 8 kv heads, d=128, bf16, random weights",
         "prompt_tokens": args.tokens, "new_tokens": args.new_tokens, "kernel": "reference (exact PyTorch) for stat rows, SDPA otherwise",
         "seconds": runs, "best_seconds": best, "ratio_scoring_over_plain": round(best["retrieval_scoring"] / best["plain_generate"], 3),
         "peak_gib": {k: round(v, 2) for k, v in peaks.items()}, "argmax_stats_shape": shape,
         "target": "< 1.5x plain generate, fits one 80 GB GPU",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
