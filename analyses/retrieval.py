@@ -163,18 +163,20 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
     return RetrievalResult(scores=scores, samples=pd.DataFrame(rows))
 
 
+def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None = None, max_new_tokens: int = 16) -> str:
+    """The model's greedy continuation of `prompt` up to <eos> / newline, under `plan`."""
+    tok = model.tokenizer
+    ids = model.tokenize(prompt)["input_ids"]
+    with model.patched(plan):
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(_stop_ids(model)),
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
 def needle_accuracy(model: HeadModel, samples: Sequence[NeedleSample], plan: InterventionPlan | None = None,
                     max_new_tokens: int = 16) -> float:
     """Fraction of samples whose greedy answer (to <eos> / newline) equals the reference answer."""
-    tok = model.tokenizer
-    stops = _stop_ids(model)
-    hits = 0
-    for sample in samples:
-        ids = model.tokenize(sample.prompt)["input_ids"]
-        with model.patched(plan):
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
-                                 pad_token_id=tok.pad_token_id)
-        hits += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == sample.answer.strip()
+    hits = sum(greedy_answer(model, s.prompt, plan, max_new_tokens) == s.answer.strip() for s in samples)
     return hits / len(samples)
 
 

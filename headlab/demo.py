@@ -22,6 +22,7 @@ from headlab.plan import InterventionPlan
 from headlab.runs import Run
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
+from headlab.analyses.retrieval import greedy_answer
 from headlab.zoo import tasks
 
 DEMO_MODEL = "tasks-llama"
@@ -40,12 +41,6 @@ def _critical_head(name: str, task: str) -> tuple[int, int]:
     card = json.loads((zoo.path(name) / "card.json").read_text())
     top = card["tasks"][task]["top_heads"][0]
     return (top["layer"], top["head"])
-
-
-def _greedy(hm: HeadModel, ids: torch.Tensor, plan: InterventionPlan | None, n: int) -> str:
-    with hm.patched(plan):
-        out = hm.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=hm.tokenizer.pad_token_id)
-    return hm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
@@ -70,7 +65,8 @@ def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
         with hm.patched(plan, request) as rec:
             logits = hm(ids).logits[0, -1].float()
         kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="sum"))
-        answers = {"expected": example.answer, "baseline": _greedy(hm, ids, None, 3), "patched": _greedy(hm, ids, plan, 3)}
+        answers = {"expected": example.answer, "baseline": greedy_answer(hm, example.prompt, None, 3),
+                   "patched": greedy_answer(hm, example.prompt, plan, 3)}
         table = per_head_table(base.stats, rec.stats)
         needle_mass = base.stats.span_mass("needle").mean(dim=(1, 3))  # [L, H]
         scores = HeadScores.from_tensor(needle_mass, "needle_attention_mass", counts=float(base.stats.query_positions.numel()),
