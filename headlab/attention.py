@@ -15,7 +15,7 @@ import torch
 
 from headlab.errors import PlanError, UnsupportedArchitectureError
 from headlab.plan import InterventionPlan, LayerPlan
-from headlab.stats import HeadStats, StatsRequest, as_slice
+from headlab.stats import CompiledStats, HeadStats, LayerStats, StatsRequest, as_slice
 
 ATTN_IMPLEMENTATION = "headlab"
 SESSION_ATTR = "_headlab_session"
@@ -32,6 +32,7 @@ class PatchSession:
     stats: HeadStats = field(default_factory=HeadStats)
     _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
     _seen: dict[int, int] = field(default_factory=dict)
+    _requests: dict[tuple[int, int], CompiledStats] = field(default_factory=dict)
 
     def layer_plan(self, layer: int, device: torch.device) -> LayerPlan | None:
         """The layer's compiled plan on `device`, built once per session (not per decode step)."""
@@ -39,6 +40,14 @@ class PatchSession:
             compiled = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
             self._compiled[layer] = None if compiled is None else compiled.to(device)
         return self._compiled[layer]
+
+    def layer_request(self, layer: int, q_len: int, k_len: int, device: torch.device) -> CompiledStats | None:
+        """The stats request resolved for a call of this shape, built once (every layer shares it)."""
+        if self.request is None or self.request.is_empty() or not self.request.covers(layer):
+            return None
+        if (q_len, k_len) not in self._requests:
+            self._requests[(q_len, k_len)] = self.request.compile(q_len, k_len, device)
+        return self._requests[(q_len, k_len)]
 
     def track_positions(self, layer: int, q_len: int, k_len: int) -> bool:
         """Track tokens seen by a layer; False when its cache dropped early keys (sliding window)."""
@@ -74,7 +83,7 @@ def headlab_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface entry point: returns ([B, Q, H, Dv], None)."""
     from headlab.kernels import patched_attention
-    from headlab.kernels.reference import StatsCollector, apply_output_interventions
+    from headlab.kernels.reference import apply_output_interventions
 
     for unsupported in ("s_aux", "sinks", "position_bias"):
         if kwargs.get(unsupported) is not None:
@@ -98,8 +107,7 @@ def headlab_attention_forward(
             raise UnsupportedArchitectureError(f"{type(module).__name__} has no layer_idx; headlab cannot tell its layers apart")
         positions_ok = session.track_positions(layer, Q, K)
         plan = session.layer_plan(layer, query.device)
-        if session.request is not None and session.request.covers(layer) and not session.request.is_empty():
-            stats = session.request.compile(Q, K, query.device)
+        stats = session.layer_request(layer, Q, K, query.device)
         uses_positions = (plan is not None and plan.has_bias) or (stats is not None and stats.wants_probabilities)
         if uses_positions and not positions_ok:
             raise PlanError(
@@ -122,20 +130,19 @@ def headlab_attention_forward(
         out = z.to(query.dtype)
         layer_stats = None
         if stats is not None:
-            collector = StatsCollector(stats, (B, H, Q), K, value.shape[-1], Q, z.device)
-            collector.add_outputs(rows, z)
-            layer_stats = collector.result()
-        if stats is not None and stats.wants_probabilities and stats.query_index.numel():
             selected = as_slice(stats.query_index)
-            positions = selected.start + (K - Q) if isinstance(selected, slice) else selected + (K - Q)
-            window = replace(stats, query_index=torch.arange(stats.query_index.numel()), head_outputs=False)
-            _, probs = patched_attention(
-                query[:, :, selected], key, value, scaling=scaling, is_causal=causal,
-                attention_mask=None if attention_mask is None else attention_mask[:, :, selected],
-                stats=window, query_positions=positions, compute_output=False,
-            )
-            for name in ("argmax", "argmax_prob", "span_mass", "entropy", "received", "received_count"):
-                setattr(layer_stats, name, getattr(probs, name))
+            if stats.wants_probabilities:
+                positions = selected.start + (K - Q) if isinstance(selected, slice) else selected + (K - Q)
+                window = replace(stats, query_index=torch.arange(stats.query_index.numel()), head_outputs=False)
+                _, layer_stats = patched_attention(
+                    query[:, :, selected], key, value, scaling=scaling, is_causal=causal,
+                    attention_mask=None if attention_mask is None else attention_mask[:, :, selected],
+                    stats=window, query_positions=positions, compute_output=False,
+                )
+            else:
+                layer_stats = LayerStats(query_positions=stats.query_index)
+            if stats.head_outputs:
+                layer_stats.head_outputs = z[:, :, selected]
     else:
         out, layer_stats = patched_attention(
             query, key, value, scaling=scaling, is_causal=causal, attention_mask=attention_mask,

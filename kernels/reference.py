@@ -155,7 +155,9 @@ def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: sl
 class StatsCollector:
     """Accumulates LayerStats chunk by chunk for the selected queries."""
 
-    def __init__(self, req: CompiledStats, shape: tuple[int, int, int], k_len: int, dv: int, q_len: int, device: torch.device):
+    def __init__(self, req: CompiledStats, shape: tuple[int, int, int], k_len: int, dv: int, row_positions: torch.Tensor,
+                 device: torch.device):
+        """row_positions [Q] (CPU): the key index of every query row of the call."""
         B, H, _ = shape
         self.req = req
         qi = req.query_index.cpu()  # row selection is bookkeeping: keep it off the GPU
@@ -163,7 +165,7 @@ class StatsCollector:
         n = qi.numel()
         self.window = as_slice(qi)  # the usual contiguous window: slices, no blocking index copies
         f32 = dict(device=device, dtype=torch.float32)
-        self.out = LayerStats(query_positions=(qi + (k_len - q_len)).cpu())
+        self.out = LayerStats(query_positions=row_positions[qi])
         if req.argmax:
             self.out.argmax = torch.zeros(B, H, n, dtype=torch.long, device=device)
             self.out.argmax_prob = torch.zeros(B, H, n, **f32)
@@ -262,8 +264,11 @@ def patched_attention(
     key_t = key.float().transpose(-1, -2)
     v = value.float().unsqueeze(2) if compute_output else None  # [B, Hkv, 1, K, Dv]
     if query_positions is None or isinstance(query_positions, int):
-        q_pos = torch.arange(Q, device=device) + (K - Q if query_positions is None else query_positions)
+        first = K - Q if query_positions is None else query_positions
+        row_positions = torch.arange(Q) + first
+        q_pos = torch.arange(Q, device=device) + first  # built on the device: no host-blocking copy
     else:
+        row_positions = query_positions.cpu()
         q_pos = query_positions.to(device)
     chunk = chunk_rows(B, H, Q, K, block_elements)
     if plan is not None:
@@ -289,7 +294,7 @@ def patched_attention(
             count += allowed.float().sum(dim=2).expand(B, H, K)
         sinks = act_sink_sets(received, count, plan)
 
-    collector = StatsCollector(stats, (B, H, Q), K, Dv, Q, device) if stats is not None else None
+    collector = StatsCollector(stats, (B, H, Q), K, Dv, row_positions, device) if stats is not None else None
     out = torch.empty(B, H, Q, Dv, dtype=query.dtype, device=device) if compute_output else None
     for r0 in range(0, Q, chunk):
         rows = slice(r0, min(Q, r0 + chunk))

@@ -114,3 +114,18 @@ def test_stats_only_mode_reads_no_values():
     _, full = patched_attention(q, k, v, scaling=0.25, stats=request)
     assert out is None
     assert torch.equal(st.argmax, full.argmax) and torch.equal(st.entropy, full.entropy)
+
+
+def test_explicit_query_positions_for_a_subset_of_rows():
+    q, k, v = qkv(Q=30, K=30)
+    request = StatsRequest(argmax=True, entropy=True).compile(30, 30, torch.device("cpu"))
+    _, full = patched_attention(q, k, v, scaling=0.25, stats=request)
+    rows = torch.tensor([4, 17, 29])
+    sub = StatsRequest(argmax=True, entropy=True).compile(3, 30, torch.device("cpu"))
+    _, part = patched_attention(q[:, :, rows], k, v, scaling=0.25, stats=sub, query_positions=rows)
+    assert torch.equal(part.argmax, full.argmax[:, :, rows])
+    torch.testing.assert_close(part.entropy, full.entropy[:, :, rows])
+    assert part.query_positions.tolist() == [4, 17, 29]
+    _, window = patched_attention(q[:, :, 10:20], k, v, scaling=0.25,
+                                  stats=StatsRequest(argmax=True).compile(10, 30, torch.device("cpu")), query_positions=10)
+    assert torch.equal(window.argmax, full.argmax[:, :, 10:20]) and window.query_positions.tolist() == list(range(10, 20))
