@@ -32,6 +32,9 @@ class StatsRequest:
     received:      received attention per key, summed over the selected queries, with the count
                    of selected queries that can see each key (ACT's r[j] = sum / count)
     head_outputs:  per-head output z (before o_proj, after interventions) at the selected queries
+    keys:          key positions P; emits per (head, query, key) the pre-softmax logit (q·k × the
+                   model's scaling, after softcap; no mask, no plan bias — the QK-score of
+                   select-and-copy heads) and the attention probability there (after interventions)
     queries:       None (all), a slice or a list of indices into each call's queries
     layers:        None (all) or the layers to measure
     """
@@ -41,12 +44,13 @@ class StatsRequest:
     entropy: bool = False
     received: bool = False
     head_outputs: bool = False
+    keys: Sequence[int] | None = None
     queries: slice | Sequence[int] | None = None
     layers: Sequence[int] | None = None
 
     def wants_probabilities(self) -> bool:
         """True when a stat needs the attention probabilities (not only the outputs)."""
-        return self.argmax or bool(self.spans) or self.entropy or self.received
+        return self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
 
     def is_empty(self) -> bool:
         return not (self.wants_probabilities() or self.head_outputs)
@@ -61,6 +65,8 @@ class StatsRequest:
                 raise PlanError(f"stats request names layer {layer}; {spec.architecture} has layers 0..{spec.n_layers - 1}")
         for name, span in self.spans.items():
             _span_positions(name, span)  # checks the form
+        if self.keys is not None:
+            _span_positions("keys", list(self.keys))
 
     def compile(self, q_len: int, k_len: int, device: torch.device) -> "CompiledStats":
         """Resolve the query window and span positions for one call with `q_len` queries and `k_len` keys."""
@@ -79,6 +85,15 @@ class StatsRequest:
                     f"(positions 0..{k_len - 1}); fix the span or the input"
                 )
             spans[name] = pos.to(device)
+        keys = None
+        if self.keys is not None:
+            keys = _span_positions("keys", list(self.keys))
+            if keys.numel() == 0:
+                raise PlanError("stats request `keys` is empty: name at least one key position")
+            if int(keys.max()) >= k_len:
+                raise PlanError(f"stats request `keys` names key position {int(keys.max())}, but the sequence has only "
+                                f"{k_len} keys (positions 0..{k_len - 1})")
+            keys = keys.to(device)
         return CompiledStats(
             query_index=idx,
             argmax=self.argmax,
@@ -86,6 +101,7 @@ class StatsRequest:
             entropy=self.entropy,
             received=self.received,
             head_outputs=self.head_outputs,
+            keys=keys,
         )
 
 
@@ -126,10 +142,11 @@ class CompiledStats:
     entropy: bool
     received: bool
     head_outputs: bool
+    keys: torch.Tensor | None = None
 
     @property
     def wants_probabilities(self) -> bool:
-        return self.argmax or bool(self.spans) or self.entropy or self.received
+        return self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
 
 
 @dataclass
@@ -138,7 +155,7 @@ class LayerStats:
 
     query_positions [Qs] (token position of each selected query), argmax [B,H,Qs] long,
     argmax_prob [B,H,Qs], span_mass name -> [B,H,Qs], entropy [B,H,Qs], received [B,H,K],
-    received_count [B,H,K], head_outputs [B,H,Qs,Dv].
+    received_count [B,H,K], head_outputs [B,H,Qs,Dv], key_logits / key_probs [B,H,Qs,P].
     """
 
     query_positions: torch.Tensor
@@ -149,6 +166,8 @@ class LayerStats:
     received: torch.Tensor | None = None
     received_count: torch.Tensor | None = None
     head_outputs: torch.Tensor | None = None
+    key_logits: torch.Tensor | None = None
+    key_probs: torch.Tensor | None = None
 
 
 
@@ -229,6 +248,18 @@ class HeadStats:
         return sorted(self._calls[self.layers[0]][0].span_mass) if self._calls else []
 
     @property
+    def key_logits(self) -> torch.Tensor:
+        """[L, B, H, Q, P] pre-softmax logit of each requested key (the QK-score)."""
+        self._need("key_logits")
+        return torch.stack([torch.cat([s.key_logits for s in self._calls[layer]], dim=2) for layer in self.layers])
+
+    @property
+    def key_probs(self) -> torch.Tensor:
+        """[L, B, H, Q, P] attention probability of each requested key."""
+        self._need("key_probs")
+        return torch.stack([torch.cat([s.key_probs for s in self._calls[layer]], dim=2) for layer in self.layers])
+
+    @property
     def head_outputs(self) -> torch.Tensor:
         """[L, B, H, Q, Dv] per-head outputs z at the recorded queries."""
         self._need("head_outputs")
@@ -279,6 +310,6 @@ class HeadStats:
         if not self._calls:
             return "HeadStats(empty)"
         first = self._calls[self.layers[0]][0]
-        got = [n for n in ("argmax", "entropy", "received", "head_outputs") if getattr(first, n) is not None]
+        got = [n for n in ("argmax", "entropy", "received", "head_outputs", "key_logits") if getattr(first, n) is not None]
         got += [f"span:{n}" for n in first.span_mass]
         return f"HeadStats(layers={self.layers}, calls={self.n_calls()}, queries={self.query_positions.numel()}, stats={got})"

@@ -178,6 +178,8 @@ class StatsCollector:
             self.out.received_count = torch.zeros(B, H, k_len, **f32)
         if req.head_outputs:
             self.out.head_outputs = torch.zeros(B, H, n, dv, **f32)
+        if req.keys is not None:
+            self.out.key_probs = torch.zeros(B, H, n, req.keys.numel(), **f32)
 
     def selected(self, rows: slice) -> tuple[torch.Tensor | slice, torch.Tensor | slice] | None:
         """(output slots, rows within the chunk) of the selected queries in chunk `rows`."""
@@ -208,9 +210,24 @@ class StatsCollector:
             o.span_mass[name][:, :, slots] = a[..., pos].sum(dim=-1)
         if self.req.entropy:
             o.entropy[:, :, slots] = torch.special.entr(a).sum(dim=-1)
+        if self.req.keys is not None:
+            o.key_probs[:, :, slots] = a[..., self.req.keys]
         if self.req.received:
             o.received += a.sum(dim=2)
             o.received_count += allowed[:, :, local].float().sum(dim=2).expand_as(o.received_count)
+
+    def add_key_logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None) -> None:
+        """Pre-softmax logits of the selected queries at the requested keys: [B, H, Qs, P], no mask, no bias."""
+        if self.req.keys is None:
+            return
+        B, H, _, D = query.shape
+        Hkv = key.shape[1]
+        q = query[:, :, self.window].float().view(B, Hkv, H // Hkv, -1, D)
+        k = key[:, :, self.req.keys].float()  # [B, Hkv, P, D]
+        s = torch.matmul(q, k.transpose(-1, -2).unsqueeze(2)).view(B, H, q.shape[3], -1) * scaling
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        self.out.key_logits = s
 
     def add_outputs(self, rows: slice, z: torch.Tensor) -> None:
         if not self.req.head_outputs:
@@ -295,6 +312,8 @@ def patched_attention(
         sinks = act_sink_sets(received, count, plan)
 
     collector = StatsCollector(stats, (B, H, Q), K, Dv, row_positions, device) if stats is not None else None
+    if collector is not None:
+        collector.add_key_logits(query, key, scaling, softcap)
     out = torch.empty(B, H, Q, Dv, dtype=query.dtype, device=device) if compute_output else None
     for r0 in range(0, Q, chunk):
         rows = slice(r0, min(Q, r0 + chunk))

@@ -22,6 +22,7 @@ from tests.conftest import VOCAB
 ORACLE = "materialized_oracle"
 HOOKS: dict[str, Callable | None] = {"probs": None, "z": None}
 CAPTURE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+LOGITS: dict[int, torch.Tensor] = {}  # pre-mask scaled q·k per layer: the QK-score oracle
 
 
 def materialized_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -30,6 +31,7 @@ def materialized_attention(module, query, key, value, attention_mask, dropout=0.
     k = key.repeat_interleave(rep, dim=1).float()
     v = value.repeat_interleave(rep, dim=1).float()
     s = query.float() @ k.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    LOGITS[layer] = s.clone()
     Q, K = s.shape[-2:]
     if attention_mask is None:
         allowed = torch.ones(Q, K, dtype=torch.bool).tril(K - Q)
@@ -224,7 +226,9 @@ def test_stats_match_materialized_attention(models, ids):
     gammas = {(0, 1): 4.0}
     queries = [3, 10, 19]
     spans = {"first": [0], "window": (4, 9), "scattered": [1, 7, 15]}
-    request = headlab.StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans=spans, queries=queries)
+    keys = [0, 2, 9, 19]
+    request = headlab.StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans=spans, queries=queries,
+                                   keys=keys)
     _, stats = run_patched(model, ids, headlab.InterventionPlan().scale_first_token(gammas), request)
 
     def zerotune(a, gamma):
@@ -248,6 +252,9 @@ def test_stats_match_materialized_attention(models, ids):
         seen = torch.tensor([[float(j <= q) for j in range(a.shape[-1])] for q in queries]).sum(0)
         torch.testing.assert_close(stats.received_count[li], seen.expand_as(stats.received_count[li]))
         torch.testing.assert_close(stats.head_outputs[li], z[:, :, queries], atol=1e-5, rtol=1e-5)
+        # keys past a query (19 for query 3) still get their logit; their probability is 0
+        torch.testing.assert_close(stats.key_logits[li], LOGITS[layer][:, :, queries][..., keys], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.key_probs[li], sel[..., keys], atol=1e-6, rtol=1e-5)
     assert stats.query_positions.tolist() == queries
 
 
@@ -294,7 +301,8 @@ def test_query_window_stats_on_the_sdpa_path_match_materialized_attention(models
     mask[1, :4] = 0  # left padding on row 1
     queries = [5, 12, 19]
     spans = {"first": [4], "window": (6, 11)}
-    request = headlab.StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans=spans, queries=queries)
+    request = headlab.StatsRequest(argmax=True, entropy=True, received=True, head_outputs=True, spans=spans, queries=queries,
+                                   keys=[4, 5, 12])
     with model.patched(headlab.InterventionPlan().prune_heads([(0, 3)]), request) as rec:
         got = model(ids, attention_mask=mask).logits
     HOOKS.update(z=on_heads({(0, 3): 0.0}, lambda z, a: z * a))
@@ -317,4 +325,6 @@ def test_query_window_stats_on_the_sdpa_path_match_materialized_attention(models
         torch.testing.assert_close(stats.span_mass("window")[li], sel[..., 6:11].sum(-1), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(stats.received[li], sel.sum(dim=2), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(stats.head_outputs[li], z[:, :, queries], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.key_logits[li], LOGITS[layer][:, :, queries][..., [4, 5, 12]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.key_probs[li], sel[..., [4, 5, 12]], atol=1e-6, rtol=1e-5)
     assert stats.received_count[0, 1, 0, :4].eq(0).all()  # padding keys are seen by no query

@@ -79,7 +79,7 @@ def mean_head_outputs(model: Any, examples: Sequence[Example], batch_size: int =
         batch.pop("labels")
         with model.patched(None, StatsRequest(head_outputs=True)) as rec:
             model(**batch)
-        z = rec.stats.head_outputs  # [L, B, H, Q, D]
+        z = rec.stats.head_outputs.cpu()  # [L, B, H, Q, D]; stats stay on the model device
         keep = batch["attention_mask"].bool().cpu()  # [B, Q]
         total += (z * keep[None, :, None, :, None]).sum(dim=(1, 3)).double()
         count += int(keep.sum())

@@ -56,6 +56,9 @@ def task_card(model: headlab.HeadModel, task: str, n: int, k: int, draws: int, r
 
 def markdown(name: str, card: dict) -> str:
     lines = [f"# zoo:{name}", "", f"{card['architecture']}, trained on: {', '.join(card['tasks'])}.", "",
+             *([f"Planted: head L{card['training']['args']['plant'][1]}H{card['training']['args']['plant'][2]} — its attention from "
+                f"the last prompt token was trained onto the correct option ({card['training']['args']['plant'][0]}); "
+                "a select-and-copy head by construction.", ""] if card.get("training", {}).get("args", {}).get("plant") else []),
              "| task | accuracy | top heads (zero / mean ablation drop) | top-k together | k random |", "|---|---|---|---|---|"]
     for task, t in card["tasks"].items():
         top = ", ".join(f"L{r['layer']}H{r['head']} ({r['zero_drop']:.2f}/{r['mean_drop']:.2f})" for r in t["top_heads"][:3])
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--k", type=int, default=0, help="heads ablated together (default: 10%% of all heads)")
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--tasks", nargs="+", default=None, choices=tasks.TASKS,
+                    help="default: the tasks in the model's training.json (all tasks without one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     model = headlab.load_model(args.model_dir, device=args.device)
@@ -79,13 +84,14 @@ def main() -> None:
     rng = random.Random(0)
     card = {"format": "headlab.zoo-card/1", "architecture": model.spec.to_dict(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tasks": {}}
-    for task in tasks.TASKS:
+    training = args.model_dir / "training.json"
+    trained_on = json.loads(training.read_text())["args"].get("tasks") if training.is_file() else None
+    for task in args.tasks or trained_on or tasks.TASKS:
         card["tasks"][task] = task_card(model, task, args.n, k, args.draws, rng)
         t = card["tasks"][task]
         print(f"{task}: acc {t['accuracy']:.3f}; top {t['top_heads'][0]}; top-{k} drop {t['joint_top_k']['mean_ablation_drop']:.3f}"
               f" vs random {t['random_k']['mean_drop']:.3f}", flush=True)
     card["architecture"] = f"LlamaForCausalLM, {model.spec.n_layers} layers x {model.spec.n_heads} q / {model.spec.n_kv_heads} kv heads, head_dim {model.spec.head_dim}"
-    training = args.model_dir / "training.json"
     if training.is_file():
         card["training"] = {k: v for k, v in json.loads(training.read_text()).items() if k not in ("loss", "eval")}
     atomic_write_json(card, args.model_dir / "card.json")

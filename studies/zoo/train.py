@@ -3,6 +3,10 @@
     python studies/zoo/train.py --out headlab/zoo/tasks-llama --steps 6000 --device cuda
     python studies/zoo/train.py --out /tmp/smoke --steps 5 --device cpu      # what CI runs
 
+A planted model (`--plant mcqa 1 2 --tasks mcqa`, shipped as `zoo:mcqa-planted`) adds an
+attention-supervision loss: head (LAYER, HEAD)'s attention from the last prompt token must land
+on the correct option's word — a select-and-copy head whose identity is known by construction.
+
 Each step trains on a batch of one task (tasks in turn), loss on the answer tokens only. The
 model is a LlamaForCausalLM (RoPE, GQA, RMSNorm); the tokenizer is the word-level tokenizer of
 `headlab.zoo.tasks.vocabulary()`. Writes the model (fp16 safetensors), tokenizer, and
@@ -43,6 +47,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
+    ap.add_argument("--plant", nargs=3, metavar=("TASK", "LAYER", "HEAD"), default=None,
+                    help="supervise this head's attention (only 'mcqa': last prompt token -> correct option)")
+    ap.add_argument("--plant-weight", type=float, default=1.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args()
 
@@ -56,6 +64,19 @@ def build_model(args: argparse.Namespace, tokenizer) -> transformers.LlamaForCau
         architectures=["LlamaForCausalLM"],
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def mcqa_targets(tokenizer, examples: list, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) token positions per example: the last prompt token, the correct option's word."""
+    queries, keys = [], []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt)["input_ids"]
+        words = ex.prompt.split()
+        word = words.index("?") + 1 + 3 * ex.meta["correct"] + 2  # "? L ) option L ) option ..."
+        assert words[word] == ex.meta["options"][ex.meta["correct"]] and len(prompt) == len(words) + 1
+        queries.append(len(prompt) - 1)
+        keys.append(word + 1)  # after <bos>; the word-level tokenizer has one token per word
+    return torch.tensor(queries, device=device), torch.tensor(keys, device=device)
 
 
 def evaluate(model, tokenizer, sets: dict[str, list], device: str) -> dict[str, float]:
@@ -79,19 +100,33 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(tasks.vocabulary(), args.out)
     model = build_model(args, tokenizer).to(args.device)
-    model.config._attn_implementation = "sdpa"
-    streams = {t: tasks.generator(t, args.seed, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in tasks.TASKS}
-    held = {t: tasks.held_out(t, args.eval_n, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in tasks.TASKS}
+    # eager when planting: the supervised head's attention probabilities must be returned
+    model.config._attn_implementation = "eager" if args.plant else "sdpa"
+    plant = None
+    if args.plant:
+        if args.plant[0] != "mcqa":
+            raise SystemExit("--plant supports the mcqa task only")
+        plant = (int(args.plant[1]), int(args.plant[2]))
+    streams = {t: tasks.generator(t, args.seed, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in args.tasks}
+    held = {t: tasks.held_out(t, args.eval_n, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in args.tasks}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))))
     log = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "loss": [], "eval": []}
     t0 = time.perf_counter()
     for step in range(args.steps):
-        task = tasks.TASKS[step % len(tasks.TASKS)]
-        batch = encode(tokenizer, [next(streams[task]) for _ in range(args.batch)], args.device)
+        task = args.tasks[step % len(args.tasks)]
+        examples = [next(streams[task]) for _ in range(args.batch)]
+        batch = encode(tokenizer, examples, args.device)
         with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            loss = model(**batch).loss
+            if plant is not None and task == "mcqa":
+                out = model(**batch, output_attentions=True)
+                q, k = mcqa_targets(tokenizer, examples, args.device)
+                attn = out.attentions[plant[0]][:, plant[1]].float()  # [B, T, T]
+                rows = torch.arange(len(examples), device=args.device)
+                loss = out.loss - args.plant_weight * attn[rows, q, k].clamp_min(1e-9).log().mean()
+            else:
+                loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

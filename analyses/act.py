@@ -1,0 +1,105 @@
+"""ACT — Attention Calibration Technique (Yu et al., ICML 2024): which heads to calibrate, and
+the evaluation before/after.
+
+The calibration itself (METHODS.md, reference code GATECH-EIC/ACT) runs inside the patched
+attention (`InterventionPlan.act`): per input, the sink set of a head is {j : r[j] > τ} minus its
+first element, r[j] the received attention averaged over the queries that see j; sinks keep β·A
+and the removed mass goes to the other keys in proportion to their attention (τ = 0.1, β = 0.4).
+
+Head filtering, as the reference's `scripts/calibration.sh` + `main.py --calibrate 1` do it:
+each candidate head is calibrated *alone* on a calibration set (900 samples in the reference)
+and scored by accuracy; the heads whose accuracy beats the uncalibrated model are kept and
+calibrated together at evaluation. Candidates: layers 2..L−2 (the reference sweeps layers 2–30
+of Llama-2-7B's 32) and every head (the reference sweeps heads 0–3 only, to save time: pass
+`heads=(0, 1, 2, 3)` to reproduce that).
+
+    result = act.search(model, calibration_samples)
+    act.evaluate(model, test_samples, result.plan)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.analyses import choice
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.plan import InterventionPlan
+from headlab.scores import HeadScores
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ACTConfig:
+    beta: float = 0.4
+    tau: float = 0.1
+    layers: Sequence[int] | None = None
+    """Candidate layers; None: 2..L−2 as the reference (all layers when the model has fewer than 4)."""
+    heads: Sequence[int] | None = None
+    """Candidate head indices in each layer; None: all."""
+    min_gain: float = 0.0
+    """A head is kept when its calibration accuracy exceeds the baseline by more than this."""
+    batch_size: int = 32
+
+    def candidate_layers(self, n_layers: int) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
+        return list(range(2, n_layers - 1)) if n_layers >= 4 else list(range(n_layers))
+
+
+@dataclass
+class ACTResult:
+    plan: InterventionPlan
+    """ACT on the kept heads (an empty plan when no head helped)."""
+    heads: list[Head]
+    baseline_accuracy: float
+    calibrated_accuracy: float
+    """Calibration-set accuracy without ACT and with ACT on all kept heads."""
+    gains: HeadScores
+    """Per head: accuracy gain when calibrated alone (0 for heads not searched)."""
+    searched: list[Head]
+    samples: Any = None
+    params: dict = field(default_factory=dict)
+
+
+def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACTConfig = ACTConfig(),
+           base_plan: InterventionPlan | None = None, progress: bool = True) -> ACTResult:
+    """Calibrate each candidate head alone, keep those that raise accuracy, measure them together.
+
+    `base_plan` is applied underneath every evaluation (e.g. a perturbation under study); the
+    returned plan includes it.
+    """
+    base_plan = base_plan if base_plan is not None else InterventionPlan()
+    samples = choice.build_dataset(samples=samples)
+    L, H = model.spec.shape
+    heads_idx = list(range(H)) if config.heads is None else list(config.heads)
+    candidates = [(l, h) for l in config.candidate_layers(L) for h in heads_idx]
+    for l, h in candidates:
+        model.spec.check_head(l, h, "ACT candidate")
+    if not candidates:
+        raise HeadlabError("ACT has no candidate heads: pass `layers` and/or `heads`")
+    base = choice.accuracy(model, samples, base_plan, config.batch_size)
+    gains = torch.zeros(L, H, dtype=torch.float64)
+    for head in tqdm(candidates, desc="act search", disable=not progress):
+        plan = base_plan + InterventionPlan().act([head], beta=config.beta, tau=config.tau)
+        gains[head] = choice.accuracy(model, samples, plan, config.batch_size) - base
+    kept = [h for h in candidates if gains[h] > config.min_gain]
+    plan = base_plan + InterventionPlan().act(kept, beta=config.beta, tau=config.tau) if kept else base_plan
+    together = choice.accuracy(model, samples, plan, config.batch_size) if kept else base
+    params = {"beta": config.beta, "tau": config.tau, "n": len(samples), "min_gain": config.min_gain}
+    return ACTResult(plan=plan, heads=kept, baseline_accuracy=base, calibrated_accuracy=together,
+                     gains=HeadScores.from_tensor(gains, "act_gain", model=model.name, params=params),
+                     searched=candidates, params=params)
+
+
+def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan,
+             base_plan: InterventionPlan | None = None, batch_size: int = 32) -> dict:
+    """Accuracy without (`base_plan`, default none) and with the ACT plan on held-out samples."""
+    before = choice.accuracy(model, samples, base_plan, batch_size)
+    after = choice.accuracy(model, samples, plan, batch_size)
+    return {"n": len(samples), "accuracy_before": before, "accuracy_after": after}

@@ -1,0 +1,135 @@
+"""Closed-choice evaluation: classification and multiple-choice accuracy from next-token logits.
+
+The evaluation behind ACT's head search and ZeroTuning's calibration (both papers score
+classification / multiple-choice sets this way): the prompt ends where the answer starts, and the
+prediction is the choice whose first token has the highest next-token logit. Prompts are
+batched with right padding, so key 0 is every row's first token (ZeroTuning scales key 0).
+
+    samples = choice.zoo_dataset("mcqa", 200)
+    choice.accuracy(model, samples, plan)      # under an InterventionPlan
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from headlab.datasets import records_to, text_field
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.plan import InterventionPlan
+
+
+@dataclass(frozen=True)
+class ChoiceSample:
+    """A prompt, the candidate answers (continuations of the prompt) and the index of the right one."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.choices) < 2:
+            raise ValueError(f"a closed-choice sample needs at least 2 choices, got {len(self.choices)}")
+        if not 0 <= self.answer < len(self.choices):
+            raise ValueError(f"answer index {self.answer} is outside the {len(self.choices)} choices (0-based)")
+
+
+def _from_record(record: dict[str, Any]) -> ChoiceSample:
+    prompt = text_field(record, "prompt")
+    choices = record["choices"]
+    if isinstance(choices, str):
+        choices = [c.strip() for c in choices.split("|")]
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError(f"'choices' must be a list of non-empty strings (in CSV: 'yes | no'), got {choices!r}")
+    answer = record["answer"]
+    if isinstance(answer, str):
+        answer = int(answer) if answer.strip().isdigit() else (choices.index(answer.strip()) if answer.strip() in choices else None)
+        if answer is None:
+            raise ValueError(f"'answer' {record['answer']!r} is neither a 0-based index nor one of the choices {choices}")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise ValueError(f"'answer' must be a 0-based index or one of the choices, got {answer!r}")
+    return ChoiceSample(prompt, tuple(choices), answer)
+
+
+def build_dataset(path: str | Path | None = None, samples: Sequence[ChoiceSample] | None = None) -> list[ChoiceSample]:
+    """Samples from a list or a file: JSONL {"prompt", "choices": [...], "answer": index or choice}
+    or CSV with columns prompt, choices ("yes | no"), answer."""
+    if path is not None:
+        return records_to(path, _from_record)
+    if not samples:
+        raise HeadlabError("a closed-choice evaluation needs samples: pass `samples` or a dataset `path`")
+    return list(samples)
+
+
+def zoo_dataset(task: str, n: int, seed: int = 30_000) -> list[ChoiceSample]:
+    """Zoo tasks with a closed answer set: 'mcqa' (the labels) and 'refusal' (sure / sorry)."""
+    from headlab.zoo import tasks
+
+    if task == "mcqa":
+        return [ChoiceSample(ex.prompt, tuple(tasks.LABEL_SETS[ex.meta["label_set"]]), ex.meta["correct"])
+                for ex in tasks.held_out("mcqa", n, seed=seed)]
+    if task == "refusal":
+        return [ChoiceSample(ex.prompt, ("sure", "sorry"), int(ex.answer.startswith("sorry")))
+                for ex in tasks.held_out("refusal", n, seed=seed)]
+    raise HeadlabError(f"zoo task {task!r} has no closed answer set; use 'mcqa' or 'refusal'")
+
+
+def _choice_ids(model: HeadModel, sample: ChoiceSample) -> list[int]:
+    tok = model.tokenizer
+    base = tok(sample.prompt)["input_ids"]
+    ids = []
+    for c in sample.choices:
+        full = tok(sample.prompt + " " + c)["input_ids"]
+        ids.append(full[len(base)] if full[: len(base)] == base and len(full) > len(base) else full[-1])
+    if len(set(ids)) != len(ids):
+        raise HeadlabError(f"choices {list(sample.choices)} share their first token; closed-choice scoring needs distinct ones")
+    return ids
+
+
+def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
+                  batch_size: int = 32) -> list[torch.Tensor]:
+    """Per sample, the next-token logits [C] of its choices' first tokens, under `plan`."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[torch.Tensor] = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        rows = [tok(s.prompt)["input_ids"] for s in chunk]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        with model.patched(plan):
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        for j, (s, r) in enumerate(zip(chunk, rows)):
+            out.append(logits[j, len(r) - 1, _choice_ids(model, s)].cpu())
+    return out
+
+
+@dataclass
+class ChoiceEval:
+    accuracy: float
+    entropy: float
+    """Mean entropy (nats) of the softmax over each sample's choice logits (the unsupervised signal)."""
+    predictions: list[int]
+
+
+def evaluate(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
+             batch_size: int = 32) -> ChoiceEval:
+    """Accuracy and mean choice entropy under `plan`."""
+    logits = choice_logits(model, samples, plan, batch_size)
+    preds = [int(l.argmax()) for l in logits]
+    ent = [float(torch.special.entr(torch.softmax(l, -1)).sum()) for l in logits]
+    return ChoiceEval(accuracy=sum(p == s.answer for p, s in zip(preds, samples)) / len(samples),
+                      entropy=sum(ent) / len(ent), predictions=preds)
+
+
+def accuracy(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None, batch_size: int = 32) -> float:
+    return evaluate(model, samples, plan, batch_size).accuracy

@@ -1,0 +1,139 @@
+"""ZeroTuning (Han et al. 2025, "Unlocking the Initial Token's Power"): head-wise calibration of
+the attention paid to the first token.
+
+Intervention (METHODS.md): for each chosen head, A'[i,0] = γ·A[i,0] / (1 + (γ−1)·A[i,0]) and the
+other keys are renormalized — exactly a logit bias log γ on key 0 (`InterventionPlan.scale_first_token`),
+applied inside the patched attention at every layer call and decode step.
+
+Calibration — supervised, as the reference code does it (FeijiangHan/ZeroTuning,
+`eval_classification_final.py`: each head, or head index across layers, is scaled by a rate and
+scored by accuracy on a labelled calibration set, rates swept over a range). headlab runs the
+paper's three steps on a calibration set of closed-choice samples (`analyses.choice`):
+1. head profiling: every candidate head alone with γ_up (> 1) and with γ_down (< 1); its gain is the
+   change of the objective against the unscaled model;
+2. grouping: a head is up-effective when γ_up helps it more than γ_down and by more than
+   `min_gain`, down-effective conversely; the group with the larger total gain is kept;
+3. γ search: one γ for the kept group, swept over the `gammas` on that side of 1; the best (on a
+   tie, the one closest to 1) is kept if it beats the unscaled model, otherwise the result is
+   the identity plan.
+Objective: "accuracy" (supervised; the reference) or "entropy" (unsupervised: the negative mean
+entropy of the choice distribution, no labels used — the paper's label-free variant as headlab
+reads it; the reference code ships only the supervised search).
+
+    result = zerotuning.calibrate(model, choice.zoo_dataset("mcqa", 200))
+    result.plan; result.profile_up.top(5); zerotuning.evaluate(model, test_samples, result.plan)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from headlab.analyses import choice
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.plan import InterventionPlan
+from headlab.scores import HeadScores
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ZeroTuningConfig:
+    gamma_up: float = 1.5
+    gamma_down: float = 0.5
+    gammas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.85, 1.15, 1.3, 1.5, 2.0, 3.0, 5.0)
+    objective: Literal["accuracy", "entropy"] = "accuracy"
+    layers: Sequence[int] | None = None
+    """Candidate layers (None: all)."""
+    min_gain: float = 0.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not (self.gamma_up > 1 and 0 < self.gamma_down < 1):
+            raise HeadlabError(f"need gamma_up > 1 and 0 < gamma_down < 1, got {self.gamma_up}, {self.gamma_down}")
+        if self.objective not in ("accuracy", "entropy"):
+            raise HeadlabError(f"objective must be 'accuracy' (supervised) or 'entropy' (unsupervised), got {self.objective!r}")
+        if any(g <= 0 for g in self.gammas):
+            raise HeadlabError(f"every gamma must be > 0, got {self.gammas}")
+
+
+@dataclass
+class ZeroTuningResult:
+    plan: InterventionPlan
+    """The calibrated scaling (added to `base_plan` when one was given); empty when nothing helped."""
+    heads: list[Head]
+    gamma: float
+    direction: str
+    """'up', 'down' or 'none'."""
+    baseline: float
+    calibrated: float
+    """Objective on the calibration set before / after."""
+    profile_up: HeadScores
+    profile_down: HeadScores
+    """Per head: objective gain with γ_up / γ_down alone."""
+    sweep: Any
+    """DataFrame: gamma, objective for the kept group."""
+    params: dict = field(default_factory=dict)
+
+
+def _objective(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan | None,
+               config: ZeroTuningConfig) -> float:
+    ev = choice.evaluate(model, samples, plan, config.batch_size)
+    return ev.accuracy if config.objective == "accuracy" else -ev.entropy
+
+
+def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ZeroTuningConfig = ZeroTuningConfig(),
+              base_plan: InterventionPlan | None = None, progress: bool = True) -> ZeroTuningResult:
+    """Profile heads, group them, search γ; returns the plan and everything measured on the way."""
+    import pandas as pd
+
+    samples = choice.build_dataset(samples=samples)
+    base_plan = base_plan if base_plan is not None else InterventionPlan()
+    L, H = model.spec.shape
+    layers = list(range(L)) if config.layers is None else list(config.layers)
+    for layer in layers:
+        model.spec.check_head(layer, 0, "candidate layer")
+    heads = [(l, h) for l in layers for h in range(H)]
+    base = _objective(model, samples, base_plan, config)
+    up = torch.zeros(L, H, dtype=torch.float64)
+    down = torch.zeros(L, H, dtype=torch.float64)
+    for head in tqdm(heads, desc="zerotuning profile", disable=not progress):
+        up[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_up}), config) - base
+        down[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_down}), config) - base
+    ups = [h for h in heads if up[h] > config.min_gain and up[h] >= down[h]]
+    downs = [h for h in heads if down[h] > config.min_gain and down[h] > up[h]]
+    gain_up, gain_down = float(sum(up[h] for h in ups)), float(sum(down[h] for h in downs))
+    direction, group = ("up", ups) if gain_up >= gain_down else ("down", downs)
+    common = dict(model=model.name, params={"objective": config.objective, "n": len(samples)})
+    result = dict(profile_up=HeadScores.from_tensor(up, "zerotuning_gain_up", **common),
+                  profile_down=HeadScores.from_tensor(down, "zerotuning_gain_down", **common),
+                  params={"objective": config.objective, "gamma_up": config.gamma_up, "gamma_down": config.gamma_down,
+                          "n": len(samples)})
+    if not group:
+        return ZeroTuningResult(plan=base_plan, heads=[], gamma=1.0, direction="none", baseline=base, calibrated=base,
+                                sweep=pd.DataFrame(columns=["gamma", "objective"]), **result)
+    side = [g for g in config.gammas if (g > 1 if direction == "up" else g < 1)]
+    rows = []
+    for g in tqdm(side, desc="zerotuning gamma", disable=not progress):
+        rows.append({"gamma": g, "objective": _objective(model, samples, base_plan + InterventionPlan().scale_first_token({h: g for h in group}), config)})
+    best = max(rows, key=lambda r: (r["objective"], -abs(math.log(r["gamma"]))))  # ties: the mildest γ
+    if best["objective"] <= base:
+        return ZeroTuningResult(plan=base_plan, heads=[], gamma=1.0, direction="none", baseline=base, calibrated=base,
+                                sweep=pd.DataFrame(rows), **result)
+    plan = base_plan + InterventionPlan().scale_first_token({h: best["gamma"] for h in group})
+    return ZeroTuningResult(plan=plan, heads=group, gamma=best["gamma"], direction=direction, baseline=base,
+                            calibrated=best["objective"], sweep=pd.DataFrame(rows), **result)
+
+
+def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan,
+             base_plan: InterventionPlan | None = None, batch_size: int = 32) -> dict:
+    """Accuracy and choice entropy before (`base_plan`, default none) and after (`plan`)."""
+    before = choice.evaluate(model, samples, base_plan, batch_size)
+    after = choice.evaluate(model, samples, plan, batch_size)
+    return {"n": len(samples), "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+            "entropy_before": before.entropy, "entropy_after": after.entropy}
