@@ -19,13 +19,14 @@ of Llama-2-7B's 32) and every head (the reference sweeps heads 0–3 only, to sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from headlab.analyses import choice
 from tqdm.auto import tqdm
 
-from headlab.analyses import choice
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan

@@ -11,9 +11,10 @@ batched with right padding, so key 0 is every row's first token (ZeroTuning scal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

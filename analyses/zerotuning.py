@@ -27,13 +27,14 @@ reads it; the reference code ships only the supervised search).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
+from headlab.analyses import choice
 from tqdm.auto import tqdm
 
-from headlab.analyses import choice
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan

@@ -9,10 +9,10 @@ and checks that the search finds the faulty heads and restores held-out accuracy
 from __future__ import annotations
 
 import pytest
-
-import headlab
 from headlab.analyses import act, choice
 from headlab.analyses import zerotuning as zt
+
+import headlab
 from headlab.errors import HeadlabError
 
 P = headlab.InterventionPlan

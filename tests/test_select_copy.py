@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from headlab.analyses import select_copy as sc
 
 import headlab
 from headlab import zoo
-from headlab.analyses import select_copy as sc
 from headlab.errors import HeadlabError
 from headlab.zoo import tasks
 
