@@ -19,14 +19,15 @@ of Llama-2-7B's 32) and every head (the reference sweeps heads 0–3 only, to sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from headlab.analyses import choice
 from tqdm.auto import tqdm
 
+from headlab.analyses import choice
+from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
@@ -69,11 +70,13 @@ class ACTResult:
 
 
 def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACTConfig = ACTConfig(),
-           base_plan: InterventionPlan | None = None, progress: bool = True) -> ACTResult:
+           base_plan: InterventionPlan | None = None, progress: bool = True,
+           cache: MutableMapping[str, Any] | None = None) -> ACTResult:
     """Calibrate each candidate head alone, keep those that raise accuracy, measure them together.
 
     `base_plan` is applied underneath every evaluation (e.g. a perturbation under study); the
-    returned plan includes it.
+    returned plan includes it. `cache` (e.g. a run's `Checkpoint`) keeps every evaluation: a
+    resumed search skips them.
     """
     base_plan = base_plan if base_plan is not None else InterventionPlan()
     samples = choice.build_dataset(samples=samples)
@@ -84,14 +87,15 @@ def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACT
         model.spec.check_head(l, h, "ACT candidate")
     if not candidates:
         raise HeadlabError("ACT has no candidate heads: pass `layers` and/or `heads`")
-    base = choice.accuracy(model, samples, base_plan, config.batch_size)
+    base = cached(cache, "base", lambda: choice.accuracy(model, samples, base_plan, config.batch_size))
     gains = torch.zeros(L, H, dtype=torch.float64)
     for head in tqdm(candidates, desc="act search", disable=not progress):
         plan = base_plan + InterventionPlan().act([head], beta=config.beta, tau=config.tau)
-        gains[head] = choice.accuracy(model, samples, plan, config.batch_size) - base
+        gains[head] = cached(cache, f"L{head[0]}H{head[1]}", lambda plan=plan: choice.accuracy(model, samples, plan, config.batch_size)) - base
     kept = [h for h in candidates if gains[h] > config.min_gain]
     plan = base_plan + InterventionPlan().act(kept, beta=config.beta, tau=config.tau) if kept else base_plan
-    together = choice.accuracy(model, samples, plan, config.batch_size) if kept else base
+    together = cached(cache, "kept:" + ",".join(f"L{l}H{h}" for l, h in kept),
+                      lambda: choice.accuracy(model, samples, plan, config.batch_size)) if kept else base
     params = {"beta": config.beta, "tau": config.tau, "n": len(samples), "min_gain": config.min_gain}
     return ACTResult(plan=plan, heads=kept, baseline_accuracy=base, calibrated_accuracy=together,
                      gains=HeadScores.from_tensor(gains, "act_gain", model=model.name, params=params),

@@ -21,12 +21,15 @@ reference answer both give the same attention rows, hence the same scores (teste
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, MutableMapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from headlab.checkpoint import cached
+from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
@@ -64,6 +67,46 @@ def locate_needle(prompt_ids: Sequence[int], needle_ids: Sequence[int], overlap:
         if len(set(prompt_ids[s : s + n]) & target) / len(target) > overlap:
             return s, s + n
     raise HeadlabError("the needle does not occur in the tokenized prompt (no window overlaps it by > 90%)")
+
+
+PROMPT = "{context}\n\nQuestion: {question}\nAnswer:"
+"""Prompt of `build_dataset`; the answer is generated after "Answer:"."""
+
+
+def build_dataset(needles: str | Path, haystack: str | Path, lengths: Iterable[int] = (1000, 2000, 4000),
+                  depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0), template: str = PROMPT) -> list[NeedleSample]:
+    """Needle samples from user files: a context-length × depth grid for every needle.
+
+    `needles`: JSONL/CSV rows {"needle": sentence inserted in the haystack, "question": str,
+    "answer": str (text the model should copy from the needle)}. `haystack`: a UTF-8 text file;
+    lengths are counted in haystack words (the file repeats when a length exceeds it); the
+    needle goes in at word round(depth · length).
+    """
+    def convert(record: dict) -> dict:
+        row = {k: text_field(record, k) for k in ("needle", "question", "answer")}
+        if row["answer"].strip() not in row["needle"]:
+            raise ValueError(f"'answer' {row['answer']!r} does not occur in 'needle'; the retrieval score counts copies from the needle")
+        return row
+
+    rows = records_to(needles, convert)
+    path = Path(haystack)
+    if not path.is_file():
+        raise HeadlabError(f"haystack file {path} not found; give a UTF-8 text file to fill the context with")
+    words = path.read_text(encoding="utf-8").split()
+    if not words:
+        raise HeadlabError(f"haystack file {path} is empty")
+    samples = []
+    for row in rows:
+        for length in lengths:
+            hay = (words * (length // len(words) + 1))[:length]
+            for depth in depths:
+                if not 0.0 <= depth <= 1.0:
+                    raise HeadlabError(f"depth {depth} is outside [0, 1] (a fraction of the context)")
+                at = round(depth * length)
+                context = " ".join(hay[:at] + [row["needle"]] + hay[at:])
+                samples.append(NeedleSample(template.format(context=context, question=row["question"]), row["needle"],
+                                            row["answer"], {"length": length, "depth": depth}))
+    return samples
 
 
 def zoo_dataset(lengths: Iterable[int] = (64, 128, 256, 512), depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -142,8 +185,11 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
 
 
 def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalConfig = RetrievalConfig(),
-          progress: bool = True) -> RetrievalResult:
-    """Retrieval score of every head over the samples."""
+          progress: bool = True, cache: MutableMapping[str, Any] | None = None) -> RetrievalResult:
+    """Retrieval score of every head over the samples.
+
+    `cache` (e.g. a run's `Checkpoint`) keeps each finished sample's scores: a resumed run skips them.
+    """
     import pandas as pd
 
     if not samples:
@@ -152,7 +198,12 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
     total = torch.zeros(L, H, dtype=torch.float64)
     rows = []
     for i, sample in enumerate(tqdm(samples, desc="retrieval", disable=not progress)):
-        per, record = sample_scores(model, sample, config)
+        def compute(sample=sample):
+            per, record = sample_scores(model, sample, config)
+            return {"scores": per.tolist(), "record": record}
+
+        done = cached(cache, str(i), compute)
+        per, record = torch.tensor(done["scores"], dtype=torch.float64), done["record"]
         total += per
         best = int(per.argmax())
         rows.append({"sample": i, **record, "top_layer": best // H, "top_head": best % H, "top_score": float(per.max())})

@@ -26,11 +26,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
@@ -276,10 +278,10 @@ def split(n: int, validation_fraction: float, seed: int) -> tuple[list[int], lis
 
 
 def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyConfig = SelectCopyConfig(),
-          progress: bool = True, readings: dict[int, SampleReading] | None = None) -> SelectCopyResult:
+          progress: bool = True, cache: MutableMapping[str, Any] | None = None) -> SelectCopyResult:
     """Read every question, choose the best heads on the validation split, evaluate on the test split.
 
-    `readings` caches per-question readings by index (the CLI fills it from a resumed run).
+    `cache` (e.g. a run's `Checkpoint`) keeps each question's reading: a resumed run skips them.
     """
     import pandas as pd
 
@@ -288,13 +290,20 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
         raise HeadlabError("select-and-copy needs at least 2 questions (a validation and a test split)")
     val, test = split(len(samples), config.validation_fraction, config.seed)
     rng = random.Random(config.seed + 1)
-    readings = {} if readings is None else readings
+    readings: dict[int, SampleReading] = {}
     for i in tqdm(range(len(samples)), desc="select-copy", disable=not progress):
-        if i in readings:
-            continue
+        # drawn for every question, finished or not, so that a resumed run picks the same shots
         shots = [samples[j] for j in rng.sample([j for j in val if j != i], min(config.shots, len(val) - (i in val)))] \
             if config.shots else []
-        readings[i] = read_sample(model, samples[i], config, shots)
+
+        def compute(i=i, shots=shots):
+            r = read_sample(model, samples[i], config, shots)
+            return {"qk": r.qk.tolist(), "attention": r.attention.tolist(), "label_logits": r.label_logits.tolist(),
+                    "answer": r.answer}
+
+        d = cached(cache, str(i), compute)
+        readings[i] = SampleReading(torch.tensor(d["qk"]), torch.tensor(d["attention"]), torch.tensor(d["label_logits"]),
+                                    d["answer"])
 
     def accuracy(which: str, idx: list[int]) -> torch.Tensor:  # [L, H] correct counts
         hits = [(getattr(readings[i], which).argmax(-1) == readings[i].answer).double() for i in idx]

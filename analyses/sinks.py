@@ -23,11 +23,13 @@ long inputs: on a text of fewer than ~10 tokens, uniform attention alone gives r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import MutableMapping
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.scores import HeadScores
@@ -76,8 +78,41 @@ def build_dataset(texts: Sequence[str] | None = None, path: str | None = None) -
     return list(texts)
 
 
-def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksConfig(), progress: bool = True) -> SinkReport:
-    """Run every text through the patched attention and collect sink statistics per head."""
+def _text_findings(model: HeadModel, t: int, text: str, request: StatsRequest, config: SinksConfig) -> dict:
+    """Everything one text contributes: per-head first-token mass and sink flag [L][H], finding rows."""
+    enc = model.tokenize(text, truncation=True, max_length=config.max_tokens)
+    ids = enc["input_ids"][0].tolist()
+    tokens = model.tokenizer.convert_ids_to_tokens(ids)
+    with model.patched(None, request) as rec:
+        with torch.no_grad():
+            out = model.model(**enc, output_hidden_states=True)
+    first = rec.stats.span_mass("first")[:, 0].mean(dim=-1).double().cpu()
+    r = rec.stats.received_mean[:, 0].cpu()  # [L, H, K]
+    hidden = r[..., 1:] > config.tau
+    sinks = [{"text": t, "layer": layer, "head": head, "position": j + 1, "token": tokens[j + 1],
+              "received": float(r[layer, head, j + 1])} for layer, head, j in hidden.nonzero().tolist()]
+    states = torch.stack(out.hidden_states)[:, 0].float().abs().cpu()  # [L+1, T, D]
+    median = states.flatten(1).median(dim=1).values.clamp_min(1e-12)  # [L+1]
+    ratio = states / median[:, None, None]
+    top = []
+    for layer in range(states.shape[0]):
+        pos, dim = divmod(int(states[layer].argmax()), states.shape[-1])
+        top.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
+                    "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])})
+    massive = (states > config.massive_abs) & (ratio > config.massive_ratio)
+    massive_rows = [{"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
+                     "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])}
+                    for layer, pos, dim in massive.nonzero().tolist()]
+    return {"first": first.tolist(), "has_sink": hidden.any(dim=-1).double().tolist(), "sinks": sinks,
+            "massive": massive_rows, "top": top}
+
+
+def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksConfig(), progress: bool = True,
+          cache: MutableMapping[str, Any] | None = None) -> SinkReport:
+    """Run every text through the patched attention and collect sink statistics per head.
+
+    `cache` (e.g. a run's `Checkpoint`) keeps each finished text's findings: a resumed run skips them.
+    """
     import pandas as pd
 
     texts = build_dataset(texts)
@@ -87,31 +122,12 @@ def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksCon
     sink_rows, massive_rows, top_rows = [], [], []
     request = StatsRequest(received=True, spans={"first": [0]})
     for t, text in enumerate(tqdm(texts, desc="sinks", disable=not progress)):
-        enc = model.tokenize(text, truncation=True, max_length=config.max_tokens)
-        ids = enc["input_ids"][0].tolist()
-        tokens = model.tokenizer.convert_ids_to_tokens(ids)
-        with model.patched(None, request) as rec:
-            with torch.no_grad():
-                out = model.model(**enc, output_hidden_states=True)
-        first_sum += rec.stats.span_mass("first")[:, 0].mean(dim=-1).double()
-        r = rec.stats.received_mean[:, 0]  # [L, H, K]
-        hidden = r[..., 1:] > config.tau
-        sink_count += hidden.any(dim=-1).double()
-        for layer, head, j in hidden.nonzero().tolist():
-            sink_rows.append({"text": t, "layer": layer, "head": head, "position": j + 1, "token": tokens[j + 1],
-                              "received": float(r[layer, head, j + 1])})
-        states = torch.stack(out.hidden_states)[:, 0].float().abs()  # [L+1, T, D]
-        median = states.flatten(1).median(dim=1).values.clamp_min(1e-12)  # [L+1]
-        ratio = states / median[:, None, None]
-        for layer in range(states.shape[0]):
-            flat = int(states[layer].argmax())
-            pos, dim = divmod(flat, states.shape[-1])
-            top_rows.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
-                             "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])})
-        massive = (states > config.massive_abs) & (ratio > config.massive_ratio)
-        for layer, pos, dim in massive.nonzero().tolist():
-            massive_rows.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
-                                 "value": float(states[layer, pos, dim]), "ratio_to_median": float(ratio[layer, pos, dim])})
+        done = cached(cache, str(t), lambda t=t, text=text: _text_findings(model, t, text, request, config))
+        first_sum += torch.tensor(done["first"], dtype=torch.float64)
+        sink_count += torch.tensor(done["has_sink"], dtype=torch.float64)
+        sink_rows += done["sinks"]
+        massive_rows += done["massive"]
+        top_rows += done["top"]
     n = float(len(texts))
     common = dict(model=model.name, params={"tau": config.tau, "texts": len(texts)})
     return SinkReport(

@@ -27,14 +27,15 @@ reads it; the reference code ships only the supervised search).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from headlab.analyses import choice
 from tqdm.auto import tqdm
 
+from headlab.analyses import choice
+from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
@@ -83,14 +84,21 @@ class ZeroTuningResult:
 
 
 def _objective(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan | None,
-               config: ZeroTuningConfig) -> float:
-    ev = choice.evaluate(model, samples, plan, config.batch_size)
-    return ev.accuracy if config.objective == "accuracy" else -ev.entropy
+               config: ZeroTuningConfig, cache: MutableMapping[str, Any] | None, key: str) -> float:
+    def compute() -> float:
+        ev = choice.evaluate(model, samples, plan, config.batch_size)
+        return ev.accuracy if config.objective == "accuracy" else -ev.entropy
+
+    return cached(cache, f"{config.objective}|{key}", compute)
 
 
 def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ZeroTuningConfig = ZeroTuningConfig(),
-              base_plan: InterventionPlan | None = None, progress: bool = True) -> ZeroTuningResult:
-    """Profile heads, group them, search γ; returns the plan and everything measured on the way."""
+              base_plan: InterventionPlan | None = None, progress: bool = True,
+              cache: MutableMapping[str, Any] | None = None) -> ZeroTuningResult:
+    """Profile heads, group them, search γ; returns the plan and everything measured on the way.
+
+    `cache` (e.g. a run's `Checkpoint`) keeps every evaluation: a resumed search skips them.
+    """
     import pandas as pd
 
     samples = choice.build_dataset(samples=samples)
@@ -100,12 +108,15 @@ def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: 
     for layer in layers:
         model.spec.check_head(layer, 0, "candidate layer")
     heads = [(l, h) for l in layers for h in range(H)]
-    base = _objective(model, samples, base_plan, config)
+    base = _objective(model, samples, base_plan, config, cache, "base")
     up = torch.zeros(L, H, dtype=torch.float64)
     down = torch.zeros(L, H, dtype=torch.float64)
     for head in tqdm(heads, desc="zerotuning profile", disable=not progress):
-        up[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_up}), config) - base
-        down[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_down}), config) - base
+        l, h = head
+        up[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_up}), config,
+                              cache, f"L{l}H{h}*{config.gamma_up}") - base
+        down[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_down}), config,
+                                cache, f"L{l}H{h}*{config.gamma_down}") - base
     ups = [h for h in heads if up[h] > config.min_gain and up[h] >= down[h]]
     downs = [h for h in heads if down[h] > config.min_gain and down[h] > up[h]]
     gain_up, gain_down = float(sum(up[h] for h in ups)), float(sum(down[h] for h in downs))
@@ -121,7 +132,8 @@ def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: 
     side = [g for g in config.gammas if (g > 1 if direction == "up" else g < 1)]
     rows = []
     for g in tqdm(side, desc="zerotuning gamma", disable=not progress):
-        rows.append({"gamma": g, "objective": _objective(model, samples, base_plan + InterventionPlan().scale_first_token({h: g for h in group}), config)})
+        plan = base_plan + InterventionPlan().scale_first_token({h: g for h in group})
+        rows.append({"gamma": g, "objective": _objective(model, samples, plan, config, cache, f"{direction}-group*{g}")})
     best = max(rows, key=lambda r: (r["objective"], -abs(math.log(r["gamma"]))))  # ties: the mildest γ
     if best["objective"] <= base:
         return ZeroTuningResult(plan=base_plan, heads=[], gamma=1.0, direction="none", baseline=base, calibrated=base,

@@ -60,6 +60,104 @@ def demo(
     typer.echo(f"run written to {result.run_dir}")
 
 
+score_app = typer.Typer(help="Score every head; writes a resumable run directory.", no_args_is_help=True)
+intervene_app = typer.Typer(help="Calibrate an intervention on a calibration split, evaluate it on the rest.", no_args_is_help=True)
+app.add_typer(score_app, name="score")
+app.add_typer(intervene_app, name="intervene")
+
+MODEL = typer.Argument(..., help="local model directory, hub name, or zoo:<name>")
+OUT = typer.Option(Path("runs"), help="runs directory")
+RUN_ID = typer.Option(None, help="name of the run; an unfinished run of that name is resumed")
+
+
+def _job(fn, *args, **kw) -> None:
+    try:
+        run_dir = fn(*args, **kw)
+    except HeadlabError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished samples are kept; rerun with the same --run-id to resume", err=True)
+        raise typer.Exit(code=130)
+    summary = (run_dir / "summary.json").read_text()
+    typer.echo(summary)
+    typer.echo(f"run written to {run_dir}")
+
+
+@score_app.command("retrieval")
+def score_retrieval(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    needles: Optional[str] = typer.Option(None, help="JSONL/CSV with needle, question, answer"),
+    haystack: Optional[str] = typer.Option(None, help="text file that fills the context"),
+    lengths: Optional[list[int]] = typer.Option(None, help="context lengths (haystack words)"),
+    depths: Optional[list[float]] = typer.Option(None, help="needle depths in [0, 1]"),
+    teacher_forced: bool = typer.Option(False, help="one forward pass over prompt + answer instead of decoding"),
+    max_new_tokens: int = typer.Option(16),
+) -> None:
+    """Retrieval heads (Wu et al. 2024): copy score during greedy decoding of the needle."""
+    from headlab import jobs
+
+    _job(jobs.score_retrieval, model, out, run_id, needles=needles, haystack=haystack, lengths=lengths, depths=depths,
+         teacher_forced=teacher_forced, max_new_tokens=max_new_tokens)
+
+
+@score_app.command("sinks")
+def score_sinks(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="text file, one text per line"),
+    n: int = typer.Option(20, help="zoo prompts when no --data"), tau: float = typer.Option(0.1),
+) -> None:
+    """Attention sinks: first-token mass, hidden sinks (r > tau), massive activations."""
+    from headlab import jobs
+
+    _job(jobs.score_sinks, model, out, run_id, data=data, n=n, tau=tau)
+
+
+@score_app.command("select-copy")
+def score_select_copy(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with question, options, answer"),
+    n: int = typer.Option(200, help="zoo questions when no --data"),
+    labels: str = typer.Option("letters", help="letters | digits | lower"),
+    key_token: str = typer.Option("end", help="end (the option's last token, the paper) | label"),
+    shots: int = typer.Option(0), prompt_format: Optional[str] = typer.Option(None, "--format", help="paper | zoo"),
+) -> None:
+    """Select-and-copy heads (Tulchinskii et al. 2024): QK-score per option, best head vs the letter baseline."""
+    from headlab import jobs
+
+    _job(jobs.score_select_copy, model, out, run_id, data=data, n=n, labels=labels, key_token=key_token, shots=shots,
+         prompt_format=prompt_format)
+
+
+@intervene_app.command("act")
+def intervene_act(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with prompt, choices, answer"),
+    n: int = typer.Option(200, help="zoo samples when no --data"), calibration_fraction: float = typer.Option(0.5),
+    beta: float = typer.Option(0.4), tau: float = typer.Option(0.1),
+    layers: Optional[list[int]] = typer.Option(None, help="candidate layers (default 2..L-2)"), seed: int = typer.Option(0),
+) -> None:
+    """ACT: search the heads whose sink calibration helps, evaluate before/after."""
+    from headlab import jobs
+
+    _job(jobs.intervene_act, model, out, run_id, data=data, n=n, calibration_fraction=calibration_fraction, beta=beta,
+         tau=tau, layers=layers or None, seed=seed)
+
+
+@intervene_app.command("zerotuning")
+def intervene_zerotuning(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with prompt, choices, answer"),
+    n: int = typer.Option(200, help="zoo samples when no --data"), calibration_fraction: float = typer.Option(0.5),
+    objective: str = typer.Option("accuracy", help="accuracy (supervised) | entropy (unsupervised)"),
+    layers: Optional[list[int]] = typer.Option(None, help="candidate layers (default all)"), seed: int = typer.Option(0),
+) -> None:
+    """ZeroTuning: profile heads, pick the group and gamma on the calibration split, evaluate before/after."""
+    from headlab import jobs
+
+    _job(jobs.intervene_zerotuning, model, out, run_id, data=data, n=n, calibration_fraction=calibration_fraction,
+         objective=objective, layers=layers or None, seed=seed)
+
+
 @app.command()
 def version() -> None:
     """Print headlab's and its main dependencies' versions."""

@@ -1,0 +1,200 @@
+"""Analyses and interventions as resumable run directories (what `headlab score` / `headlab intervene` do).
+
+Each job loads the model, builds its dataset (a user file, or the zoo's own task for zoo models),
+runs the analysis with a `Checkpoint` in the run directory — so an interrupted job started again
+with the same `run_id` skips every finished sample or head evaluation — and writes the results
+atomically: manifest, scores (safetensors + JSON), per-sample parquet, heatmap figures, a JSON
+summary and, for interventions, the calibrated plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from headlab.checkpoint import Checkpoint
+from headlab.errors import HeadlabError
+from headlab.model import load_model
+from headlab.runs import MANIFEST, Run, read_manifest
+
+CHECKPOINT = "progress.jsonl"
+
+ENGLISH_TEXTS = [
+    "The committee met on Tuesday to discuss the budget for the coming year, and after a long debate it approved the plan.",
+    "Rivers carry sediment from the mountains to the sea, building deltas where the current slows and the sand settles.",
+    "She opened the old book carefully, because its pages were brittle and the ink had faded to a pale brown.",
+    "In the afternoon the market fills with people buying bread, fruit and fish, and the noise carries across the square.",
+]
+"""Default texts of the sinks job for models with an English tokenizer (zoo:minilm-l6)."""
+
+
+def _is_zoo_task_model(ref: str) -> bool:
+    from headlab import zoo
+
+    if not ref.startswith("zoo:"):
+        return False
+    name = ref[4:]
+    return name not in zoo.PACKAGED and (zoo.path(name) / "training.json").is_file()
+
+
+def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
+    """A new run, or the unfinished run `run_id` to resume (its analysis, model and params must match)."""
+    params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from the manifest
+    if run_id is not None and (Path(root) / run_id / MANIFEST).is_file():
+        old = read_manifest(Path(root) / run_id)
+        if old["status"] == "finished":
+            raise HeadlabError(f"run {run_id!r} already finished; choose another --run-id (or delete {Path(root) / run_id})")
+        for key, new in (("analysis", analysis), ("model", model), ("params", params)):
+            if old[key] != new:
+                raise HeadlabError(f"cannot resume run {run_id!r}: its {key} was {old[key]!r}, now {new!r}; "
+                                   "rerun with the same arguments or choose another --run-id")
+        run = Run(root, analysis, model, params, run_id=run_id)
+        run.manifest["resumed"] = int(old.get("resumed", 0)) + 1
+        return run
+    return Run(root, analysis, model, params, run_id=run_id)
+
+
+def _finish(run: Run, summary: dict, scores: dict, frame: Any = None) -> Path:
+    for name, s in scores.items():
+        run.save_scores(s, name)
+        run.save_figure(s.plot(), name)
+    if frame is not None:
+        run.save_samples(frame)
+    run.save_json(summary, "summary")
+    return run.dir
+
+
+def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = None, *, needles: str | None = None,
+                    haystack: str | None = None, lengths: list[int] | None = None, depths: list[float] | None = None,
+                    teacher_forced: bool = False, max_new_tokens: int = 16, progress: bool = True) -> Path:
+    from headlab.analyses import retrieval
+
+    params = {"needles": needles, "haystack": haystack, "lengths": lengths, "depths": depths,
+              "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens}
+    if needles or haystack:
+        if not (needles and haystack):
+            raise HeadlabError("give both --needles (JSONL/CSV of needle, question, answer) and --haystack (a text file)")
+        samples = retrieval.build_dataset(needles, haystack, lengths or (1000, 2000, 4000), depths or (0.0, 0.5, 1.0))
+    elif _is_zoo_task_model(model):
+        samples = retrieval.zoo_dataset(lengths or (64, 256), depths or (0.0, 0.5, 1.0), per_cell=2)
+    else:
+        raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
+    run = open_run(out, "retrieval", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    config = retrieval.RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens)
+    with run:
+        result = retrieval.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        heads = [[l, h, s] for l, h, s in result.scores.top(10)]
+        summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()), "top_heads": heads,
+                   "retrieval_heads": [[l, h] for l, h, s in heads if s > config.threshold]}
+        return _finish(run, summary, {"scores": result.scores}, result.samples)
+
+
+def score_sinks(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                n: int = 20, tau: float = 0.1, progress: bool = True) -> Path:
+    from headlab.analyses import sinks
+
+    params = {"data": data, "n": n, "tau": tau}
+    if data:
+        texts = sinks.build_dataset(path=data)
+    elif _is_zoo_task_model(model):
+        from headlab.zoo import tasks
+
+        texts = [ex.prompt for task in ("needle", "mcqa") for ex in tasks.held_out(task, max(1, n // 2), seed=30_000)]
+    elif model == "zoo:minilm-l6":
+        texts = ENGLISH_TEXTS
+    else:
+        raise HeadlabError(f"give --data (a text file, one text per line) for {model}")
+    run = open_run(out, "sinks", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    with run:
+        report = sinks.score(hm, texts, sinks.SinksConfig(tau=tau), progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        summary = {"texts": len(texts), "fraction_of_heads_with_hidden_sinks": report.fraction_of_heads_with_hidden_sinks,
+                   "top_first_token_heads": [[l, h, s] for l, h, s in report.first_token_mass.top(10)],
+                   "massive_activations": len(report.massive)}
+        run.save_samples(report.hidden_sinks, "hidden_sinks")
+        run.save_samples(report.massive, "massive")
+        run.save_samples(report.top_activation, "top_activation")
+        return _finish(run, summary, {"first_token_mass": report.first_token_mass, "hidden_sink_rate": report.hidden_sink_rate})
+
+
+def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                      n: int = 200, labels: str = "letters", key_token: str = "end", shots: int = 0,
+                      prompt_format: str | None = None, progress: bool = True) -> Path:
+    from headlab.analyses import select_copy as sc
+
+    zoo_model = _is_zoo_task_model(model)
+    prompt_format = prompt_format or ("zoo" if zoo_model else "paper")
+    if prompt_format not in ("zoo", "paper"):
+        raise HeadlabError(f"--format must be 'paper' or 'zoo', got {prompt_format!r}")
+    params = {"data": data, "n": n, "labels": labels, "key_token": key_token, "shots": shots, "format": prompt_format}
+    if data:
+        samples = sc.build_dataset(path=data)
+    elif zoo_model:
+        samples = sc.zoo_dataset(n, label_set=labels)
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV of question, options, answer) for {model}")
+    config = sc.SelectCopyConfig(labels=labels, key_token=key_token, shots=shots,  # type: ignore[arg-type]
+                                 format=sc.ZOO_FORMAT if prompt_format == "zoo" else sc.PAPER_FORMAT)
+    run = open_run(out, "select_copy", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    with run:
+        result = sc.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        summary = {**result.test, "top_heads": [[l, h, s] for l, h, s in result.qk_accuracy.top(10)]}
+        return _finish(run, summary, {"qk_accuracy": result.qk_accuracy, "attention_accuracy": result.attention_accuracy},
+                       result.samples)
+
+
+def _choice_splits(model: str, data: str | None, n: int, calibration_fraction: float, seed: int):
+    from headlab.analyses import choice, select_copy
+
+    if data:
+        samples = choice.build_dataset(path=data)
+    elif _is_zoo_task_model(model):
+        samples = choice.zoo_dataset("mcqa", n)
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV of prompt, choices, answer) for {model}")
+    cal, test = select_copy.split(len(samples), calibration_fraction, seed)
+    return [samples[i] for i in cal], [samples[i] for i in test]
+
+
+def intervene_act(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None, n: int = 200,
+                  calibration_fraction: float = 0.5, beta: float = 0.4, tau: float = 0.1, layers: list[int] | None = None,
+                  seed: int = 0, progress: bool = True) -> Path:
+    from headlab.analyses import act
+
+    config = act.ACTConfig(beta=beta, tau=tau, layers=layers)
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
+    cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
+    run = open_run(out, "act", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    with run:
+        result = act.search(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        evaluation = act.evaluate(hm, test, result.plan)
+        run._record("plan", result.plan.save(run.dir / "plan"))
+        summary = {"heads": [list(h) for h in result.heads], "calibration_accuracy_before": result.baseline_accuracy,
+                   "calibration_accuracy_after": result.calibrated_accuracy, "test": evaluation}
+        return _finish(run, summary, {"act_gain": result.gains})
+
+
+def intervene_zerotuning(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                         n: int = 200, calibration_fraction: float = 0.5, objective: str = "accuracy",
+                         layers: list[int] | None = None, seed: int = 0, progress: bool = True) -> Path:
+    from headlab.analyses import zerotuning as zt
+
+    config = zt.ZeroTuningConfig(objective=objective, layers=layers)  # type: ignore[arg-type]
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
+    cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
+    run = open_run(out, "zerotuning", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    with run:
+        result = zt.calibrate(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        evaluation = zt.evaluate(hm, test, result.plan)
+        run._record("plan", result.plan.save(run.dir / "plan"))
+        summary = {"heads": [list(h) for h in result.heads], "gamma": result.gamma, "direction": result.direction,
+                   "calibration_objective_before": result.baseline, "calibration_objective_after": result.calibrated,
+                   "test": evaluation}
+        run.save_samples(result.sweep, "gamma_sweep")
+        return _finish(run, summary, {"gain_up": result.profile_up, "gain_down": result.profile_down})
