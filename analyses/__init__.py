@@ -4,8 +4,10 @@ One module per kind of head, each with the same shape: a config dataclass with t
 defaults, `build_dataset`, `score(...)` returning HeadScores (and per-finding tables), and, where
 the paper has one, the intervention and its `evaluate`.
 
-Landed: `sinks` (first-token mass, hidden sinks, massive activations) and `retrieval` (the
-retrieval score by decoding or teacher forcing, and the masking test). The others —
-select-and-copy, ZeroTuning, ACT's calibration search, safety, conflict, vision — and the
-`headlab score ...` commands are open issues.
+Landed: `sinks` (first-token mass, hidden sinks, massive activations), `retrieval` (the
+retrieval score by decoding or teacher forcing, and the masking test), `select_copy` (QK- and
+attention-score heads for multiple-choice QA), `choice` (closed-choice accuracy, the evaluation
+of the next two), `act` (ACT's head search) and `zerotuning` (head-wise first-token scaling).
+`headlab.jobs` runs each as a resumable run directory (`headlab score ...`, `headlab intervene
+...`). Safety, conflict and vision analyses are open issues.
 """

