@@ -293,8 +293,8 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
     readings: dict[int, SampleReading] = {}
     for i in tqdm(range(len(samples)), desc="select-copy", disable=not progress):
         # drawn for every question, finished or not, so that a resumed run picks the same shots
-        shots = [samples[j] for j in rng.sample([j for j in val if j != i], min(config.shots, len(val) - (i in val)))] \
-            if config.shots else []
+        pool = [j for j in val if j != i]
+        shots = [samples[j] for j in rng.sample(pool, min(config.shots, len(pool)))] if config.shots else []
 
         def compute(i=i, shots=shots):
             r = read_sample(model, samples[i], config, shots)
@@ -319,10 +319,10 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
     test_qk = float(accuracy("qk", test)[bl, bh]) / len(test)
     test_att = float(accuracy("attention", test)[bl, bh]) / len(test)
     baseline = sum(int(readings[i].label_logits.argmax()) == readings[i].answer for i in test) / len(test)
-    rows = []
+    rows, in_val = [], set(val)
     for i, s in enumerate(samples):
         r = readings[i]
-        rows.append({"sample": i, "split": "validation" if i in set(val) else "test", "question": s.question, "answer": s.answer,
+        rows.append({"sample": i, "split": "validation" if i in in_val else "test", "question": s.question, "answer": s.answer,
                      "baseline_pred": int(r.label_logits.argmax()), "best_head_qk_pred": int(r.qk[bl, bh].argmax()),
                      "best_head_attention_pred": int(r.attention[bl, bh].argmax())})
     return SelectCopyResult(
