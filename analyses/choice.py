@@ -80,15 +80,16 @@ def zoo_dataset(task: str, n: int, seed: int = 30_000) -> list[ChoiceSample]:
     raise HeadlabError(f"zoo task {task!r} has no closed answer set; use 'mcqa' or 'refusal'")
 
 
-def _choice_ids(model: HeadModel, sample: ChoiceSample) -> list[int]:
+def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequence[str]) -> list[int]:
+    """The first token the model would emit for each continuation (" A" after "Answer:"), all distinct."""
     tok = model.tokenizer
-    base = tok(sample.prompt)["input_ids"]
+    base = tok(prompt)["input_ids"]
     ids = []
-    for c in sample.choices:
-        full = tok(sample.prompt + " " + c)["input_ids"]
+    for c in continuations:
+        full = tok(prompt + " " + c)["input_ids"]
         ids.append(full[len(base)] if full[: len(base)] == base and len(full) > len(base) else full[-1])
     if len(set(ids)) != len(ids):
-        raise HeadlabError(f"choices {list(sample.choices)} share their first token; closed-choice scoring needs distinct ones")
+        raise HeadlabError(f"{list(continuations)} share their first token; scoring them by next-token logits needs distinct ones")
     return ids
 
 
@@ -110,7 +111,7 @@ def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: Inter
         with model.patched(plan):
             logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         for j, (s, r) in enumerate(zip(chunk, rows)):
-            out.append(logits[j, len(r) - 1, _choice_ids(model, s)].cpu())
+            out.append(logits[j, len(r) - 1, continuation_token_ids(model, s.prompt, s.choices)].cpu())
     return out
 
 

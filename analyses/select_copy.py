@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from headlab.analyses import choice
 from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
@@ -214,19 +215,6 @@ def key_positions(model: HeadModel, prompt: RenderedPrompt, key_token: str) -> t
     return enc["input_ids"], pos
 
 
-def label_token_ids(model: HeadModel, prompt_text: str, labels: Sequence[str]) -> list[int]:
-    """Token id the model would emit for each label right after the prompt (" A" after "Answer:")."""
-    tok = model.tokenizer
-    base = tok(prompt_text)["input_ids"]
-    ids = []
-    for label in labels:
-        full = tok(prompt_text + " " + label)["input_ids"]
-        ids.append(full[len(base)] if full[: len(base)] == base and len(full) > len(base) else full[-1])
-    if len(set(ids)) != len(ids):
-        raise HeadlabError(f"labels {list(labels)} do not map to distinct next tokens; choose another label set")
-    return ids
-
-
 @dataclass
 class SampleReading:
     """What one forward pass gives for one question: [L, H, O] scores, the baseline's label logits [O]."""
@@ -243,7 +231,7 @@ def read_sample(model: HeadModel, sample: MCQASample, config: SelectCopyConfig,
     labels = config.label_tuple()[: len(sample.options)]
     prompt = render(sample, labels, config.format, shots)
     ids, pos = key_positions(model, prompt, config.key_token)
-    label_ids = label_token_ids(model, prompt.text, labels)
+    label_ids = choice.continuation_token_ids(model, prompt.text, labels)
     x = torch.tensor([ids], device=model.device)
     with model.patched(None, StatsRequest(keys=pos, queries=slice(-1, None))) as rec:
         logits = model(x).logits[0, -1].float()
