@@ -11,6 +11,7 @@ batched with right padding, so key 0 is every row's first token (ZeroTuning scal
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,17 +81,23 @@ def zoo_dataset(task: str, n: int, seed: int = 30_000) -> list[ChoiceSample]:
     raise HeadlabError(f"zoo task {task!r} has no closed answer set; use 'mcqa' or 'refusal'")
 
 
-def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequence[str]) -> list[int]:
-    """The first token the model would emit for each continuation (" A" after "Answer:"), all distinct."""
-    tok = model.tokenizer
-    base = tok(prompt)["input_ids"]
+@functools.lru_cache(maxsize=4096)
+def _encode(tokenizer: Any, prompt: str, continuations: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prompt ids, first token of each continuation): memoized, since a head search scores the
+    same samples once per candidate head and tokenization never changes between those passes."""
+    base = tokenizer(prompt)["input_ids"]
     ids = []
     for c in continuations:
-        full = tok(prompt + " " + c)["input_ids"]
+        full = tokenizer(prompt + " " + c)["input_ids"]
         ids.append(full[len(base)] if full[: len(base)] == base and len(full) > len(base) else full[-1])
     if len(set(ids)) != len(ids):
         raise HeadlabError(f"{list(continuations)} share their first token; scoring them by next-token logits needs distinct ones")
-    return ids
+    return tuple(base), tuple(ids)
+
+
+def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequence[str]) -> list[int]:
+    """The first token the model would emit for each continuation (" A" after "Answer:"), all distinct."""
+    return list(_encode(model.tokenizer, prompt, tuple(continuations))[1])
 
 
 def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
@@ -101,7 +108,8 @@ def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: Inter
     out: list[torch.Tensor] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        rows = [tok(s.prompt)["input_ids"] for s in chunk]
+        encoded = [_encode(tok, s.prompt, s.choices) for s in chunk]
+        rows = [prompt_ids for prompt_ids, _ in encoded]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -110,8 +118,8 @@ def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: Inter
             mask[j, : len(r)] = 1
         with model.patched(plan):
             logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        for j, (s, r) in enumerate(zip(chunk, rows)):
-            out.append(logits[j, len(r) - 1, continuation_token_ids(model, s.prompt, s.choices)].cpu())
+        for j, (prompt_ids, choice_ids) in enumerate(encoded):
+            out.append(logits[j, len(prompt_ids) - 1, list(choice_ids)].cpu())
     return out
 
 

@@ -173,7 +173,7 @@ def intervene_act(model: str, out: str | Path = "runs", run_id: str | None = Non
     with run:
         result = act.search(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         evaluation = act.evaluate(hm, test, result.plan)
-        run._record("plan", result.plan.save(run.dir / "plan"))
+        run.save_plan(result.plan)
         summary = {"heads": [list(h) for h in result.heads], "calibration_accuracy_before": result.baseline_accuracy,
                    "calibration_accuracy_after": result.calibrated_accuracy, "test": evaluation}
         return _finish(run, summary, {"act_gain": result.gains})
@@ -192,7 +192,7 @@ def intervene_zerotuning(model: str, out: str | Path = "runs", run_id: str | Non
     with run:
         result = zt.calibrate(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         evaluation = zt.evaluate(hm, test, result.plan)
-        run._record("plan", result.plan.save(run.dir / "plan"))
+        run.save_plan(result.plan)
         summary = {"heads": [list(h) for h in result.heads], "gamma": result.gamma, "direction": result.direction,
                    "calibration_objective_before": result.baseline, "calibration_objective_after": result.calibrated,
                    "test": evaluation}

@@ -95,6 +95,10 @@ class Run:
         html = figure.to_html(include_plotlyjs="cdn", full_html=True)
         return self._record(f"figure:{name}", atomic_write_text(html, self.dir / "figures" / f"{name}.html"))
 
+    def save_plan(self, plan: Any, name: str = "plan") -> Path:
+        """An InterventionPlan as `<name>.json` (+ `<name>.safetensors` when it holds tensors)."""
+        return self._record(name, plan.save(self.dir / name))
+
     def save_json(self, obj: Any, name: str) -> Path:
         return self._record(name, atomic_write_json(obj, self.dir / f"{name}.json"))
 
