@@ -7,7 +7,10 @@ plans can be shared and combined without aliasing:
 
 Semantics (METHODS.md), applied in this order inside the patched attention of each head:
 
-1. logits  s[i,j] = q_i·k_j · scaling (+ softcap, + the model's mask)
+1. logits  s[i,j] = ε_h · q_i·k_j · scaling (+ softcap, + the model's mask). ε_h is a per-head
+   logit scale, 1 unless set: Ships' "undifferentiated attention" ablation (Zhou et al. 2025,
+   reference code SafetyHeadAttribution: the head's query × ε, ε = 1e-4) drives it toward 0 so
+   the head attends uniformly to every key it can see.
 2. key bias: s[i,j] += b[h,j] on chosen key positions j. ZeroTuning's γ on the first token is
    b = log γ on key 0 — exact, because softmax renormalizes:
    A'[i,0] = γA[i,0] / (1+(γ−1)A[i,0]).
@@ -72,6 +75,7 @@ class InterventionPlan:
     """Per-(layer, head) interventions. See the module docstring for the exact semantics."""
 
     head_scales: dict[Head, float] = field(default_factory=dict)
+    logit_scales: dict[Head, float] = field(default_factory=dict)
     key_biases: dict[Head, dict[int, float]] = field(default_factory=dict)
     act_heads: dict[Head, ActSetting] = field(default_factory=dict)
     ablations: dict[Head, AblationMode] = field(default_factory=dict)
@@ -90,6 +94,21 @@ class InterventionPlan:
                 raise PlanError(f"scale for head {h} must be finite, got {s}")
             new[h] = new.get(h, 1.0) * s
         return replace(self, head_scales=new)
+
+    def scale_logits(self, scales: Mapping[Head, float]) -> "InterventionPlan":
+        """Multiply each head's attention logits q·k·scaling by a factor (= scaling its query). Factors compose."""
+        new = dict(self.logit_scales)
+        for h, s in _heads_map(scales).items():
+            s = float(s)
+            if not math.isfinite(s) or s < 0:
+                raise PlanError(f"logit scale for head {h} must be finite and >= 0, got {s}")
+            new[h] = new.get(h, 1.0) * s
+        return replace(self, logit_scales=new)
+
+    def uniform_attention(self, heads: Iterable[Head], epsilon: float = 1e-4) -> "InterventionPlan":
+        """Ships' "undifferentiated attention": logits × ε, so each head spreads its attention
+        (almost) uniformly over the keys it can see. ε = 0 is exactly uniform."""
+        return self.scale_logits({h: epsilon for h in _heads_map(list(heads))})
 
     def prune_heads(self, heads: Iterable[Head]) -> "InterventionPlan":
         """Zero the output of each head (scale 0). A mapping's keys are the heads."""
@@ -187,7 +206,7 @@ class InterventionPlan:
         """Both plans at once: scales multiply, biases add, the other's settings win elsewhere."""
         if self.model_shape and other.model_shape and self.model_shape != other.model_shape:
             raise PlanError(f"cannot combine plans built for different models: {self.model_shape} vs {other.model_shape}")
-        plan = self.scale_heads(other.head_scales)
+        plan = self.scale_heads(other.head_scales).scale_logits(other.logit_scales)
         for h, biases in other.key_biases.items():
             for p, b in biases.items():
                 plan = plan.key_bias({h: b}, p)
@@ -205,7 +224,7 @@ class InterventionPlan:
     # ---- inspection ----------------------------------------------------------------------
     def heads(self) -> set[Head]:
         """Every head the plan touches."""
-        return set(self.head_scales) | set(self.key_biases) | set(self.act_heads) | set(self.ablations) | set(self.patches)
+        return set(self.head_scales) | set(self.logit_scales) | set(self.key_biases) | set(self.act_heads) | set(self.ablations) | set(self.patches)
 
     def layers(self) -> set[int]:
         return {layer for layer, _ in self.heads()}
@@ -244,6 +263,10 @@ class InterventionPlan:
         for (l, h), s in self.head_scales.items():
             if l == layer:
                 scale[h] = s
+        logit_scale = torch.ones(n_heads)
+        for (l, h), s in self.logit_scales.items():
+            if l == layer:
+                logit_scale[h] = s
         positions = sorted({p for (l, _), b in self.key_biases.items() if l == layer for p in b})
         bias = torch.zeros(n_heads, len(positions))
         for (l, h), b in self.key_biases.items():
@@ -271,6 +294,7 @@ class InterventionPlan:
         return LayerPlan(
             layer=layer,
             head_scale=scale,
+            logit_scale=logit_scale,
             bias_positions=torch.tensor(positions, dtype=torch.long),
             bias=bias,
             act_heads=act,
@@ -288,6 +312,7 @@ class InterventionPlan:
             "format": "headlab.plan/1",
             "model_shape": list(self.model_shape) if self.model_shape else None,
             "head_scales": [[l, h, s] for (l, h), s in sorted(self.head_scales.items())],
+            "logit_scales": [[l, h, s] for (l, h), s in sorted(self.logit_scales.items())],
             "key_biases": [[l, h, p, b] for (l, h), d in sorted(self.key_biases.items()) for p, b in sorted(d.items())],
             "act": [[l, h, s.beta, s.tau] for (l, h), s in sorted(self.act_heads.items())],
             "ablations": [[l, h, m] for (l, h), m in sorted(self.ablations.items())],
@@ -307,6 +332,7 @@ class InterventionPlan:
             biases.setdefault((l, h), {})[int(p)] = float(b)
         return cls(
             head_scales={(l, h): float(s) for l, h, s in d.get("head_scales", [])},
+            logit_scales={(l, h): float(s) for l, h, s in d.get("logit_scales", [])},
             key_biases=biases,
             act_heads={(l, h): ActSetting(float(b), float(t)) for l, h, b, t in d.get("act", [])},
             ablations={(l, h): m for l, h, m in d.get("ablations", [])},
@@ -341,13 +367,14 @@ class InterventionPlan:
 class LayerPlan:
     """One layer's interventions as flat per-head tensors (what a kernel reads).
 
-    Shapes: head_scale [H]; bias_positions [P] (sorted key positions); bias [H, P] (additive
+    Shapes: head_scale [H]; logit_scale [H] (1 = untouched); bias_positions [P] (sorted key positions); bias [H, P] (additive
     logits, 0 = none); act_heads [H] bool; act_beta, act_tau [H]; replace_mode [H] int8
     (0 none, 1 zero, 2 mean, 3 patch); mean_out [H, Dv] or None; patches: head -> [B, Q, Dv].
     """
 
     layer: int
     head_scale: torch.Tensor
+    logit_scale: torch.Tensor
     bias_positions: torch.Tensor
     bias: torch.Tensor
     act_heads: torch.Tensor
@@ -361,6 +388,14 @@ class LayerPlan:
     def has_bias(self) -> bool:
         return self.bias_positions.numel() > 0
 
+    def __post_init__(self) -> None:
+        # Once per construction (compile, .to(device)), not once per attention block.
+        self._logit_scaled = bool((self.logit_scale != 1).any())
+
+    @property
+    def has_logit_scale(self) -> bool:
+        return self._logit_scaled
+
     @property
     def has_act(self) -> bool:
         return bool(self.act_heads.any())
@@ -368,12 +403,13 @@ class LayerPlan:
     @property
     def touches_probabilities(self) -> bool:
         """True when the attention probabilities themselves change (not only the outputs)."""
-        return self.has_bias or self.has_act
+        return self.has_logit_scale or self.has_bias or self.has_act
 
     def to(self, device: torch.device) -> "LayerPlan":
         return LayerPlan(
             layer=self.layer,
             head_scale=self.head_scale.to(device),
+            logit_scale=self.logit_scale.to(device),
             bias_positions=self.bias_positions.to(device),
             bias=self.bias.to(device),
             act_heads=self.act_heads.to(device),

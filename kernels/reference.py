@@ -39,13 +39,20 @@ def _logits(
     rows: slice,
     scaling: float,
     softcap: float | None,
+    logit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled logits of query rows `rows`: [B, H, C, K] fp32, with GQA by broadcasting (no copy of K)."""
+    """Scaled logits of query rows `rows`: [B, H, C, K] fp32, with GQA by broadcasting (no copy of K).
+
+    `logit_scale` [H]: the plan's per-head factor ε_h, applied before the softcap as scaling the
+    head's query would.
+    """
     B, H, _, D = query.shape
     Hkv = key_t.shape[1]
     qc = query[:, :, rows].float()
     C = qc.shape[2]
     s = torch.matmul(qc.view(B, Hkv, H // Hkv, C, D), key_t.unsqueeze(2)).view(B, H, C, -1).mul_(scaling)
+    if logit_scale is not None:
+        s = s.mul_(logit_scale[None, :, None, None])
     if softcap is not None:
         s = s.div_(softcap).tanh_().mul_(softcap)
     return s
@@ -88,7 +95,7 @@ def _probabilities(
     plan: LayerPlan | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities of rows `rows` after the plan's key bias: (A [B,H,C,K], allowed)."""
-    s = _logits(query, key_t, rows, scaling, softcap)
+    s = _logits(query, key_t, rows, scaling, softcap, plan.logit_scale if plan is not None and plan.has_logit_scale else None)
     B, H, C, K = s.shape
     allowed, additive = _mask_block(attention_mask, is_causal, rows, q_pos, K, (B, H, C, K))
     if additive is not None:

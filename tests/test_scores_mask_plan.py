@@ -112,6 +112,18 @@ def test_plan_composition_and_compile():
     assert both.heads() == {(0, 1), (0, 2), (0, 3), (1, 0)}
 
 
+def test_logit_scales_compose_compile_and_roundtrip():
+    plan = InterventionPlan().uniform_attention([(1, 2)], 1e-4).scale_logits({(1, 2): 10.0, (0, 0): 0.5})
+    assert plan.logit_scales == {(1, 2): pytest.approx(1e-3), (0, 0): 0.5}
+    layer = plan.compile_layer(1, n_heads=4, head_dim=8)
+    assert layer.logit_scale.tolist() == pytest.approx([1.0, 1.0, 1e-3, 1.0])
+    assert layer.touches_probabilities and not plan.compile_layer(0, 4, 8).has_bias
+    assert InterventionPlan.from_dict(plan.to_dict()) == plan
+    assert (plan + InterventionPlan().scale_logits({(1, 2): 2.0})).logit_scales[(1, 2)] == pytest.approx(2e-3)
+    with pytest.raises(headlab.PlanError, match="logit scale"):
+        InterventionPlan().scale_logits({(0, 0): -1.0})
+
+
 def test_plan_save_load_with_tensors(tmp_path):
     plan = (InterventionPlan().prune_heads([(0, 0)]).act([(1, 1)], beta=0.3, tau=0.2)
             .ablate_heads([(1, 2)], "mean", means={(1, 2): torch.arange(4.0)})
