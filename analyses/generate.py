@@ -1,0 +1,107 @@
+"""Batched next-token distributions, final hidden states and greedy generation under a plan.
+
+The shared plumbing of the analyses that compare a model with and without an intervention on
+whole prompts (safety heads, knowledge-conflict heads): prompts are tokenized once, batched, and
+run inside `model.patched(plan)`, so every intervention goes through the patched attention (and
+generation through its KV cache).
+
+Batches for one forward pass are right-padded (the last real token of each row is read);
+batches for generation are left-padded, as decoder-only generation needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from headlab.errors import HeadlabError
+from headlab.model import HeadModel
+from headlab.plan import InterventionPlan
+
+
+def _pad_id(model: HeadModel) -> int:
+    tok = model.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def encode(model: HeadModel, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt (with the tokenizer's special tokens), rejecting empty prompts."""
+    if model.tokenizer is None:
+        raise HeadlabError(f"{model.name} has no tokenizer; these analyses need text prompts")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise HeadlabError(f"prompt {i} is empty; every prompt must be a non-empty string")
+        out.append(list(model.tokenizer(p)["input_ids"]))
+    return out
+
+
+def right_padded(model: HeadModel, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T], last [B] index of each row's last token), on the model's device."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    last = torch.tensor([len(r) - 1 for r in rows])
+    return ids.to(model.device), mask.to(model.device), last.to(model.device)
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def last_token_outputs(model: HeadModel, prompts: Sequence[str] | Sequence[Sequence[int]], plan: InterventionPlan | None = None,
+                       batch_size: int = 32, hidden: bool = False) -> torch.Tensor:
+    """Per prompt, the next-token logits [N, V] (fp32, CPU) at its last token under `plan`, or with
+    `hidden=True` the final hidden state there [N, d] (`hidden_states[-1]`, after the final norm).
+    """
+    rows = encode(model, prompts) if prompts and isinstance(prompts[0], str) else [list(r) for r in prompts]
+    out = []
+    for sl in _batches(len(rows), batch_size):
+        ids, mask, last = right_padded(model, rows[sl])
+        with model.patched(plan):
+            res = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
+        x = res.hidden_states[-1] if hidden else res.logits
+        out.append(x[torch.arange(len(last), device=x.device), last].float().cpu())
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer) -> Iterator[None]:
+    old = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = old
+
+
+def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: InterventionPlan | None = None,
+                    max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy continuation of each prompt (special tokens dropped, whitespace stripped) under `plan`."""
+    rows = encode(model, prompts)
+    tok = model.tokenizer
+    pad = _pad_id(model)
+    texts: list[str] = []
+    for sl in _batches(len(rows), batch_size):
+        chunk = rows[sl]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, width - len(r):] = torch.tensor(r)
+            mask[j, width - len(r):] = 1
+        with _left_padding(tok), model.patched(plan):
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        for row in out[:, width:]:
+            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+    return texts
