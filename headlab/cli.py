@@ -128,6 +128,42 @@ def score_select_copy(
          prompt_format=prompt_format)
 
 
+@score_app.command("safety")
+def score_safety(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    harmful: Optional[str] = typer.Option(None, help="JSONL/CSV of harmful prompts (column goal, input, prompt, instruction or query)"),
+    harmless: Optional[str] = typer.Option(None, help="JSONL/CSV of harmless prompts (same columns), to check they stay answered"),
+    column: Optional[str] = typer.Option(None, help="the prompt column, when it is none of the usual names"),
+    n: int = typer.Option(48, help="zoo prompts per set when no --harmful"),
+    ablation: str = typer.Option("attention", help="attention (undifferentiated attention, q x eps) | output (output x eps)"),
+    epsilon: float = typer.Option(1e-4, help="ablation factor for Ships (the reference's 1e-4)"),
+    sahara_epsilon: float = typer.Option(1e-5, help="ablation factor for Sahara (the reference's 1e-5)"),
+    max_heads: int = typer.Option(3, help="Sahara's head-set size"),
+    template: str = typer.Option("{prompt}", help="prompt template with {prompt}, or 'chat' for the chat template"),
+    keywords: Optional[list[str]] = typer.Option(None, "--keyword", help="refusal keyword (repeat); default the reference's list"),
+    min_chars: Optional[int] = typer.Option(None, help="generations shorter than this count as refusals (reference: 32)"),
+    max_new_tokens: int = typer.Option(32),
+) -> None:
+    """Safety heads (Zhou et al. 2025): Ships per head, Sahara's head set, refusal before/after ablating it."""
+    from headlab import jobs
+
+    _job(jobs.score_safety, model, out, run_id, harmful=harmful, harmless=harmless, column=column, n=n, ablation=ablation,
+         epsilon=epsilon, sahara_epsilon=sahara_epsilon, max_heads=max_heads, template=template,
+         keywords=keywords or None, min_chars=min_chars, max_new_tokens=max_new_tokens)
+
+
+@score_app.command("conflict")
+def score_conflict(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with prompt, memory_answer, context_answer, corrupted_prompt"),
+    n: int = typer.Option(64, help="zoo pairs when no --data"),
+) -> None:
+    """Knowledge-conflict heads: path patching each head to the logits; memory vs context heads."""
+    from headlab import jobs
+
+    _job(jobs.score_conflict, model, out, run_id, data=data, n=n)
+
+
 @intervene_app.command("act")
 def intervene_act(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
@@ -156,6 +192,23 @@ def intervene_zerotuning(
 
     _job(jobs.intervene_zerotuning, model, out, run_id, data=data, n=n, calibration_fraction=calibration_fraction,
          objective=objective, layers=layers or None, seed=seed)
+
+
+@intervene_app.command("ph3")
+def intervene_ph3(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    toward: str = typer.Option(..., help="context (prune memory heads) | memory (prune context heads)"),
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with prompt, memory_answer, context_answer, corrupted_prompt"),
+    n: int = typer.Option(128, help="zoo pairs when no --data"),
+    k: Optional[int] = typer.Option(None, help="heads to prune (default: chosen on the calibration split)"),
+    max_k: int = typer.Option(8, help="largest k tried when choosing k"),
+    calibration_fraction: float = typer.Option(0.5), seed: int = typer.Option(0),
+) -> None:
+    """PH3 (Jin et al. 2024): prune memory or context heads found by path patching; memory/context rates before/after."""
+    from headlab import jobs
+
+    _job(jobs.intervene_ph3, model, out, run_id, toward=toward, data=data, n=n, k=k, max_k=max_k,
+         calibration_fraction=calibration_fraction, seed=seed)
 
 
 @app.command()

@@ -198,3 +198,121 @@ def intervene_zerotuning(model: str, out: str | Path = "runs", run_id: str | Non
                    "test": evaluation}
         run.save_samples(result.sweep, "gamma_sweep")
         return _finish(run, summary, {"gain_up": result.profile_up, "gain_down": result.profile_down})
+
+
+def _zoo_task(model: str, task: str) -> bool:
+    """True for a zoo model trained on `task` (its training.json lists the tasks)."""
+    if not _is_zoo_task_model(model):
+        return False
+    from headlab import zoo
+
+    from headlab.zoo import tasks
+
+    args = json.loads((zoo.path(model[4:]) / "training.json").read_text())["args"]
+    return task in args.get("tasks", tasks.TASKS)  # models trained before --tasks existed saw every task
+
+
+def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None, *, harmful: str | None = None,
+                 harmless: str | None = None, column: str | None = None, n: int = 48, ablation: str = "attention",
+                 epsilon: float = 1e-4, sahara_epsilon: float = 1e-5, max_heads: int = 3, template: str = "{prompt}",
+                 keywords: list[str] | None = None, min_chars: int | None = None, max_new_tokens: int = 32,
+                 progress: bool = True) -> Path:
+    """Ships per query and head, Sahara's safety-head set, and refusal rates before/after ablating it."""
+    from headlab.analyses import safety
+
+    zoo_model = _zoo_task(model, "refusal")
+    if harmful:
+        harmful_prompts = safety.build_dataset(path=harmful, column=column)
+        harmless_prompts = safety.build_dataset(path=harmless, column=column) if harmless else None
+    elif zoo_model:
+        harmful_prompts, harmless_prompts = safety.zoo_dataset(n, True), safety.zoo_dataset(n, False)
+    else:
+        raise HeadlabError(f"{model} is not a zoo model trained on the refusal task: give --harmful (JSONL/CSV with a "
+                           f"goal/input/prompt column) and optionally --harmless")
+    if keywords:
+        matcher = safety.RefusalMatcher(tuple(keywords), min_chars=32 if min_chars is None else min_chars)
+    elif zoo_model and not harmful:
+        matcher = safety.RefusalMatcher(("sorry", "cannot"), min_chars=0 if min_chars is None else min_chars)
+    else:
+        matcher = safety.RefusalMatcher(min_chars=32 if min_chars is None else min_chars)
+    ships_cfg = safety.SafetyConfig(ablation=ablation, epsilon=epsilon, template=template)  # type: ignore[arg-type]
+    sahara_cfg = safety.SafetyConfig(ablation=ablation, epsilon=sahara_epsilon, template=template, max_heads=max_heads)  # type: ignore[arg-type]
+    params = {"harmful": harmful, "harmless": harmless, "column": column, "n": n, "ablation": ablation, "epsilon": epsilon,
+              "sahara_epsilon": sahara_epsilon, "max_heads": max_heads, "template": template,
+              "keywords": list(matcher.keywords), "min_chars": matcher.min_chars, "max_new_tokens": max_new_tokens}
+    run = open_run(out, "safety", model, params, run_id)  # a finished or mismatched run fails before loading
+    hm = load_model(model)
+    with run:
+        cache = Checkpoint(run.dir / CHECKPOINT)
+        ships = safety.ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache)
+        found = safety.sahara(hm, harmful_prompts, sahara_cfg, progress=progress, cache=cache)
+        evaluation = safety.evaluate(hm, harmful_prompts, harmless_prompts, found.heads, ships_cfg, matcher,
+                                     max_new_tokens=max_new_tokens)
+        run.save_plan(safety.ablation_plan(found.heads, ships_cfg))
+        import pandas as pd
+
+        rows = [{"set": name, **g} for name in ("harmful", "harmless") if name in evaluation for g in evaluation[name].pop("generations")]
+        run.save_samples(pd.DataFrame(rows), "generations")
+        per_query = [{"prompt": p, "top_heads": json.dumps(ships.query_top(i, 5))} for i, p in enumerate(ships.prompts)]
+        run.save_samples(pd.DataFrame(per_query), "ships_per_query")
+        summary = {"harmful": len(harmful_prompts), "harmless": len(harmless_prompts or []),
+                   "top_ships": [[l, h, s] for l, h, s in ships.scores.top(10)],
+                   "sahara_heads": [list(h) for h in found.heads], "sahara_angles": found.angles, "evaluation": evaluation}
+        return _finish(run, summary, {"ships": ships.scores, "ships_top_count": ships.top_counts,
+                                      "dataset_ships": found.steps[0]})
+
+
+def _conflict_samples(model: str, data: str | None, n: int):
+    from headlab.analyses import conflict
+
+    if data:
+        return conflict.build_dataset(path=data)
+    if _zoo_task(model, "conflict"):
+        return conflict.zoo_dataset(n)
+    raise HeadlabError(f"{model} is not a zoo model trained on the conflict task: give --data (JSONL/CSV with prompt, "
+                       "memory_answer, context_answer, corrupted_prompt)")
+
+
+def score_conflict(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                   n: int = 64, progress: bool = True) -> Path:
+    """Memory and context heads by path patching each head to the logits (PH3's first step)."""
+    from headlab.analyses import conflict
+
+    samples = _conflict_samples(model, data, n)
+    run = open_run(out, "conflict", model, {"data": data, "n": n}, run_id)
+    hm = load_model(model)
+    with run:
+        heads = conflict.find_heads(hm, samples, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        summary = {"pairs": len(samples), "clean_logit_difference": heads.clean_ld,
+                   "memory_heads": [[l, h, s] for l, h, s in heads.memory.top(5) if s > 0],
+                   "context_heads": [[l, h, s] for l, h, s in heads.context.top(5) if s > 0]}
+        return _finish(run, summary, {"conflict_effect": heads.effect, "memory_heads": heads.memory,
+                                      "context_heads": heads.context})
+
+
+def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = None, *, toward: str = "context",
+                  data: str | None = None, n: int = 128, k: int | None = None, max_k: int = 8,
+                  calibration_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> Path:
+    """PH3: find memory/context heads on a calibration split, prune toward context or memory, evaluate on the rest."""
+    from headlab.analyses import conflict, select_copy
+
+    if toward not in ("context", "memory"):
+        raise HeadlabError(f"--toward must be 'context' or 'memory', got {toward!r}")
+    samples = _conflict_samples(model, data, n)
+    cal_idx, test_idx = select_copy.split(len(samples), calibration_fraction, seed)
+    cal, test = [samples[i] for i in cal_idx], [samples[i] for i in test_idx]
+    params = {"toward": toward, "data": data, "n": n, "k": k, "max_k": max_k,
+              "calibration_fraction": calibration_fraction, "seed": seed}
+    run = open_run(out, "ph3", model, params, run_id)
+    hm = load_model(model)
+    with run:
+        heads = conflict.find_heads(hm, cal, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        result = conflict.ph3(hm, cal, heads, toward, k=k, max_k=max_k)  # type: ignore[arg-type]
+        evaluation = conflict.evaluate(hm, test, result.plan)
+        run.save_plan(result.plan)
+        import pandas as pd
+
+        run.save_samples(pd.DataFrame(evaluation.pop("answers")), "answers")
+        summary = {"toward": toward, "k": result.k, "pruned": [list(h) for h in result.pruned],
+                   "k_selection": result.selection, "test": evaluation}
+        return _finish(run, summary, {"memory_heads": heads.memory, "context_heads": heads.context})
