@@ -205,7 +205,6 @@ def _zoo_task(model: str, task: str) -> bool:
     if not _is_zoo_task_model(model):
         return False
     from headlab import zoo
-
     from headlab.zoo import tasks
 
     args = json.loads((zoo.path(model[4:]) / "training.json").read_text())["args"]
