@@ -103,21 +103,16 @@ def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequenc
 def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
                   batch_size: int = 32) -> list[torch.Tensor]:
     """Per sample, the next-token logits [C] of its choices' first tokens, under `plan`."""
+    from headlab.analyses.generate import right_padded
+
     tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[torch.Tensor] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         encoded = [_encode(tok, s.prompt, s.choices) for s in chunk]
-        rows = [prompt_ids for prompt_ids, _ in encoded]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        ids, mask, _ = right_padded(model, [prompt_ids for prompt_ids, _ in encoded])
         with model.patched(plan):
-            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+            logits = model(ids, attention_mask=mask).logits.float()
         for j, (prompt_ids, choice_ids) in enumerate(encoded):
             out.append(logits[j, len(prompt_ids) - 1, list(choice_ids)].cpu())
     return out
