@@ -120,9 +120,15 @@ def headlab_attention_forward(
         return out.transpose(1, 2), None
 
     # SDPA computes every output at full speed unless the probabilities themselves change (or
-    # softcap, which SDPA lacks); the reference then computes only the probability stats, only
-    # on the rows asked for — e.g. the last prompt token of a retrieval-score prefill.
-    if softcap is None and not (plan is not None and plan.touches_probabilities):
+    # softcap, which SDPA lacks); the patched attention then computes only the probability stats,
+    # only on the rows asked for — e.g. the last prompt token of a retrieval-score prefill. When
+    # the stats cover many rows and the Triton kernels run, one fused pass does both for less.
+    sdpa_first = softcap is None and not (plan is not None and plan.touches_probabilities)
+    if sdpa_first and stats is not None and stats.wants_probabilities and stats.query_index.numel() * 4 >= Q:
+        from headlab.kernels import uses_triton
+
+        sdpa_first = not uses_triton(query, key, value, attention_mask, stats)
+    if sdpa_first:
         z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
         rows = slice(0, Q)
         patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None

@@ -384,28 +384,57 @@ class LayerPlan:
     mean_out: torch.Tensor | None = None
     patches: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def has_bias(self) -> bool:
-        return self.bias_positions.numel() > 0
+    facts: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """Host-side summary (which kinds of intervention are present, the largest biased key),
+    computed once where the plan is built — on the CPU — and carried by `.to(device)`, so that
+    kernels never read GPU tensors back (a device synchronization) to decide what to run."""
 
     def __post_init__(self) -> None:
-        # Once per construction (compile, .to(device)), not once per attention block.
-        self._logit_scaled = bool((self.logit_scale != 1).any())
+        if self.facts is None:
+            self.facts = {
+                "logit_scaled": bool((self.logit_scale != 1).any()),
+                "act": bool(self.act_heads.any()),
+                "replaces": bool((self.replace_mode != REPLACE_NONE).any()),
+                "head_scaled": bool((self.head_scale != 1).any()),
+                "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
+            }
+
+    @property
+    def has_bias(self) -> bool:
+        return self.facts["max_bias_position"] >= 0
+
+    @property
+    def max_bias_position(self) -> int:
+        """Largest key position the plan biases (−1 when none)."""
+        return self.facts["max_bias_position"]
 
     @property
     def has_logit_scale(self) -> bool:
-        return self._logit_scaled
+        return self.facts["logit_scaled"]
 
     @property
     def has_act(self) -> bool:
-        return bool(self.act_heads.any())
+        return self.facts["act"]
+
+    @property
+    def has_replacement(self) -> bool:
+        """True when some head's output is replaced (zero / mean ablation, patching)."""
+        return self.facts["replaces"]
+
+    @property
+    def has_head_scale(self) -> bool:
+        return self.facts["head_scaled"]
 
     @property
     def touches_probabilities(self) -> bool:
         """True when the attention probabilities themselves change (not only the outputs)."""
         return self.has_logit_scale or self.has_bias or self.has_act
 
-    def to(self, device: torch.device) -> "LayerPlan":
+    def to(self, device: torch.device | str) -> "LayerPlan":
+        device = torch.device(device)
+        if self.head_scale.device == device or (device.type == "cuda" and device.index is None
+                                                and self.head_scale.device.type == "cuda"):
+            return self
         return LayerPlan(
             layer=self.layer,
             head_scale=self.head_scale.to(device),
@@ -418,6 +447,7 @@ class LayerPlan:
             replace_mode=self.replace_mode.to(device),
             mean_out=None if self.mean_out is None else self.mean_out.to(device),
             patches={h: z.to(device) for h, z in self.patches.items()},
+            facts=self.facts,
         )
 
     def patch_tensor(self, batch: int, q_len: int, n_heads: int, head_dim: int, device: torch.device) -> torch.Tensor | None:

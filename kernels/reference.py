@@ -149,6 +149,8 @@ def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: sl
     """Replacement (zero / mean / patch) then output scale, on head outputs z [B, H, C, Dv] fp32."""
     if plan is None:
         return z
+    if not plan.has_replacement:
+        return z * plan.head_scale.to(z.device)[None, :, None, None] if plan.has_head_scale else z
     mode = plan.replace_mode.to(z.device)[None, :, None, None]
     if bool((plan.replace_mode == REPLACE_ZERO).any()):
         z = torch.where(mode == REPLACE_ZERO, torch.zeros_like(z), z)
@@ -157,6 +159,23 @@ def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: sl
     if patch is not None:
         z = torch.where(mode == REPLACE_PATCH, patch[:, :, rows].to(z.device), z)
     return z * plan.head_scale.to(z.device)[None, :, None, None]
+
+
+def key_logits(query: torch.Tensor, key: torch.Tensor, rows: slice | torch.Tensor, keys: torch.Tensor, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+    """Pre-softmax logits of query rows `rows` at key positions `keys`: [B, H, Qs, P] fp32.
+
+    q·k × scaling (softcapped), no mask and no plan: the QK-score of select-and-copy heads.
+    """
+    B, H, _, D = query.shape
+    Hkv = key.shape[1]
+    q = query[:, :, rows].float()
+    q = q.view(B, Hkv, H // Hkv, q.shape[2], D)
+    k = key[:, :, keys].float()  # [B, Hkv, P, D]
+    s = torch.matmul(q, k.transpose(-1, -2).unsqueeze(2)).view(B, H, q.shape[3], -1) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
 
 
 class StatsCollector:
@@ -224,17 +243,8 @@ class StatsCollector:
             o.received_count += allowed[:, :, local].float().sum(dim=2).expand_as(o.received_count)
 
     def add_key_logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float, softcap: float | None) -> None:
-        """Pre-softmax logits of the selected queries at the requested keys: [B, H, Qs, P], no mask, no bias."""
-        if self.req.keys is None:
-            return
-        B, H, _, D = query.shape
-        Hkv = key.shape[1]
-        q = query[:, :, self.window].float().view(B, Hkv, H // Hkv, -1, D)
-        k = key[:, :, self.req.keys].float()  # [B, Hkv, P, D]
-        s = torch.matmul(q, k.transpose(-1, -2).unsqueeze(2)).view(B, H, q.shape[3], -1) * scaling
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
-        self.out.key_logits = s
+        if self.req.keys is not None:
+            self.out.key_logits = key_logits(query, key, self.window, self.req.keys, scaling, softcap)
 
     def add_outputs(self, rows: slice, z: torch.Tensor) -> None:
         if not self.req.head_outputs:
@@ -297,11 +307,11 @@ def patched_attention(
     chunk = chunk_rows(B, H, Q, K, block_elements)
     if plan is not None:
         plan = plan.to(device)
-        if plan.has_bias and int(plan.bias_positions.max()) >= K:
+        if plan.max_bias_position >= K:
             from headlab.errors import PlanError
 
             raise PlanError(
-                f"layer {plan.layer}: the plan biases key position {int(plan.bias_positions.max())}, "
+                f"layer {plan.layer}: the plan biases key position {plan.max_bias_position}, "
                 f"but this call has only {K} keys"
             )
     patch = plan.patch_tensor(B, Q, H, Dv, device) if plan is not None else None

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 import transformers
+
+if not torch.cuda.is_available():
+    # Triton kernels under test run in Triton's CPU interpreter; it must be chosen before any
+    # kernel is defined (at import), so it is set here, before the tests import headlab.kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 97
 
