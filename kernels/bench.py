@@ -232,6 +232,28 @@ def act_breakdown(n: int, rows: list[dict]) -> None:
     print(f"ACT N={n}: {int(sinks.sum())} sinks over {H} heads", flush=True)
 
 
+def sweep_decode(rows: list[dict]) -> None:
+    """Pick DECODE_BLOCKS (plain / with stats) at a 32k cache, batch 8."""
+    q, k, v = (torch.randn(8, n, h, D, device="cuda", dtype=DT).transpose(1, 2) for n, h in ((1, H), (32768, HKV), (32768, HKV)))
+    stats = StatsRequest(argmax=True, entropy=True, spans={"first": (0, 4), "a": (16384, 16448),
+                                                           "b": list(range(100, 32768, 2048))}).compile(1, 32768, torch.device("cuda"))
+    for key, kw in (("plain", {}), ("stats", {"stats": stats})):
+        best = None
+        for cfg in [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2), (32, 2, 3), (64, 4, 3), (128, 4, 2)]:
+            fused.DECODE_BLOCKS[key] = cfg
+            try:
+                us = bench(lambda kw=kw: fused.patched_attention(q, k, v, scaling=D ** -0.5, **kw)) * 1e3
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit
+                print(f"sweep decode {key} {cfg}: failed ({type(exc).__name__})")
+                continue
+            print(f"sweep decode {key} {cfg}: {us:.1f} us", flush=True)
+            rows.append({"sweep": f"decode_{key}", "config": cfg, "us": us})
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        fused.DECODE_BLOCKS[key] = best[0]
+        print(f"sweep decode {key}: best {best[0]}")
+
+
 def decode(cache: int, batch: int, rows: list[dict]) -> None:
     q = torch.randn(batch, 1, H, D, device="cuda", dtype=DT).transpose(1, 2)
     k = torch.randn(batch, cache, HKV, D, device="cuda", dtype=DT).transpose(1, 2)
@@ -335,6 +357,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[4096, 16384, 32768, 65536])
     ap.add_argument("--caches", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--sweep", action="store_true", help="time block configs first and use the best")
+    ap.add_argument("--sweep-decode", action="store_true", help="time decode block configs first and use the best")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)
@@ -345,8 +368,10 @@ def main() -> None:
     result = {**header(), "triton": triton.__version__, "shape": f"B=1 H={H} Hkv={HKV} d={D} {DT} causal", "rows": rows}
     if args.sweep:
         sweep(rows)
+    if args.sweep or args.sweep_decode:
+        sweep_decode(rows)
     result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
-                        "colsum": fused.COLSUM_BLOCKS[D]}
+                        "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:
         for n in args.sizes:
             prefill(n, rows, not args.no_flex)

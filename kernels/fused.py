@@ -34,13 +34,16 @@ MAX_KEY_SETS = 128
 """Most spans + requested keys measured in one pass (the key-set matrix is [K, 128] at most)."""
 DTYPES = (torch.float16, torch.bfloat16)
 PREFILL_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-    16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+    16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 3),
 }
-"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the output pass by head_dim (kernels/bench.py --sweep picks them)."""
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the output pass by head_dim; d=128 as `kernels/bench.py --sweep`
+picked on an H100 (benchmarks/results/kernel_bench_h100.json), the others untuned."""
 QK_ONLY_BLOCKS: dict[int, tuple[int, int, int, int]] = {
-    16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3),
+    16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
 }
 """The same for the QK-only passes (stats on a window, ACT's log-sum-exp)."""
+DECODE_BLOCKS: dict[str, tuple[int, int, int]] = {"plain": (64, 4, 2), "stats": (32, 2, 3)}
+"""(BLOCK_N, num_warps, num_stages) of decode (query heads of a group packed, keys split), without / with stats."""
 COLSUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 4, 3),
 }
@@ -167,7 +170,8 @@ class _Launch:
         group = ratio if few else 1
         rows_total = QN * group
         if few:
-            block_m, block_n, warps, stages = _pow2(rows_total), 64, 4, 2
+            block_n, warps, stages = DECODE_BLOCKS["stats" if (argmax or entropy or member is not None) else "plain"]
+            block_m = _pow2(rows_total)
         else:
             block_m, block_n, warps, stages = PREFILL_BLOCKS[D] if output else QK_ONLY_BLOCKS[D]
             if QN <= 64:
