@@ -432,9 +432,10 @@ class LayerPlan:
 
     def to(self, device: torch.device | str) -> "LayerPlan":
         device = torch.device(device)
-        if self.head_scale.device == device or (device.type == "cuda" and device.index is None
-                                                and self.head_scale.device.type == "cuda"):
-            return self
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.head_scale.device == device:
+            return self  # plans are never mutated: sharing is safe, and keeps kernel caches warm
         return LayerPlan(
             layer=self.layer,
             head_scale=self.head_scale.to(device),

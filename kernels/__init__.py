@@ -95,7 +95,14 @@ def active_kernel(device: str | torch.device = "cpu") -> str:
     reason = triton_import_error()
     if choice == "auto" and device.type != "cuda":
         return ref
+    if reason is None and device.type != "cuda":
+        from headlab.kernels.fused import interpreting
+
+        if not interpreting():
+            reason = f"tensors on {device.type} need TRITON_INTERPRET=1"
     if reason is not None:
+        if choice == "triton":
+            return f"none: {KERNEL_ENV}=triton, but {reason} (every patched call will raise)"
         return f"{ref} [{reason}]"
     from headlab.kernels.fused import HEAD_DIMS, dispatch_note
 

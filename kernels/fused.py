@@ -267,7 +267,7 @@ class _Launch:
 
     def sink_mass(self, sinks: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """S_i = Σ_{s ∈ sinks} A[i, s] per row: [B, H, Q], from the few sink keys gathered in PyTorch."""
-        B, H, QN, D = self.q.shape
+        B, H, QN, _ = self.q.shape
         counts = sinks.sum(-1)
         M = int(counts.max()) if counts.numel() else 0
         if M == 0:
@@ -443,7 +443,7 @@ def patched_attention(
             st, st_rows = res, slice(win.start, win.stop)
         else:
             st, st_rows = run.forward(rows=win, output=False, **stat_kw), slice(0, win.stop - win.start)
-    if replaces:
+    if replaces and out is not None:
         patch = plan.patch_tensor(B, Q, H, D, query.device)
         out = apply_output_interventions(out.float(), plan, slice(0, Q), patch).to(query.dtype)
 

@@ -10,8 +10,8 @@ sees exactly: cuDNN SDPA and the Triton forward at 16k (case a), the forward wit
 from __future__ import annotations
 
 import torch
-
 from headlab.kernels import fused
+
 from headlab.stats import StatsRequest
 
 H, HKV, D = 32, 8, 128

@@ -86,7 +86,7 @@ def _logits_tile(
     if HAS_BIAS:
         if BIAS_PHASE == 0:
             s = _add_bias(s, bias_ptr, head_off, stride_bias_h, cols, KB, rows_ok, GROUP)
-        elif BIAS_PHASE == 2:
+        elif BIAS_PHASE == 2:  # noqa: SIM102 - a compile-time branch around a run-time one
             if start_n < KB:
                 s = _add_bias(s, bias_ptr, head_off, stride_bias_h, cols, KB, rows_ok, GROUP)
     if HAS_SINK:
