@@ -379,8 +379,11 @@ def _attn_colsum(
     if HAS_LS:
         ls_row = ls_row * tl.load(LogitScale + h)
     sink_off = (b64 * H + h) * KN
-    recv = tl.zeros([BLOCK_N], tl.float32)
-    cnt = tl.zeros([BLOCK_N], tl.float32)
+    # per-element accumulators, reduced over rows once at the end: a cross-thread column
+    # reduction per tile made this pass instruction-bound
+    recv = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    cnt = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    n_full = tl.zeros([BLOCK_N], tl.float32)  # rows counted by whole tiles
     # Row ranges: [first, full_lo) cross the diagonal (masked), [full_lo, full_end) see the whole key
     # block (unmasked), [full_end, row_hi) is the ragged tail (masked). Without a plain causal
     # shape every row goes through the masked loop.
@@ -422,9 +425,12 @@ def _attn_colsum(
             )
             lse = tl.load(Lse + row_flat, mask=rows_ok, other=float("-inf")) * LOG2E
             lse_use = tl.where(lse == float("-inf"), 0.0, lse)
-            p = tl.where(s > float("-inf"), tl.math.exp2(s - lse_use[:, None]), 0.0)
-            recv += tl.sum(p, 0)
-            cnt += tl.sum(allowed.to(tl.float32), 0)
+            if phase == 1:  # whole tiles every row of which sees every key: finite logits and lse
+                recv += tl.math.exp2(s - lse[:, None])
+                n_full += BLOCK_M * 1.0
+            else:
+                recv += tl.where(s > float("-inf"), tl.math.exp2(s - lse_use[:, None]), 0.0)
+                cnt += allowed.to(tl.float32)
     ok = cols < KN
-    tl.store(Recv + (b64 * H + h) * KN + cols, recv, mask=ok)
-    tl.store(Count + (b64 * H + h) * KN + cols, cnt, mask=ok)
+    tl.store(Recv + (b64 * H + h) * KN + cols, tl.sum(recv, 0), mask=ok)
+    tl.store(Count + (b64 * H + h) * KN + cols, tl.sum(cnt, 0) + n_full, mask=ok)
