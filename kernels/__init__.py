@@ -13,6 +13,7 @@ which is how the parity tests run without a GPU; an unsupported call is an error
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -22,6 +23,8 @@ from headlab.kernels.reference import patched_attention as reference_attention
 KERNEL_ENV = "HEADLAB_KERNEL"
 CHOICES = ("auto", "reference", "triton")
 _warned: set[str] = set()
+_announced: set[str] = set()
+log = logging.getLogger("headlab.kernels")
 
 
 class KernelUnavailableError(RuntimeError):
@@ -81,6 +84,9 @@ def patched_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if name == "triton":
         from headlab.kernels.fused import patched_attention as fused_attention
 
+        if str(query.device) not in _announced:  # the choice, once per device, in the log
+            _announced.add(str(query.device))
+            log.info("patched attention on %s: %s", query.device, active_kernel(query.device))
         return fused_attention(query, key, value, **kwargs)
     return reference_attention(query, key, value, **kwargs)
 
