@@ -375,6 +375,7 @@ def patched_attention(
         act_sink_sets,
         apply_output_interventions,
         key_logits,
+        plan_for_call,
     )
 
     B, H, Q, D = query.shape
@@ -389,15 +390,7 @@ def patched_attention(
         q_offset = query_positions
     else:
         q_offset = int(query_positions.reshape(-1)[0]) if query_positions.numel() else 0
-    if plan is not None:
-        plan = plan.to(query.device)
-        if plan.max_bias_position >= K:
-            from headlab.errors import PlanError
-
-            raise PlanError(
-                f"layer {plan.layer}: the plan biases key position {plan.max_bias_position}, "
-                f"but this call has only {K} keys"
-            )
+    plan = plan_for_call(plan, K, query.device)
     run = _Launch(query, key, value, scaling, is_causal, attention_mask, softcap, plan, q_offset)
 
     if plan is not None and plan.has_act:

@@ -161,6 +161,19 @@ def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: sl
     return z * plan.head_scale.to(z.device)[None, :, None, None]
 
 
+def plan_for_call(plan: LayerPlan | None, k_len: int, device: torch.device) -> LayerPlan | None:
+    """The layer plan on `device`, checked against a call with `k_len` keys (PlanError if it biases past them)."""
+    if plan is None:
+        return None
+    plan = plan.to(device)
+    if plan.max_bias_position >= k_len:
+        from headlab.errors import PlanError
+
+        raise PlanError(f"layer {plan.layer}: the plan biases key position {plan.max_bias_position}, "
+                        f"but this call has only {k_len} keys")
+    return plan
+
+
 def key_logits(query: torch.Tensor, key: torch.Tensor, rows: slice | torch.Tensor, keys: torch.Tensor, scaling: float,
                softcap: float | None) -> torch.Tensor:
     """Pre-softmax logits of query rows `rows` at key positions `keys`: [B, H, Qs, P] fp32.
@@ -305,15 +318,7 @@ def patched_attention(
         row_positions = query_positions.cpu()
         q_pos = query_positions.to(device)
     chunk = chunk_rows(B, H, Q, K, block_elements)
-    if plan is not None:
-        plan = plan.to(device)
-        if plan.max_bias_position >= K:
-            from headlab.errors import PlanError
-
-            raise PlanError(
-                f"layer {plan.layer}: the plan biases key position {plan.max_bias_position}, "
-                f"but this call has only {K} keys"
-            )
+    plan = plan_for_call(plan, K, device)
     patch = plan.patch_tensor(B, Q, H, Dv, device) if plan is not None else None
     kw = dict(scaling=scaling, softcap=softcap, attention_mask=attention_mask, is_causal=is_causal, q_pos=q_pos, plan=plan)
 
