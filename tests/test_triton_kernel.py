@@ -302,3 +302,12 @@ def test_padded_cached_generation_through_the_kernels(tiny_dirs, monkeypatch):
     assert results["triton"][1].shape[-1] == 5  # the prefill's last row, then one per forward of a new token
     assert (results["triton"][1] == results["reference"][1]).float().mean() > 0.97
     torch.testing.assert_close(results["triton"][2], results["reference"][2], atol=2e-2, rtol=1e-2)
+
+
+def test_plan_beyond_the_keys_is_a_plan_error():
+    from headlab.errors import PlanError
+
+    q, k, v = qkv(Q=5, K=20)
+    lp = InterventionPlan().key_bias({(0, 1): 1.0}, [25]).compile_layer(0, 8, q.shape[-1])
+    with pytest.raises(PlanError, match="biases key position 25, but this call has only 20 keys"):
+        patched_attention(q, k, v, scaling=0.25, plan=lp)
