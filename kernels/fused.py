@@ -75,8 +75,11 @@ def unsupported_reason(
     if isinstance(query_positions, torch.Tensor) and isinstance(as_slice(query_positions.cpu()), torch.Tensor):
         return "non-consecutive query positions"
     if attention_mask is not None:
-        if attention_mask.dim() != 4 or attention_mask.shape[1] not in (1, query.shape[1]):
-            return f"attention mask of shape {tuple(attention_mask.shape)} (expected [B, 1|H, Q, K])"
+        B, H, Q, _ = query.shape
+        m = attention_mask.shape
+        if attention_mask.dim() != 4 or m[0] not in (1, B) or m[1] not in (1, H) or m[2] not in (1, Q) \
+                or m[3] < key.shape[2]:
+            return f"attention mask of shape {tuple(m)} (expected [1|B, 1|H, 1|Q, ≥K] for q {tuple(query.shape)})"
         if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
             return f"attention mask of dtype {attention_mask.dtype}"
     if stats is not None:
@@ -111,7 +114,7 @@ class _Launch:
                 self.mask_floor = torch.finfo(m.dtype).min / 2  # the reference's threshold
             self.mask = m
             st = m.stride()
-            self.mask_strides = (st[0] if m.shape[0] > 1 else 0, st[1] if m.shape[1] > 1 else 0, st[2], st[3])
+            self.mask_strides = tuple(st[i] if m.shape[i] > 1 else 0 for i in range(3)) + (st[3],)
         self.is_causal = bool(is_causal) and attention_mask is None
         self.plan = plan
         self.logit_scale = self.bias = None

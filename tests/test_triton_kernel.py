@@ -311,3 +311,13 @@ def test_plan_beyond_the_keys_is_a_plan_error():
     lp = InterventionPlan().key_bias({(0, 1): 1.0}, [25]).compile_layer(0, 8, q.shape[-1])
     with pytest.raises(PlanError, match="biases key position 25, but this call has only 20 keys"):
         patched_attention(q, k, v, scaling=0.25, plan=lp)
+
+
+def test_broadcast_and_wider_masks():
+    """A [B, 1, 1, K'] mask (one row for every query, K' ≥ K keys) means the same as its expansion."""
+    q, k, v = qkv(Q=6, K=30)
+    key_ok = torch.ones(2, 1, 1, 34, dtype=torch.bool, device=DEVICE)
+    key_ok[1, ..., :9] = False
+    (out, _), (ref, _) = both(q, k, v, attention_mask=key_ok, is_causal=False)
+    close_out(out, ref, torch.float16)
+    assert "attention mask of shape" in unsupported_reason(q, k, v, key_ok[..., :20], None, None)
