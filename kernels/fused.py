@@ -164,7 +164,7 @@ class _Launch:
             if sink_bias is not None:
                 sink_bias = sink_bias[:, :, rows].contiguous()
             if self.mask_mode:
-                mask = mask[:, :, rows]
+                mask = _mask_rows(mask, rows)
         B, H, QN, D = q.shape
         KN, HKV = self.KN, self.HKV
         ratio = H // HKV
@@ -307,6 +307,11 @@ class _Launch:
         p = torch.exp(s - torch.where(lse_ok, lse, torch.zeros_like(lse))[..., None])
         p = torch.where(ok & lse_ok[..., None], p, torch.zeros_like(p))
         return p.sum(-1)
+
+
+def _mask_rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The mask of query rows `rows` ([B, H, Q, K]; a mask broadcast over queries stays as it is)."""
+    return mask if mask.shape[2] == 1 else mask[:, :, rows]
 
 
 def _key_sets(stats: CompiledStats, span_names: list[str], k_len: int, device: torch.device) -> torch.Tensor:
@@ -466,7 +471,7 @@ def patched_attention(
                 layer.received, layer.received_count = run.received(st["lse"], win.start, win.stop, listed)
             else:  # the window pass has the lse of the window's rows only: a launch over those rows
                 sub = _Launch(query[:, :, win], key, value, scaling, is_causal,
-                              None if attention_mask is None else attention_mask[:, :, win], softcap, plan,
+                              None if attention_mask is None else _mask_rows(attention_mask, win), softcap, plan,
                               q_offset + win.start)
                 sub.sink_flags = run.sink_flags
                 sub.sink_bias = None if run.sink_bias is None else run.sink_bias[:, :, win].contiguous()

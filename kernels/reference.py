@@ -74,7 +74,10 @@ def _mask_block(
         else:
             allowed = torch.ones(q_pos[rows].numel(), k_len, dtype=torch.bool, device=device)
         return allowed[None, None], None
-    block = attention_mask[:, :, rows, :k_len]
+    if attention_mask.shape[2] == 1:  # one mask row for every query
+        block = attention_mask[:, :, :, :k_len].expand(-1, -1, q_pos[rows].numel(), -1)
+    else:
+        block = attention_mask[:, :, rows, :k_len]
     if block.dtype == torch.bool:
         return block, None
     additive = block.float()

@@ -318,6 +318,8 @@ def test_broadcast_and_wider_masks():
     q, k, v = qkv(Q=6, K=30)
     key_ok = torch.ones(2, 1, 1, 34, dtype=torch.bool, device=DEVICE)
     key_ok[1, ..., :9] = False
-    (out, _), (ref, _) = both(q, k, v, attention_mask=key_ok, is_causal=False)
+    req = StatsRequest(argmax=True, entropy=True, received=True, queries=[4])  # a one-row window pass
+    (out, st), (ref, rst) = both(q, k, v, stats=req, attention_mask=key_ok, is_causal=False)
     close_out(out, ref, torch.float16)
+    close_stats(st, rst)
     assert "attention mask of shape" in unsupported_reason(q, k, v, key_ok[..., :20], None, None)
