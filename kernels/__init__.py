@@ -13,6 +13,7 @@ which is how the parity tests run without a GPU; an unsupported call is an error
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -39,8 +40,10 @@ def kernel_choice() -> str:
     return choice
 
 
+@functools.cache
 def triton_import_error() -> str | None:
-    """Why Triton cannot be used here (None when it can be imported)."""
+    """Why Triton cannot be used here (None when it can be imported). Asked on every patched
+    call: a failed import is not retried (it would search the filesystem each time)."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install raising anything at import

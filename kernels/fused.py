@@ -23,6 +23,7 @@ import functools
 import os
 
 import torch
+import triton
 from headlab.kernels.triton_attention import _attn_colsum, _attn_combine, _attn_fwd
 
 from headlab.plan import LayerPlan
@@ -90,7 +91,8 @@ def unsupported_reason(
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << max(0, (n - 1).bit_length()))
+    """The power of two ≥ n, at least `lo` (tl.dot and tl.arange want powers of two ≥ 16)."""
+    return max(lo, triton.next_power_of_2(n))
 
 
 class _Launch:
@@ -98,7 +100,7 @@ class _Launch:
 
     def __init__(self, query, key, value, scaling, is_causal, attention_mask, softcap, plan, q_offset):
         self.q, self.k, self.v = query, key, value
-        self.B, self.H, self.QN, self.D = query.shape
+        self.H = query.shape[1]
         self.HKV, self.KN = key.shape[1], key.shape[2]
         self.device = query.device
         self.scaling, self.softcap, self.q_offset = scaling, softcap, q_offset
@@ -116,7 +118,6 @@ class _Launch:
             st = m.stride()
             self.mask_strides = tuple(st[i] if m.shape[i] > 1 else 0 for i in range(3)) + (st[3],)
         self.is_causal = bool(is_causal) and attention_mask is None
-        self.plan = plan
         self.logit_scale = self.bias = None
         self.kb = 0
         if plan is not None:
@@ -183,15 +184,15 @@ class _Launch:
                 block_n = 64  # the key-set tile must fit in shared memory beside K and V
         if interpreting():
             block_m, block_n = min(block_m, 32), 16
-        m_blocks = triton_cdiv(rows_total, block_m)
+        m_blocks = triton.cdiv(rows_total, block_m)
         programs = B * (H // group) * m_blocks
         splits = 1
         if few and not interpreting():
-            splits = max(1, min(triton_cdiv(2 * self.num_sms, programs), triton_cdiv(KN, 4 * block_n)))
+            splits = max(1, min(triton.cdiv(2 * self.num_sms, programs), triton.cdiv(KN, 4 * block_n)))
         elif few and interpreting() and KN > 2 * block_n:
             splits = 2  # exercise the split + combine path in the tests
-        split_size = triton_cdiv(triton_cdiv(KN, splits), block_n) * block_n
-        splits = triton_cdiv(KN, split_size)
+        split_size = triton.cdiv(triton.cdiv(KN, splits), block_n) * block_n
+        splits = triton.cdiv(KN, split_size)
         n_rows = B * H * QN
         f32 = dict(device=dev, dtype=torch.float32)
         nsp = 0 if member is None else member.shape[1]
@@ -258,7 +259,7 @@ class _Launch:
         block_m, block_n, warps, stages = (16, 16, 4, 1) if interpreting() else COLSUM_BLOCKS[D]
         recv = torch.empty(B, H, self.KN, device=self.device, dtype=torch.float32)
         cnt = torch.empty_like(recv)
-        _attn_colsum[(triton_cdiv(self.KN, block_n), B * H)](
+        _attn_colsum[(triton.cdiv(self.KN, block_n), B * H)](
             self.q, self.k, lse, recv, cnt, rows if rows is not None else self.dummy,
             self.q.stride(0), self.q.stride(1), self.q.stride(2),
             self.k.stride(0), self.k.stride(1), self.k.stride(2),
@@ -355,10 +356,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def patched_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -380,6 +377,7 @@ def patched_attention(
     outputs [B, H, Q, D] in query.dtype (None with compute_output=False) and the LayerStats.
     """
     from headlab.kernels.reference import (
+        act_row_factors,
         act_sink_sets,
         apply_output_interventions,
         key_logits,
@@ -406,10 +404,8 @@ def patched_attention(
         recv, cnt = run.received(lse0, 0, Q)
         sinks = act_sink_sets(recv, cnt, plan)
         s_mass = run.sink_mass(sinks, lse0)
-        rest = 1.0 - s_mass
-        movable = rest > torch.finfo(torch.float32).tiny
         beta = plan.act_beta.to(query.device, torch.float32)[None, :, None]
-        c = 1.0 + (1.0 - beta) * s_mass / torch.where(movable, rest, torch.ones_like(rest))
+        c, movable = act_row_factors(s_mass, 1.0 - s_mass, beta)
         bias = torch.log(beta.expand_as(c)) - torch.log(c)
         run.sink_flags = sinks.to(torch.int8).contiguous()
         run.sink_bias = torch.where(movable, bias, torch.zeros_like(bias)).contiguous()
@@ -490,8 +486,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def dispatch_note() -> str:
     """One line naming the Triton build in use (for `headlab info`)."""
-    import triton
-
     return f"triton {triton.__version__}" + (" (interpreter)" if interpreting() else "")
 
 

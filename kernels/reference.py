@@ -129,6 +129,16 @@ def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) 
     return sinks & plan.act_heads.to(r.device)[None, :, None]
 
 
+def act_row_factors(sink_mass: torch.Tensor, rest: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACT's per-row factors: (c, movable) with c = 1 + (1−β)·S_i / R_i for the non-sink keys, and
+    movable = R_i above the smallest normal float (below it S_i / R_i overflows; such rows stay
+    as they are, c = 1). `beta` broadcasts against the row tensors."""
+    movable = rest > torch.finfo(torch.float32).tiny
+    c = torch.where(movable, 1.0 + (1.0 - beta) * sink_mass / torch.where(movable, rest, torch.ones_like(rest)),
+                    torch.ones_like(rest))
+    return c, movable
+
+
 def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """ACT on a probability block, in place: A[i,s] → β·A[i,s] on sinks, the removed mass to non-sinks.
 
@@ -141,9 +151,8 @@ def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -
     sink_cols = sinks.float().unsqueeze(-1)  # [B, H, K, 1]: row sums by matmul, no block-sized temporaries
     s_i = torch.matmul(attn, sink_cols)
     rest = torch.matmul(attn, 1.0 - sink_cols)
-    movable = rest > torch.finfo(torch.float32).tiny  # below it, S_i / R_i overflows to inf
     b = beta.to(attn.device)[None, :, None, None]
-    c = torch.where(movable, 1.0 + (1.0 - b) * s_i / torch.where(movable, rest, torch.ones_like(rest)), torch.ones_like(rest))
+    c, movable = act_row_factors(s_i, rest, b)
     b_row = torch.where(movable, b, torch.ones_like(rest))
     return attn.mul_(torch.where(sinks[:, :, None, :], b_row, c))
 
