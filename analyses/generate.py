@@ -11,7 +11,6 @@ batches for generation are left-padded, as decoder-only generation needs.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -41,16 +40,23 @@ def encode(model: HeadModel, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def right_padded(model: HeadModel, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T], attention_mask [B, T], last [B] index of each row's last token), on the model's device."""
+def _padded(model: HeadModel, rows: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) of the rows padded to one width, on the model's device."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), _pad_id(model), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for j, r in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r)
-        mask[j, : len(r)] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[j, cols] = torch.tensor(r)
+        mask[j, cols] = 1
+    return ids.to(model.device), mask.to(model.device)
+
+
+def right_padded(model: HeadModel, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T], last [B] index of each row's last token), on the model's device."""
+    ids, mask = _padded(model, rows, left=False)
     last = torch.tensor([len(r) - 1 for r in rows])
-    return ids.to(model.device), mask.to(model.device), last.to(model.device)
+    return ids, mask, last.to(model.device)
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -74,34 +80,16 @@ def last_token_outputs(model: HeadModel, prompts: Sequence[str] | Sequence[Seque
     return torch.cat(out)
 
 
-@contextlib.contextmanager
-def _left_padding(tokenizer) -> Iterator[None]:
-    old = getattr(tokenizer, "padding_side", "right")
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = old
-
-
 def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: InterventionPlan | None = None,
                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy continuation of each prompt (special tokens dropped, whitespace stripped) under `plan`."""
     rows = encode(model, prompts)
-    tok = model.tokenizer
-    pad = _pad_id(model)
     texts: list[str] = []
     for sl in _batches(len(rows), batch_size):
-        chunk = rows[sl]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, width - len(r):] = torch.tensor(r)
-            mask[j, width - len(r):] = 1
-        with _left_padding(tok), model.patched(plan):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        for row in out[:, width:]:
-            texts.append(tok.decode(row, skip_special_tokens=True).strip())
+        ids, mask = _padded(model, rows[sl], left=True)  # decoder-only generation continues on the right
+        with model.patched(plan):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=_pad_id(model))
+        for row in out[:, ids.shape[1]:]:
+            texts.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
