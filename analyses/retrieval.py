@@ -134,6 +134,8 @@ class RetrievalResult:
     scores: HeadScores
     samples: Any
     """DataFrame: one row per sample (generated answer, correct, needle span, per-sample top head)."""
+    per_sample: torch.Tensor | None = None
+    """[n_samples, L, H] each sample's copy score (the distribution behind the mean)."""
 
     def retrieval_heads(self, threshold: float | None = None):
         return self.scores.to_mask(threshold=self.scores.params.get("threshold", 0.1) if threshold is None else threshold)
@@ -196,7 +198,7 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
         raise HeadlabError("the retrieval analysis needs at least one needle sample")
     L, H = model.spec.shape
     total = torch.zeros(L, H, dtype=torch.float64)
-    rows = []
+    rows, per_sample = [], []
     for i, sample in enumerate(tqdm(samples, desc="retrieval", disable=not progress)):
         def compute(sample=sample):
             per, record = sample_scores(model, sample, config)
@@ -205,13 +207,14 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
         done = cached(cache, str(i), compute)
         per, record = torch.tensor(done["scores"], dtype=torch.float64), done["record"]
         total += per
+        per_sample.append(per)
         best = int(per.argmax())
         rows.append({"sample": i, **record, "top_layer": best // H, "top_head": best % H, "top_score": float(per.max())})
     scores = HeadScores(sums=total, counts=torch.full((L, H), float(len(samples)), dtype=torch.float64),
                         analysis="retrieval", model=model.name,
                         params={"threshold": config.threshold, "teacher_forced": config.teacher_forced,
                                 "max_new_tokens": config.max_new_tokens})
-    return RetrievalResult(scores=scores, samples=pd.DataFrame(rows))
+    return RetrievalResult(scores=scores, samples=pd.DataFrame(rows), per_sample=torch.stack(per_sample))
 
 
 def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None = None, max_new_tokens: int = 16) -> str:

@@ -249,6 +249,10 @@ class SelectCopyResult:
     """best_head (by validation QK accuracy), its test QK / attention accuracy, baseline test accuracy, sizes."""
     samples: Any
     """DataFrame: one row per question — split, answer, baseline prediction, best head's predictions."""
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per validation question, 1 where the head's QK- (attention-) score picks the answer: [n_val, L, H]."""
+    prompts: list[str] = field(default_factory=list)
+    """The rendered prompt of every question (what the model read)."""
 
     def select_copy_heads(self, k: int = 5) -> list[tuple[int, int, float]]:
         return self.qk_accuracy.top(k)
@@ -278,10 +282,12 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
     val, test = split(len(samples), config.validation_fraction, config.seed)
     rng = random.Random(config.seed + 1)
     readings: dict[int, SampleReading] = {}
+    prompts: list[str] = []
     for i in tqdm(range(len(samples)), desc="select-copy", disable=not progress):
         # drawn for every question, finished or not, so that a resumed run picks the same shots
         pool = [j for j in val if j != i]
         shots = [samples[j] for j in rng.sample(pool, min(config.shots, len(pool)))] if config.shots else []
+        prompts.append(render(samples[i], config.label_tuple()[: len(samples[i].options)], config.format, shots).text)
 
         def compute(i=i, shots=shots):
             r = read_sample(model, samples[i], config, shots)
@@ -317,6 +323,9 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
         test={"best_head": [bl, bh], "qk_accuracy": test_qk, "attention_accuracy": test_att, "baseline_accuracy": baseline,
               "validation_size": len(val), "test_size": len(test)},
         samples=pd.DataFrame(rows),
+        per_sample={which: torch.stack([(getattr(readings[i], which).argmax(-1) == readings[i].answer).float() for i in val])
+                    for which in ("qk", "attention")},
+        prompts=prompts,
     )
 
 

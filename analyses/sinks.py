@@ -22,7 +22,7 @@ long inputs: on a text of fewer than ~10 tokens, uniform attention alone gives r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import MutableMapping
 from typing import Any, Sequence
 
@@ -62,6 +62,8 @@ class SinkReport:
     """DataFrame: text, layer (0 = embeddings), position, token, dim, value, ratio_to_median."""
     top_activation: Any
     """DataFrame: per text and layer, the largest |h| with its position, token, dim and ratio."""
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+    """first_token_mass and hidden_sink (0/1) per text: [n_texts, L, H] each."""
 
     @property
     def fraction_of_heads_with_hidden_sinks(self) -> float:
@@ -119,12 +121,14 @@ def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksCon
     L, H = model.spec.shape
     first_sum = torch.zeros(L, H, dtype=torch.float64)
     sink_count = torch.zeros(L, H, dtype=torch.float64)
-    sink_rows, massive_rows, top_rows = [], [], []
+    sink_rows, massive_rows, top_rows, firsts, has_sinks = [], [], [], [], []
     request = StatsRequest(received=True, spans={"first": [0]})
     for t, text in enumerate(tqdm(texts, desc="sinks", disable=not progress)):
         done = cached(cache, str(t), lambda t=t, text=text: _text_findings(model, t, text, request, config))
-        first_sum += torch.tensor(done["first"], dtype=torch.float64)
-        sink_count += torch.tensor(done["has_sink"], dtype=torch.float64)
+        firsts.append(torch.tensor(done["first"], dtype=torch.float64))
+        has_sinks.append(torch.tensor(done["has_sink"], dtype=torch.float64))
+        first_sum += firsts[-1]
+        sink_count += has_sinks[-1]
         sink_rows += done["sinks"]
         massive_rows += done["massive"]
         top_rows += done["top"]
@@ -138,4 +142,5 @@ def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksCon
         hidden_sinks=pd.DataFrame(sink_rows, columns=["text", "layer", "head", "position", "token", "received"]),
         massive=pd.DataFrame(massive_rows, columns=["text", "layer", "position", "token", "dim", "value", "ratio_to_median"]),
         top_activation=pd.DataFrame(top_rows, columns=["text", "layer", "position", "token", "dim", "value", "ratio_to_median"]),
+        per_sample={"first_token_mass": torch.stack(firsts), "hidden_sink_rate": torch.stack(has_sinks)},
     )

@@ -3,7 +3,9 @@
 The demo runs on the bundled zoo model `zoo:tasks-llama` (trained on synthetic tasks, with a card
 of its ablation ground truth): a needle-in-a-haystack prompt, answered once as is and once with
 the card's most needle-critical head pruned and ZeroTuning γ = 1.5 on another head, with
-per-head stats of the answer-side queries.
+per-head stats of the answer-side queries. `demo_analyses` adds one run of each head-scoring
+analysis on the same model (sinks, retrieval, select-and-copy, knowledge conflict), so that the
+app (`headlab app runs/`) has scores to show and compare on a fresh machine.
 """
 
 from __future__ import annotations
@@ -92,3 +94,19 @@ def per_head_table(base: Any, patched: Any) -> Any:
                              "needle_mass": float(needle[li, h]), "entropy": float(ent[li, h]),
                              "last_query_top_key": int(top[li, h])})
     return pd.DataFrame(rows)
+
+
+DEMO_ANALYSES: dict[str, dict[str, Any]] = {
+    "score_sinks": {"n": 8},
+    "score_retrieval": {},
+    "score_select_copy": {"n": 40},
+    "score_conflict": {"n": 16},
+}
+"""Each job's arguments: small samples, seconds each on a CPU."""
+
+
+def demo_analyses(out: str | Path = "runs", progress: bool = False) -> list[Path]:
+    """One finished run per head-scoring analysis on the demo model; returns their directories."""
+    from headlab import jobs
+
+    return [getattr(jobs, job)(f"zoo:{DEMO_MODEL}", out, progress=progress, **kw) for job, kw in DEMO_ANALYSES.items()]

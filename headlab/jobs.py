@@ -89,6 +89,10 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
         heads = [[l, h, s] for l, h, s in result.scores.top(10)]
         summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()), "top_heads": heads,
                    "retrieval_heads": [[l, h] for l, h, s in heads if s > config.threshold]}
+        run.save_per_sample({"scores": result.per_sample}, [f"sample {i}" for i in range(len(samples))])
+        run.save_examples([{"text": s.prompt, "label": f"sample {i}: answer {s.answer!r}",
+                            "spans": {"needle": (int(r["needle_start"]), int(r["needle_end"]))}}
+                           for i, (s, r) in enumerate(zip(samples, result.samples.to_dict("records")))])
         return _finish(run, summary, {"scores": result.scores}, result.samples)
 
 
@@ -117,6 +121,8 @@ def score_sinks(model: str, out: str | Path = "runs", run_id: str | None = None,
         run.save_samples(report.hidden_sinks, "hidden_sinks")
         run.save_samples(report.massive, "massive")
         run.save_samples(report.top_activation, "top_activation")
+        run.save_per_sample(report.per_sample, [f"text {t}" for t in range(len(texts))])
+        run.save_examples([{"text": t, "label": f"text {i}", "spans": {"first": (0, 1)}} for i, t in enumerate(texts)])
         return _finish(run, summary, {"first_token_mass": report.first_token_mass, "hidden_sink_rate": report.hidden_sink_rate})
 
 
@@ -143,6 +149,10 @@ def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None =
     with run:
         result = sc.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         summary = {**result.test, "top_heads": [[l, h, s] for l, h, s in result.qk_accuracy.top(10)]}
+        val = result.samples[result.samples["split"] == "validation"]["sample"].tolist()
+        run.save_per_sample({"qk_accuracy": result.per_sample["qk"], "attention_accuracy": result.per_sample["attention"]},
+                            [f"question {i}" for i in val])
+        run.save_examples([{"text": result.prompts[i], "label": f"question {i}: answer {samples[i].answer}"} for i in val])
         return _finish(run, summary, {"qk_accuracy": result.qk_accuracy, "attention_accuracy": result.attention_accuracy},
                        result.samples)
 

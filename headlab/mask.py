@@ -53,8 +53,16 @@ class HeadMask:
         a, b = set(self.heads), set(other.heads)
         return len(a & b) / len(a | b) if a | b else 1.0
 
-    def to_plan(self, kind: Literal["prune", "scale", "mean"] = "prune", value: float = 0.0, means: Any = None):
-        """An InterventionPlan over the mask's heads: prune, scale by `value`, or mean-ablate."""
+    PLAN_KINDS = ("prune", "scale", "first_token", "act", "mean")
+
+    def to_plan(self, kind: Literal["prune", "scale", "first_token", "act", "mean"] = "prune", value: float = 0.0,
+                means: Any = None, tau: float = 0.1):
+        """An InterventionPlan over the mask's heads.
+
+        prune: output × 0; scale: output × `value` (α > 1 reinforces, as VHR does); first_token:
+        ZeroTuning with γ = `value` on key 0; act: ACT sink calibration with β = `value` (and `tau`);
+        mean: mean ablation with `means` ([L, H, Dv] from a reference run).
+        """
         from headlab.plan import InterventionPlan
 
         plan = InterventionPlan()
@@ -62,9 +70,13 @@ class HeadMask:
             return plan.prune_heads(self.heads)
         if kind == "scale":
             return plan.scale_heads({h: value for h in self.heads})
+        if kind == "first_token":
+            return plan.scale_first_token({h: value for h in self.heads})
+        if kind == "act":
+            return plan.act(list(self.heads), beta=value, tau=tau)
         if kind == "mean":
             return plan.ablate_heads(self.heads, mode="mean", means=means)
-        raise HeadlabError(f"unknown plan kind {kind!r}: use 'prune', 'scale' or 'mean'")
+        raise HeadlabError(f"unknown plan kind {kind!r}: use one of {', '.join(self.PLAN_KINDS)}")
 
     # ---- exports -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +118,19 @@ class HeadMask:
             d = d.view(self.n_layers, n_kv_heads, -1).amax(dim=-1)
         text = "\n".join("\t".join(str(int(x)) for x in row) for row in d.tolist()) + "\n"
         return atomic_write_text(text, path)
+
+    EXPORT_FORMATS = {"json": ".json", "safetensors": ".safetensors", "duo_attention": ".tsv"}
+
+    def export(self, path: str | Path, fmt: Literal["json", "safetensors", "duo_attention"] = "json",
+               n_kv_heads: int | None = None) -> Path:
+        """Write the mask in one of `EXPORT_FORMATS` (atomically)."""
+        if fmt == "json":
+            return self.save_json(path)
+        if fmt == "safetensors":
+            return self.save_safetensors(path)
+        if fmt == "duo_attention":
+            return self.save_duo_attention(path, n_kv_heads)
+        raise HeadlabError(f"unknown mask format {fmt!r}: use one of {', '.join(self.EXPORT_FORMATS)}")
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadMask":

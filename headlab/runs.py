@@ -1,27 +1,35 @@
 """Run directories: a self-describing record of one analysis or intervention on disk.
 
     runs/<run id>/
-        manifest.json        what, how, versions, seed, timing, status (written atomically)
-        scores.safetensors   HeadScores (+ scores.json, readable)
-        samples.parquet      per-sample / per-head results
-        figures/*.html       plotly figures
+        manifest.json            what, how, versions, seed, timing, status (written atomically)
+        scores.safetensors       HeadScores (+ scores.json, readable)
+        samples.parquet          per-sample / per-head results
+        per_sample.safetensors   [n_samples, n_layers, n_heads] per-sample head scores (optional)
+        examples.json            example inputs of the run, with named token spans (optional)
+        figures/*.html           plotly figures
 
 `Run` is a context manager: the manifest says "running" while the body runs, then "finished",
-"interrupted" (Ctrl-C) or "failed" (with the error message).
+"interrupted" (Ctrl-C) or "failed" (with the error message). A run whose process was killed
+outright stays "running" on disk; `RunStore` reports it as "interrupted" once its process is gone.
+
+`RunStore` is the read side (what the app and notebooks use): it lists runs and loads their
+files, and only ever opens files inside the runs directory it was given.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from headlab.errors import HeadlabError
-from headlab.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from headlab.io import atomic_save_safetensors, atomic_write_json, atomic_write_parquet, atomic_write_text
 from headlab.scores import HeadScores
 
 MANIFEST = "manifest.json"
@@ -61,7 +69,8 @@ class Run:
     def __enter__(self) -> "Run":
         self.dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
-        self.manifest.update(status="running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.manifest.update(status="running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             pid=os.getpid(), host=socket.gethostname())
         self.write_manifest()
         return self
 
@@ -102,6 +111,31 @@ class Run:
     def save_json(self, obj: Any, name: str) -> Path:
         return self._record(name, atomic_write_json(obj, self.dir / f"{name}.json"))
 
+    def save_per_sample(self, values: dict[str, Any], names: list[str] | None = None) -> Path:
+        """Per-sample head scores: name -> [n_samples, n_layers, n_heads] tensor (e.g. each needle's
+        copy score), so a head's score distribution over samples can be shown; `names` labels the samples."""
+        import torch
+
+        tensors = {}
+        for name, v in values.items():
+            t = torch.as_tensor(v, dtype=torch.float32)
+            if t.dim() != 3:
+                raise HeadlabError(f"per-sample scores {name!r} must be [n_samples, n_layers, n_heads], got {tuple(t.shape)}")
+            tensors[name] = t
+        meta = {"headlab": json.dumps({"format": "headlab.per_sample/1", "names": names or []})}
+        return self._record("per_sample", atomic_save_safetensors(tensors, self.dir / "per_sample.safetensors", metadata=meta))
+
+    def save_examples(self, examples: list[dict[str, Any]], limit: int = 24) -> Path:
+        """Example inputs of the run: dicts with `text`, optional `label` and `spans` (name -> [start, end)
+        token positions of the text tokenized with the model's tokenizer). Kept to the first `limit`."""
+        clean = []
+        for ex in examples[:limit]:
+            if not isinstance(ex.get("text"), str):
+                raise HeadlabError(f"an example needs a 'text' string, got {ex!r}")
+            clean.append({"text": ex["text"], "label": str(ex.get("label", "")),
+                          "spans": {k: [int(a), int(b)] for k, (a, b) in (ex.get("spans") or {}).items()}})
+        return self._record("examples", atomic_write_json(clean, self.dir / "examples.json"))
+
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     """The manifest of a run directory, with a clear error when it is not one."""
@@ -125,3 +159,147 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
             except (HeadlabError, json.JSONDecodeError):
                 continue
     return sorted(runs, key=lambda m: m.get("started", ""), reverse=True)
+
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+_DATASET_KEYS = ("data", "needles", "harmful", "haystack")
+
+
+def _process_alive(manifest: dict[str, Any]) -> bool:
+    """False only when the run's process is known to be gone (same host, no such pid)."""
+    pid, host = manifest.get("pid"), manifest.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return True  # another machine's run, or an old manifest: cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunStore:
+    """Read access to the run directories directly under `root`.
+
+    Every path it opens is resolved and checked to lie inside `root` (run ids are plain names;
+    a crafted id such as `../x`, an absolute path or a symlink leading out is refused), and it
+    reads JSON, safetensors and parquet only — nothing is unpickled.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise HeadlabError(f"runs directory {str(root)!r} does not exist: create runs with `headlab demo` "
+                               "or `headlab score ...`, or point to the directory that holds them")
+        self.root = path.resolve()
+
+    # ---- paths -------------------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> Path:
+        """The directory of run `run_id`, after checking the id names a run inside the root."""
+        if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+            raise HeadlabError(f"invalid run id {run_id!r}: a run id is a directory name of letters, digits, '_', '.', '-'")
+        resolved = (self.root / run_id).resolve()
+        if resolved.parent != self.root:
+            raise HeadlabError(f"run {run_id!r} leads outside the runs directory {self.root}; refusing to read it")
+        if not (resolved / MANIFEST).is_file():
+            raise HeadlabError(f"no run {run_id!r} in {self.root}")
+        return resolved
+
+    def file(self, run_id: str, relative: str) -> Path:
+        """A file of a run (as its manifest names it), checked to lie inside that run's directory."""
+        base = self.run_dir(run_id)
+        path = (base / relative).resolve()
+        if not path.is_relative_to(base):
+            raise HeadlabError(f"run {run_id!r} names a file outside its directory ({relative!r}); refusing to read it")
+        if not path.is_file():
+            raise HeadlabError(f"run {run_id!r} has no file {relative!r}")
+        return path
+
+    # ---- manifests ---------------------------------------------------------------------------
+    def manifest(self, run_id: str) -> dict[str, Any]:
+        """The run's manifest; `status` says "interrupted" for a "running" run whose process is gone."""
+        m = read_manifest(self.run_dir(run_id))
+        if m.get("status") == "running" and not _process_alive(m):
+            m = {**m, "status": "interrupted", "status_note": "its process ended without finishing the run"}
+        return m
+
+    def ids(self) -> list[str]:
+        return [m["id"] for m in self.list()]
+
+    def list(self) -> list[dict[str, Any]]:
+        """Manifests of every readable run, newest first (unreadable directories are skipped)."""
+        out = []
+        for child in sorted(self.root.iterdir()):
+            if not RUN_ID_PATTERN.match(child.name) or not (child / MANIFEST).is_file():
+                continue
+            try:
+                m = self.manifest(child.name)
+            except (HeadlabError, json.JSONDecodeError, OSError):
+                continue
+            m["id"] = child.name
+            out.append(m)
+        return sorted(out, key=lambda m: m.get("started", ""), reverse=True)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One flat row per run for a runs table: id, analysis, model, dataset, params, started,
+        duration_s, status, scores (names of its HeadScores)."""
+        rows = []
+        for m in self.list():
+            params = m.get("params") or {}
+            dataset = next((str(params[k]) for k in _DATASET_KEYS if params.get(k)), "built-in")
+            shown = {k: v for k, v in params.items() if k not in _DATASET_KEYS and k not in ("plan", "prompt") and v is not None}
+            rows.append({
+                "id": m["id"], "analysis": m.get("analysis", ""), "model": m.get("model", ""), "dataset": dataset,
+                "params": json.dumps(shown, separators=(",", ":"), default=str)[:200],
+                "started": (m.get("started") or "").replace("T", " ").replace("+00:00", " UTC"),
+                "duration_s": m.get("duration_s"), "status": m.get("status", "?"),
+                "scores": ", ".join(self._score_files(m)),
+            })
+        return rows
+
+    # ---- contents ----------------------------------------------------------------------------
+    @staticmethod
+    def _score_files(manifest: dict[str, Any]) -> dict[str, str]:
+        files = manifest.get("files") or {}
+        return {k: v for k, v in files.items()
+                if isinstance(v, str) and v.endswith(".safetensors") and k != "per_sample" and not k.startswith("plan")}
+
+    def scores(self, run_id: str) -> dict[str, HeadScores]:
+        """Every HeadScores the run saved, by name (a run that saved none gives {})."""
+        out = {}
+        for name, rel in self._score_files(self.manifest(run_id)).items():
+            try:
+                out[name] = HeadScores.load(self.file(run_id, rel))
+            except HeadlabError:
+                continue  # not a scores file (or removed since): nothing to show
+        return out
+
+    def score(self, run_id: str, name: str) -> HeadScores:
+        found = self.scores(run_id)
+        if name not in found:
+            raise HeadlabError(f"run {run_id!r} has no scores named {name!r}; it has {sorted(found) or 'none'}")
+        return found[name]
+
+    def per_sample(self, run_id: str) -> tuple[dict[str, Any], list[str]]:
+        """({name: [n_samples, L, H] tensor}, sample names) — empty when the run kept none."""
+        rel = (self.manifest(run_id).get("files") or {}).get("per_sample")
+        if not rel:
+            return {}, []
+        from safetensors import safe_open
+
+        with safe_open(str(self.file(run_id, rel)), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("headlab", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, list(header.get("names", []))
+
+    def examples(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's example inputs ([] when it kept none)."""
+        rel = (self.manifest(run_id).get("files") or {}).get("examples")
+        if not rel:
+            return []
+        data = json.loads(self.file(run_id, rel).read_text())
+        return [ex for ex in data if isinstance(ex, dict) and isinstance(ex.get("text"), str)]
+
+    def summary(self, run_id: str) -> dict[str, Any]:
+        rel = (self.manifest(run_id).get("files") or {}).get("summary")
+        return json.loads(self.file(run_id, rel).read_text()) if rel else {}
