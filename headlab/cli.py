@@ -38,14 +38,16 @@ def info(
 def demo(
     out: Path = typer.Option(Path("runs"), help="runs directory to write into"),
     seed: int = typer.Option(1, help="which needle prompt (pruning the head breaks ~3 in 4 of them, per the card)"),
+    analyses: bool = typer.Option(True, help="also write one run of each head-scoring analysis (for `headlab app`)"),
 ) -> None:
-    """Patched forward + generation with an intervention and stats on the zoo model; prints a per-head table, writes a run."""
+    """Patched forward + generation with an intervention and stats on the zoo model; prints a per-head table, writes runs."""
     import pandas as pd
 
-    from headlab.demo import run_demo
+    from headlab.demo import demo_analyses, run_demo
 
     try:
         result = run_demo(out=out, seed=seed)
+        extra = demo_analyses(out) if analyses else []
     except HeadlabError as exc:
         _fail(exc)
     table = result.table
@@ -58,6 +60,10 @@ def demo(
     typer.echo(f"answer expected {a['expected']!r} | baseline {a['baseline']!r} | patched {a['patched']!r}")
     typer.echo(f"KL(patched || baseline) of the next token = {result.kl:.4g}")
     typer.echo(f"run written to {result.run_dir}")
+    for run_dir in extra:
+        typer.echo(f"analysis run written to {run_dir}")
+    if extra:
+        typer.echo(f"explore them: headlab app {out}")
 
 
 score_app = typer.Typer(help="Score every head; writes a resumable run directory.", no_args_is_help=True)
@@ -209,6 +215,27 @@ def intervene_ph3(
 
     _job(jobs.intervene_ph3, model, out, run_id, toward=toward, data=data, n=n, k=k, max_k=max_k,
          calibration_fraction=calibration_fraction, seed=seed)
+
+
+@app.command("app")
+def app_command(
+    runs: Path = typer.Argument(Path("runs"), help="the runs directory to explore"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind (default: this machine only)"),
+    port: int = typer.Option(0, help="port (0: a free one)"),
+    model: Optional[list[str]] = typer.Option(None, help="extra model the playground may load (repeat)"),
+) -> None:
+    """The head explorer in the browser: runs, heatmaps, comparison, head detail, playground, mask export."""
+    try:
+        from headlab.app import serve
+
+        serve(runs, host=host, port=port, models=model or None,
+              ready=lambda url: typer.echo(f"headlab app: {runs} at {url} (Ctrl-C stops)"))
+    except ModuleNotFoundError as exc:
+        _fail(HeadlabError(f"the app needs {exc.name}: pip install 'headlab[app]'"))
+    except HeadlabError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
 
 
 @app.command()

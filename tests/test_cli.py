@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from headlab import HeadScores
 from headlab.cli import app
-from headlab.runs import read_manifest
+from headlab.runs import RunStore, read_manifest
 
 runner = CliRunner()
 
@@ -34,7 +34,12 @@ def test_demo_writes_a_run(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert "needle_mass:patched" in result.output and "run written to" in result.output
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    store = RunStore(tmp_path / "runs")
+    by_analysis = {m["analysis"]: m for m in store.list()}
+    # the demo run, and one finished run of each head-scoring analysis for the app to show
+    assert set(by_analysis) == {"demo", "sinks", "retrieval", "select_copy", "conflict"}
+    assert all(m["status"] == "finished" and store.scores(m["id"]) for m in by_analysis.values())
+    run_dir = store.run_dir(by_analysis["demo"]["id"])
     manifest = read_manifest(run_dir)
     assert manifest["status"] == "finished" and manifest["analysis"] == "demo"
     answers = manifest["summary"]["answers"]

@@ -1,0 +1,296 @@
+"""Callbacks: read form values, call the library, render. A failure becomes a message in the page."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlencode
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, State, ctx as trigger, dcc, html, no_update
+
+from headlab.compare import compare
+from headlab.errors import HeadlabError
+from headlab.headview import head_view
+from headlab.playground import compare_plan
+
+from . import figures
+from .context import AppContext, build_mask, as_float, as_int, mask_summary, query_params, split_ref
+from .pages import PAGES, error_box, runs_rows
+from .tasks import error_message
+
+log = logging.getLogger("headlab.app")
+EMPTY = go.Figure(layout={"height": 60, "margin": {"l": 0, "r": 0, "t": 0, "b": 0},
+                          "xaxis": {"visible": False}, "yaxis": {"visible": False}})
+
+
+def guarded(n_outputs: int, error_at: int) -> Callable:
+    """Wrap a callback so that any exception fills output `error_at` with its message and leaves the
+    other outputs as they were (a blank page or a traceback is never what the user sees)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def inner(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001
+                if not isinstance(exc, HeadlabError):
+                    log.exception("callback %s failed", fn.__name__)
+                out: list[Any] = [no_update] * n_outputs
+                out[error_at] = error_message(exc)
+                return out[0] if n_outputs == 1 else tuple(out)
+
+        return inner
+
+    return wrap
+
+
+def _poll_outputs(task, render: Callable[[Any], tuple], n: int) -> tuple:
+    """(progress value, progress text, poll disabled, error, *the n rendered outputs) of a polled task."""
+    keep = (no_update,) * n
+    if task.state in ("queued", "running"):
+        return (str(task.progress), task.message, False, "") + keep
+    if task.state == "error":
+        return ("0", "", True, task.error) + keep
+    if task.state == "cancelled":
+        return ("0", "cancelled", True, "") + keep
+    return ("1", "done", True, "") + tuple(render(task.result))
+
+
+def register(app: Dash, ctx: AppContext) -> None:
+    # ---- routing -----------------------------------------------------------------------------
+    @app.callback(Output("page-content", "children"), Input("url", "pathname"), Input("url", "search"))
+    def route(pathname: str | None, search: str | None):
+        page = PAGES.get(pathname or "/")
+        if page is None:
+            return error_box(f"no page {pathname!r}: use the links above")
+        try:
+            return page(ctx, query_params(search))
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, HeadlabError):
+                log.exception("page %s failed", pathname)
+            return error_box(error_message(exc))
+
+    # ---- runs --------------------------------------------------------------------------------
+    @app.callback(Output("runs-table", "data"), Input("runs-refresh", "n_intervals"), State("runs-table", "data"),
+                  prevent_initial_call=True)
+    def refresh_runs(_: int, shown):
+        rows = runs_rows(ctx)
+        return no_update if rows == shown else rows  # unchanged: leave the table (and its scroll) alone
+
+    # ---- heatmap -----------------------------------------------------------------------------
+    @app.callback(Output("heatmap-score", "options"), Output("heatmap-score", "value"), Output("heatmap-error", "children"),
+                  Input("heatmap-run", "value"), State("heatmap-score", "value"))
+    @guarded(3, 2)
+    def heatmap_scores(run: str | None, current: str | None):
+        if not run:
+            return [], None, "no run with head scores here yet: run `headlab demo` or `headlab score ...`"
+        names = list(ctx.store.scores(run))
+        return names, current if current in names else (names[0] if names else None), ""
+
+    @app.callback(Output("heatmap-graph", "figure"), Output("heatmap-mask", "children"), Output("heatmap-playground", "href"),
+                  Output("heatmap-error", "children", allow_duplicate=True),
+                  Input("heatmap-run", "value"), Input("heatmap-score", "value"), Input("heatmap-mode", "value"),
+                  Input("heatmap-k", "value"), Input("heatmap-threshold", "value"), prevent_initial_call="initial_duplicate")
+    @guarded(4, 3)
+    def heatmap_figure(run, score, mode, k, threshold):
+        if not run or not score:
+            return EMPTY, "", "/playground", ""
+        scores = ctx.store.score(run, score)
+        mask = build_mask(scores, mode, k, threshold)
+        query = {"source": f"{run}::{score}", "mode": mode, "k": k, "threshold": threshold}
+        href = "/playground?" + urlencode({k: v for k, v in query.items() if v is not None})
+        return figures.heatmap(scores, mask), mask_summary(mask), href, ""
+
+    @app.callback(Output("url", "href", allow_duplicate=True), Input("heatmap-graph", "clickData"),
+                  State("heatmap-run", "value"), State("heatmap-score", "value"), prevent_initial_call=True)
+    def open_head(click, run, score):
+        if not click or not click.get("points"):
+            return no_update
+        point = click["points"][0]
+        return "/head?" + urlencode({"run": run, "score": score, "layer": int(point["y"]), "head": int(point["x"])})
+
+    @app.callback(Output("export-download", "data"), Output("heatmap-error", "children", allow_duplicate=True),
+                  Input("export-json", "n_clicks"), Input("export-safetensors", "n_clicks"), Input("export-duo", "n_clicks"),
+                  State("heatmap-run", "value"), State("heatmap-score", "value"), State("heatmap-mode", "value"),
+                  State("heatmap-k", "value"), State("heatmap-threshold", "value"), prevent_initial_call=True)
+    @guarded(2, 1)
+    def export_mask(_j, _s, _d, run, score, mode, k, threshold):
+        fmt = {"export-json": "json", "export-safetensors": "safetensors", "export-duo": "duo_attention"}[trigger.triggered_id]
+        mask = build_mask(ctx.store.score(run, score), mode, k, threshold)
+        name = f"mask-{run}-{score}{mask.EXPORT_FORMATS[fmt]}"
+        with tempfile.TemporaryDirectory() as tmp:
+            data = mask.export(Path(tmp) / name, fmt).read_bytes()
+        return dcc.send_bytes(data, name), ""
+
+    # ---- compare -----------------------------------------------------------------------------
+    @app.callback(Output("compare-x", "options"), Output("compare-x", "value"), Output("compare-y", "options"),
+                  Output("compare-y", "value"), Input("compare-scores", "value"), State("compare-scores", "options"),
+                  State("compare-x", "value"), State("compare-y", "value"))
+    def compare_axes(chosen, options, x, y):
+        labels = {o["value"]: o["label"] for o in options or []}
+        opts = [{"label": labels.get(v, v), "value": v} for v in chosen or []]
+        values = [o["value"] for o in opts]
+        x = x if x in values else (values[0] if values else None)
+        y = y if y in values and y != x else next((v for v in values if v != x), None)
+        return opts, x, opts, y
+
+    @app.callback(Output("compare-grid", "figure"), Output("compare-table", "data"), Output("compare-scatter", "figure"),
+                  Output("compare-error", "children"), Input("compare-scores", "value"), Input("compare-k", "value"),
+                  Input("compare-scale", "value"), Input("compare-x", "value"), Input("compare-y", "value"))
+    @guarded(4, 3)
+    def compare_view(chosen, k, scale, x, y):
+        if not chosen or len(chosen) < 2:
+            return EMPTY, [], EMPTY, "pick two or more scores to compare"
+        k = as_int(k, "top-k", 1)
+        loaded = {ref: ctx.load_score(ref)[2] for ref in dict.fromkeys(chosen)}
+        if len(loaded) < 2:
+            return EMPTY, [], EMPTY, "pick two or more different scores to compare"
+        short = _names(loaded)
+        names = [short[ref] for ref in loaded]
+        table = compare(list(loaded.values()), k=k, names=names)
+        rows = [{**r, "jaccard_topk": round(r["jaccard_topk"], 3), "spearman": round(r["spearman"], 3)}
+                for r in table.to_dict("records")]
+        grid = figures.compare_grid(list(loaded.values()), names, scale)
+        sc = EMPTY
+        if x in loaded and y in loaded and x != y:
+            sc = figures.scatter(loaded[x], loaded[y], short[x], short[y], k)
+        return grid, rows, sc, ""
+
+    # ---- head detail -------------------------------------------------------------------------
+    @app.callback(Output("head-distribution", "children"), Input("head-ref", "data"))
+    @guarded(1, 0)
+    def head_distribution(ref):
+        per, names = ctx.store.per_sample(ref["run"])
+        if ref["score"] not in per:
+            return html.P("This run kept no per-sample scores for this score (only its mean per head).", className="hint")
+        values = per[ref["score"]][:, ref["layer"], ref["head"]].tolist()
+        return dcc.Graph(figure=figures.histogram(values, ref["score"]), config={"displaylogo": False}, id="head-hist")
+
+    @app.callback(Output("head-task", "data"), Output("head-poll", "disabled"), Output("head-text", "value"),
+                  Output("head-error", "children"),
+                  Input("head-example", "value"), Input("head-compute", "n_clicks"),
+                  State("head-text", "value"), State("head-query", "value"), State("head-ref", "data"), State("head-task", "data"))
+    @guarded(4, 3)
+    def head_start(example, _clicks, text, query, ref, previous):
+        examples = ctx.store.examples(ref["run"])
+        spans = {}
+        if example != "custom" and example is not None:
+            chosen = examples[as_int(example, "example", 0, len(examples) - 1)]
+            if trigger.triggered_id != "head-compute" or text == chosen["text"]:
+                text, spans = chosen["text"], chosen.get("spans", {})
+        elif trigger.triggered_id == "head-example":
+            return no_update, no_update, no_update, ""  # "my own text": wait for Compute
+        q = as_int(query if query not in (None, "") else -1, "query position")
+        if not text or not text.strip():
+            raise HeadlabError("the input text is empty: type a text or pick an example")
+        ctx.tasks.cancel((previous or {}).get("id"))
+        layer, head, model_ref = ref["layer"], ref["head"], ref["model"]
+
+        def work(progress, should_stop):
+            with ctx.models.use(model_ref, status=lambda message: progress(0.05, message)) as hm:
+                progress(0.3, f"two patched forwards, stats of layer {layer}")
+                v = head_view(hm, text, layer, head, query=q, spans=spans)
+            return {"tokens": v.tokens, "query_position": v.query_position, "row": v.row.tolist(),
+                    "received_mean": v.received_mean.tolist(), "argmax": v.argmax.tolist(),
+                    "argmax_prob": v.argmax_prob.tolist(), "entropy": v.entropy.tolist(),
+                    "top": [{"position": p, "token": t, "probability": round(pr, 4)} for p, t, pr in v.top(10)],
+                    "spans": {k: list(s) for k, s in spans.items()}}
+
+        task_id = ctx.tasks.submit("head", work)
+        return {"id": task_id}, False, text, ""
+
+    def render_head(view, mode="row"):
+        return (figures.token_view(view, mode, view.get("spans")), view["top"], figures.per_query(view))
+
+    @app.callback(Output("head-progress", "value"), Output("head-progress-text", "children"),
+                  Output("head-poll", "disabled", allow_duplicate=True), Output("head-error", "children", allow_duplicate=True),
+                  Output("head-tokens", "children"), Output("head-top", "data"), Output("head-per-query", "figure"),
+                  Input("head-poll", "n_intervals"), Input("head-view-mode", "value"), State("head-task", "data"),
+                  prevent_initial_call=True)
+    @guarded(7, 3)
+    def head_poll(_n, mode, task_ref):
+        if not task_ref:
+            return ("0", "", True, "") + (no_update,) * 3
+        return _poll_outputs(ctx.tasks.get(task_ref["id"]), lambda view: render_head(view, mode), 3)
+
+    # ---- playground --------------------------------------------------------------------------
+    @app.callback(Output("pg-mask", "children"), Input("pg-source", "value"), Input("pg-mode", "value"),
+                  Input("pg-k", "value"), Input("pg-threshold", "value"))
+    def pg_mask(source, mode, k, threshold):
+        if not source:
+            return "pick the scores whose heads to intervene on"
+        try:
+            return "intervene on " + mask_summary(build_mask(ctx.load_score(source)[2], mode, k, threshold))
+        except HeadlabError as exc:
+            return str(exc)
+
+    @app.callback(Output("pg-task", "data"), Output("pg-poll", "disabled"), Output("pg-error", "children"),
+                  Input("pg-run", "n_clicks"),
+                  State("pg-model", "value"), State("pg-source", "value"), State("pg-mode", "value"), State("pg-k", "value"),
+                  State("pg-threshold", "value"), State("pg-kind", "value"), State("pg-value", "value"),
+                  State("pg-max-new", "value"), State("pg-prompt", "value"), State("pg-task", "data"), prevent_initial_call=True)
+    @guarded(3, 2)
+    def pg_start(_clicks, model_ref, source, mode, k, threshold, kind, value, max_new, prompt, previous):
+        if not model_ref:
+            raise HeadlabError("pick a model")
+        if not source:
+            raise HeadlabError("pick the scores whose heads to intervene on ('heads from')")
+        mask = build_mask(ctx.load_score(source)[2], mode, k, threshold)
+        if not len(mask):
+            raise HeadlabError("the mask selects no heads: raise k or lower the threshold")
+        value = as_float(value, "value")
+        if kind in ("scale", "first_token") and value < 0:
+            raise HeadlabError(f"{kind} needs a value >= 0 (α or γ), got {value}")
+        if kind == "act" and not 0 <= value <= 1:
+            raise HeadlabError(f"ACT's β must be in [0, 1], got {value}")
+        plan = mask.to_plan(kind, value)
+        max_new = as_int(max_new, "new tokens", 0, 256)
+        if not prompt or not prompt.strip():
+            raise HeadlabError("the prompt is empty: type a prompt")
+        ctx.tasks.cancel((previous or {}).get("id"))
+
+        def work(progress, should_stop):
+            with ctx.models.use(model_ref, status=lambda message: progress(0.0, message)) as hm:
+                result = compare_plan(hm, prompt, plan, max_new_tokens=max_new, top_k=10, progress=progress,
+                                      should_stop=should_stop)
+            return {**result.to_dict(), "mask": mask_summary(mask), "kind": kind, "value": value}
+
+        return {"id": ctx.tasks.submit("playground", work)}, False, ""
+
+    def render_pg(result):
+        what = {"prune": "pruned", "scale": f"output × {result['value']}", "first_token": f"ZeroTuning γ = {result['value']}",
+                "act": f"ACT β = {result['value']}"}[result["kind"]]
+        return (html.Div([
+            html.P(f"{what} on {result['mask']} · KL(patched ‖ baseline) of the next token = {result['kl']:.4g} nats",
+                   id="pg-kl"),
+            html.Div([html.Div([html.H4("baseline"), html.Pre(result["baseline_text"] or "(nothing)", id="pg-baseline")],
+                               className="half"),
+                      html.Div([html.H4("patched"), html.Pre(result["patched_text"] or "(nothing)", id="pg-patched")],
+                               className="half")], className="row"),
+            dcc.Graph(figure=figures.next_token_bars(result["changes"]), config={"displaylogo": False}, id="pg-bars"),
+        ]),)
+
+    @app.callback(Output("pg-progress", "value"), Output("pg-progress-text", "children"),
+                  Output("pg-poll", "disabled", allow_duplicate=True), Output("pg-error", "children", allow_duplicate=True),
+                  Output("pg-result", "children"), Input("pg-poll", "n_intervals"), State("pg-task", "data"),
+                  prevent_initial_call=True)
+    @guarded(5, 3)
+    def pg_poll(_n, task_ref):
+        if not task_ref:
+            return "0", "", True, "", no_update
+        return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_pg, 1)
+
+
+def _names(loaded: dict[str, Any]) -> dict[str, str]:
+    """Short display names of score references: the score's name (its analysis for a run's plain
+    "scores"), with the run id added where two would read the same."""
+    base = {}
+    for ref, scores in loaded.items():
+        _, name = split_ref(ref)
+        base[ref] = scores.analysis if name == "scores" else name
+    counts = {n: list(base.values()).count(n) for n in base.values()}
+    return {ref: n if counts[n] == 1 else f"{n} ({split_ref(ref)[0]})" for ref, n in base.items()}

@@ -1,0 +1,122 @@
+"""Plotly figures and HTML views of library results (presentation only: every number comes from
+headlab's HeadScores, HeadMask, compare, headview and playground)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import html
+from plotly.subplots import make_subplots
+
+from headlab.mask import HeadMask
+from headlab.scores import HeadScores
+
+MASK_COLOUR = "#e4572e"
+
+
+def heatmap(scores: HeadScores, mask: HeadMask | None = None, title: str | None = None) -> go.Figure:
+    """The scores' layer × head heatmap (hover: score, rank, count), the mask's heads outlined."""
+    fig = scores.plot(title)
+    for layer, head in (mask or []):
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line={"color": MASK_COLOUR, "width": 3})
+    fig.update_layout(margin={"l": 50, "r": 20, "t": 50, "b": 40}, height=140 + 42 * scores.shape[0],
+                      yaxis={"autorange": "reversed", "dtick": 1}, xaxis={"dtick": 1}, clickmode="event")
+    return fig
+
+
+def _percentile(scores: HeadScores) -> list[list[float]]:
+    n = scores.shape[0] * scores.shape[1]
+    r = scores.ranks().double()
+    return (1.0 - r / max(n - 1, 1)).tolist()
+
+
+def compare_grid(scores: Sequence[HeadScores], names: Sequence[str], scale: str = "rank") -> go.Figure:
+    """Side-by-side heatmaps on one colour axis: `scale` "rank" (percentile, 1 = best head of each
+    score) or "score" (raw values, one shared min/max)."""
+    fig = make_subplots(rows=1, cols=len(scores), subplot_titles=list(names), horizontal_spacing=0.04)
+    for i, s in enumerate(scores):
+        z = _percentile(s) if scale == "rank" else s.values.tolist()
+        custom = [[[v] for v in row] for row in s.values.tolist()]
+        fig.add_trace(go.Heatmap(z=z, customdata=custom, coloraxis="coloraxis",
+                                 hovertemplate="layer %{y} head %{x}<br>score %{customdata[0]:.4g}<br>"
+                                               + ("percentile %{z:.2f}" if scale == "rank" else "") + "<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.update_yaxes(autorange="reversed", dtick=1, row=1, col=i + 1)
+        fig.update_xaxes(dtick=1, row=1, col=i + 1)
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "colorbar": {"title": "percentile" if scale == "rank" else "score"}},
+                      height=160 + 40 * scores[0].shape[0], margin={"l": 40, "r": 20, "t": 60, "b": 40})
+    return fig
+
+
+def scatter(x: HeadScores, y: HeadScores, x_name: str, y_name: str, k: int) -> go.Figure:
+    """One point per head: score `x` against score `y`; each score's top-k heads coloured."""
+    from headlab.compare import top_set
+
+    xs, ys = x.values.flatten().tolist(), y.values.flatten().tolist()
+    H = x.shape[1]
+    tx, ty = top_set(x, k), top_set(y, k)
+    groups = {(True, True): "top-k of both", (True, False): f"top-k of {x_name}", (False, True): f"top-k of {y_name}",
+              (False, False): "other heads"}
+    fig = go.Figure()
+    for key, label in groups.items():
+        idx = [i for i in range(len(xs)) if ((i // H, i % H) in tx, (i // H, i % H) in ty) == key]
+        fig.add_trace(go.Scatter(x=[xs[i] for i in idx], y=[ys[i] for i in idx], mode="markers", name=label,
+                                 text=[f"L{i // H}H{i % H}" for i in idx],
+                                 hovertemplate="%{text}<br>x %{x:.4g}<br>y %{y:.4g}<extra></extra>"))
+    fig.update_layout(xaxis_title=x_name, yaxis_title=y_name, height=420, margin={"l": 50, "r": 20, "t": 30, "b": 50})
+    return fig
+
+
+def histogram(values: Sequence[float], name: str) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=list(values), nbinsx=20, marker={"color": "#3b75af"}))
+    fig.update_layout(xaxis_title=name, yaxis_title="samples", height=260, margin={"l": 50, "r": 20, "t": 20, "b": 40},
+                      bargap=0.05)
+    return fig
+
+
+def per_query(view: dict[str, Any]) -> go.Figure:
+    """Per query: attention entropy and the top key's probability."""
+    q = list(range(len(view["entropy"])))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=q, y=view["entropy"], name="entropy (nats)", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=q, y=view["argmax_prob"], name="top key probability", mode="lines+markers", yaxis="y2",
+                             text=[f"top key {k}: {view['tokens'][k]}" for k in view["argmax"]],
+                             hovertemplate="query %{x}<br>%{text}<br>p %{y:.3f}<extra></extra>"))
+    fig.update_layout(xaxis_title="query position", yaxis={"title": "entropy"},
+                      yaxis2={"title": "top-1 prob", "overlaying": "y", "side": "right", "range": [0, 1]},
+                      height=260, margin={"l": 50, "r": 50, "t": 20, "b": 40}, legend={"orientation": "h"})
+    return fig
+
+
+def token_view(view: dict[str, Any], field: str = "row", spans: dict[str, list[int]] | None = None) -> html.Div:
+    """The input's tokens, each shaded by its attention (`row`: from the chosen query; `received_mean`:
+    received on average); the query is boxed, named spans underlined."""
+    values = view[field]
+    top = max(values) if values and max(values) > 0 else 1.0
+    in_span = {}
+    for name, (a, b) in (spans or {}).items():
+        for p in range(a, b):
+            in_span.setdefault(p, name)
+    pieces = []
+    for pos, (tok, v) in enumerate(zip(view["tokens"], values)):
+        style = {"backgroundColor": f"rgba(228, 87, 46, {0.05 + 0.95 * v / top:.3f})" if v > 0 else "transparent"}
+        cls = "tok"
+        if pos == view["query_position"] and field == "row":
+            cls += " tok-query"
+        if pos in in_span:
+            cls += " tok-span"
+        pieces.append(html.Span(tok, className=cls, style=style, title=f"{pos}: {tok!r} {v:.4f}"
+                                + (f" (span {in_span[pos]})" if pos in in_span else "")))
+    return html.Div(pieces, className="tokens", id="head-token-view")
+
+
+def next_token_bars(changes: Sequence[dict[str, Any]]) -> go.Figure:
+    toks = [c["token"] for c in changes]
+    fig = go.Figure([go.Bar(name="baseline", x=toks, y=[c["p_baseline"] for c in changes]),
+                     go.Bar(name="patched", x=toks, y=[c["p_patched"] for c in changes])])
+    fig.update_layout(barmode="group", yaxis_title="next-token probability", height=320,
+                      margin={"l": 50, "r": 20, "t": 20, "b": 60})
+    return fig
