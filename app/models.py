@@ -22,9 +22,10 @@ def zoo_models() -> list[str]:
 class ModelCache:
     """Lazily loaded models, each with its own lock."""
 
-    def __init__(self, store: RunStore, extra: list[str] | None = None) -> None:
+    def __init__(self, store: RunStore, extra: list[str] | None = None, device: str = "cpu") -> None:
         self.store = store
         self.extra = list(extra or [])
+        self.device = device
         self._models: dict[str, HeadModel] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -51,7 +52,7 @@ class ModelCache:
             if ref not in self._models:
                 if status is not None:
                     status(f"loading {ref} (once per server)")
-                self._models[ref] = load_model(ref)
+                self._models[ref] = load_model(ref, device=self.device)
             yield self._models[ref]
         finally:
             lock.release()

@@ -25,13 +25,13 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 NAV = [("Runs", "/"), ("Heatmap", "/heatmap"), ("Compare", "/compare"), ("Playground", "/playground")]
 
 
-def create_app(runs_dir: str | Path, models: list[str] | None = None, workers: int = 2) -> Dash:
+def create_app(runs_dir: str | Path, models: list[str] | None = None, workers: int = 2, device: str = "cpu") -> Dash:
     """The app for `runs_dir`. `models` adds model references the playground may load (besides the
-    zoo and the models the runs name). `app.headlab` is its `AppContext`."""
+    zoo and the models the runs name), loaded on `device`. `app.headlab` is its `AppContext`."""
     # Dash 4 announces DataTable's future removal on every table; it is still built in and works
     warnings.filterwarnings("ignore", message=r"\s*The dash_table.DataTable will be removed", category=DeprecationWarning)
     store = RunStore(runs_dir)
-    ctx = AppContext(store=store, models=ModelCache(store, models), tasks=TaskManager(workers=workers))
+    ctx = AppContext(store=store, models=ModelCache(store, models, device), tasks=TaskManager(workers=workers))
     app = Dash(__name__, title="headlab", suppress_callback_exceptions=True, serve_locally=True,
                assets_folder=str(Path(__file__).parent / "assets"), update_title=None)
     app.layout = html.Div([
@@ -47,11 +47,11 @@ def create_app(runs_dir: str | Path, models: list[str] | None = None, workers: i
 
 
 def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 0, models: list[str] | None = None,
-          ready: Callable[[str], None] | None = None) -> None:
+          device: str = "cpu", ready: Callable[[str], None] | None = None) -> None:
     """Serve the app until interrupted; `ready(url)` is called once it listens (port 0: a free port)."""
     from werkzeug.serving import make_server
 
-    app = create_app(runs_dir, models)
+    app = create_app(runs_dir, models, device=device)
     if host not in LOCAL_HOSTS:
         log.warning("serving on %s: anyone who can reach this machine can read the runs and run models", host)
     server = make_server(host, port, app.server, threaded=True)

@@ -223,12 +223,13 @@ def app_command(
     host: str = typer.Option("127.0.0.1", help="interface to bind (default: this machine only)"),
     port: int = typer.Option(0, help="port (0: a free one)"),
     model: Optional[list[str]] = typer.Option(None, help="extra model the playground may load (repeat)"),
+    device: str = typer.Option("cpu", help="where head detail and the playground run models (cpu, cuda, cuda:1)"),
 ) -> None:
     """The head explorer in the browser: runs, heatmaps, comparison, head detail, playground, mask export."""
     try:
         from headlab.app import serve
 
-        serve(runs, host=host, port=port, models=model or None,
+        serve(runs, host=host, port=port, models=model or None, device=device,
               ready=lambda url: typer.echo(f"headlab app: {runs} at {url} (Ctrl-C stops)"))
     except ModuleNotFoundError as exc:
         _fail(HeadlabError(f"the app needs {exc.name}: pip install 'headlab[app]'"))

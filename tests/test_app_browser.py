@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -55,7 +56,8 @@ def runs_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(runs_dir):
+def served(runs_dir):
+    """(base URL, the app's AppContext) of an app served by a threaded server on a free port."""
     from werkzeug.serving import make_server
 
     from headlab.app import create_app
@@ -64,9 +66,14 @@ def server(runs_dir):
     srv = make_server("127.0.0.1", 0, app.server, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
+    yield f"http://127.0.0.1:{srv.server_port}", app.headlab
     srv.shutdown()
     app.headlab.tasks.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +207,16 @@ def test_heatmap_mask_and_click_to_head_detail(server, browser, store, model, tm
     by_threshold = scores.to_mask(threshold=0.05)
     wait_for(browser, lambda d: text_of(d, "heatmap-mask").startswith(f"{len(by_threshold)} of 32"), "the threshold mask")
 
-    layer, head, _ = scores.top(1)[0]
+    layer, head, value = scores.top(1)[0]
+    # hovering a cell shows its score, rank and count
+    drag = browser.find_element(By.CSS_SELECTOR, "#heatmap-graph .nsewdrag")
+    w, h = drag.size["width"], drag.size["height"]
+    ActionChains(browser).move_to_element_with_offset(drag, int((head + 0.5) / 8 * w - w / 2),
+                                                      int((layer + 0.5) / 4 * h - h / 2)).perform()
+    hover = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#heatmap-graph .hoverlayer").text, "the hover label")
+    assert f"layer {layer} head {head}" in hover and "rank 0" in hover
+    assert float(re.search(r"score ([-0-9.e]+)", hover).group(1)) == pytest.approx(value, rel=1e-3)
+    assert f"count {int(scores.counts[layer, head])}" in hover
     click_cell(browser, layer, head, *scores.shape)
     wait_for(browser, lambda d: "/head" in d.current_url, "the head page after the click")
     query = parse_qs(urlparse(browser.current_url).query)
@@ -307,6 +323,40 @@ def test_playground_matches_compare_plan(server, browser, store, model, tmp_path
     browser.find_element(By.ID, "pg-run").click()
     wait_for(browser, lambda d: "ACT's β must be in [0, 1]" in text_of(d, "pg-error"), "the β error")
     no_tracebacks(browser)
+
+
+def test_a_busy_model_does_not_block_the_page(served, browser, store):
+    """While another request holds the model, the playground says it waits, the page keeps
+    answering (its progress polls are served), and the run completes once the model is free."""
+    url, ctx = served
+    run = run_of(store, "retrieval")
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with ctx.models.use(MODEL):
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(60)
+        browser.get(url + "/playground?" + urlencode({"source": f"{run}::scores", "k": 1}))
+        wait_for(browser, lambda d: "intervene on 1 of 32" in text_of(d, "pg-mask"), "the page")
+        set_input(browser, "pg-max-new", 2)
+        browser.find_element(By.ID, "pg-run").click()
+        wait_for(browser, lambda d: "busy with another request" in text_of(d, "pg-progress-text"), "the waiting message")
+        browser.find_element(By.ID, "nav-compare").click()  # other pages keep working meanwhile
+        wait_for(browser, lambda d: "Compare" in page_text(d), "the compare page")
+        browser.back()
+    finally:
+        release.set()
+        thread.join()
+    browser.get(url + "/playground?" + urlencode({"source": f"{run}::scores", "k": 1}))
+    wait_for(browser, lambda d: "intervene on 1 of 32" in text_of(d, "pg-mask"), "the page again")
+    set_input(browser, "pg-max-new", 2)
+    browser.find_element(By.ID, "pg-run").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "pg-kl"), "the result once the model is free")
 
 
 # ---- bad input -------------------------------------------------------------------------------
