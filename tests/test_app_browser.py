@@ -257,6 +257,8 @@ def test_export_mask_files(server, browser, store, downloads):
     expected = scores.to_mask(top_k=3)
     browser.get(server + "/heatmap?" + urlencode({"run": run, "score": "first_token_mass", "k": 3}))
     wait_for(browser, lambda d: text_of(d, "heatmap-mask").startswith("3 of 32"), "the mask")
+    # the figure draws after the mask text and moves the buttons down: click once it is in place
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap-graph .shapelayer path")) == 3, "3 outlines")
     stem = f"mask-{run}-first_token_mass"
     for button, suffix in (("export-json", ".json"), ("export-safetensors", ".safetensors"), ("export-duo", ".tsv")):
         browser.find_element(By.ID, button).click()
@@ -377,6 +379,7 @@ def test_heatmap_bad_k_and_custom_text(server, browser, store):
     run = run_of(store, "retrieval")
     browser.get(server + "/heatmap?" + urlencode({"run": run, "score": "scores"}))
     wait_for(browser, lambda d: "of 32 heads" in text_of(d, "heatmap-mask"), "the mask")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#heatmap-graph .heatmaplayer .hm"), "the heatmap")
     set_input(browser, "heatmap-k", 99)
     wait_for(browser, lambda d: "top-k must be in 0..32" in text_of(d, "heatmap-error"), "the k error")
 
