@@ -20,13 +20,15 @@ the probe measures VHD on the unreinforced pass of that step, for all layers at 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
@@ -84,18 +86,26 @@ def vhd_sample(model: HeadModel, sample: VisionSample, max_new_tokens: int = 8) 
     return VHDReading(vhd=vhd, generated=generated.tolist())
 
 
-def score(model: HeadModel, samples: Sequence[VisionSample], max_new_tokens: int = 8, progress: bool = True) -> HeadScores:
-    """Mean VHD of every head over all generated tokens of all samples."""
+def score(model: HeadModel, samples: Sequence[VisionSample], max_new_tokens: int = 8, progress: bool = True,
+          cache: MutableMapping[str, Any] | None = None) -> tuple[HeadScores, torch.Tensor]:
+    """Mean VHD of every head over all generated tokens of all samples, and each sample's mean
+    VHD ([n_samples, L, H]). `cache` (a run's Checkpoint) keeps finished samples for a resume."""
     if not samples:
         raise HeadlabError("the VHD analysis needs at least one image + prompt sample")
     L, H = model.spec.shape
-    sums, count = torch.zeros(L, H, dtype=torch.float64), 0
-    for sample in tqdm(samples, desc="vhd", disable=not progress):
-        reading = vhd_sample(model, sample, max_new_tokens)
-        sums += reading.vhd.double().sum(0)
-        count += reading.vhd.shape[0]
-    return HeadScores(sums=sums, counts=torch.full((L, H), float(count), dtype=torch.float64), analysis="vhd",
-                      model=model.name, params={"max_new_tokens": max_new_tokens, "samples": len(samples)})
+    sums, count, per_sample = torch.zeros(L, H, dtype=torch.float64), 0, []
+    for i, sample in enumerate(tqdm(samples, desc="vhd", disable=not progress)):
+        def compute(sample=sample):
+            reading = vhd_sample(model, sample, max_new_tokens)
+            return {"vhd": reading.vhd.tolist(), "generated": reading.generated}
+
+        vhd = torch.tensor(cached(cache, str(i), compute)["vhd"], dtype=torch.float64).view(-1, L, H)
+        sums += vhd.sum(0)
+        count += vhd.shape[0]
+        per_sample.append(vhd.mean(0))
+    scores = HeadScores(sums=sums, counts=torch.full((L, H), float(count), dtype=torch.float64), analysis="vhd",
+                        model=model.name, params={"max_new_tokens": max_new_tokens, "samples": len(samples)})
+    return scores, torch.stack(per_sample)
 
 
 def _top_per_layer(vhd: torch.Tensor, k: int, layers: Sequence[int] | None) -> list[tuple[int, int]]:
@@ -154,4 +164,140 @@ def vhr_generate(model: HeadModel, sample: VisionSample, alpha: float = 1.5, k: 
     return VHRGeneration(generated=generated, reinforced=reinforced)
 
 
-__all__ = ["VHDReading", "VHRGeneration", "VisionSample", "score", "vhd_sample", "vhr_generate"]
+# ---- datasets and evaluation -------------------------------------------------------------------
+@dataclass
+class ImageQuestion:
+    """A question about an image, with its reference answer (POPE: "yes" / "no")."""
+
+    prompt: str
+    image: Any
+    """A path, a PIL image, or an HxWx3 uint8 array."""
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+POPE_TEMPLATE = "USER: <image>\n{question} Answer with yes or no. ASSISTANT:"
+
+
+def pope_dataset(path: str | Path, images: str | Path, template: str = POPE_TEMPLATE) -> list[ImageQuestion]:
+    """POPE-format JSONL/CSV (`image` file name, `text` question, `label` yes/no; `question_id`
+    optional) with the images under `images`. `template` places the question ({question}) and the
+    processor's image placeholder."""
+    from headlab.datasets import records_to, text_field
+
+    root = Path(images)
+    if not root.is_dir():
+        raise HeadlabError(f"image folder {images} does not exist; give the folder that holds the dataset's images")
+    if "{question}" not in template:
+        raise HeadlabError(f"the template {template!r} has no {{question}} field")
+
+    def convert(r: dict[str, Any]) -> ImageQuestion:
+        label = text_field(r, "label").strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"label must be 'yes' or 'no', got {r['label']!r}")
+        image = root / text_field(r, "image")
+        if not image.is_file():
+            raise ValueError(f"image {image} does not exist")
+        return ImageQuestion(template.format(question=text_field(r, "text")), image, label,
+                             {"question_id": r.get("question_id")})
+
+    return records_to(path, convert)
+
+
+def zoo_questions(kinds: Sequence[str], n: int, seed: int = 70_000, conflict: bool | None = None) -> list[ImageQuestion]:
+    """Questions of the toy VLM's task (`headlab.zoo.shapes`), images drawn and seeded."""
+    import random as _random
+
+    from headlab.zoo import shapes
+
+    out = []
+    for kind in kinds:
+        rng = _random.Random(seed + 17 * shapes.KINDS.index(kind))
+        for ex in shapes.held_out(kind, n, seed=seed, conflict=conflict):
+            out.append(ImageQuestion(ex.prompt, ex.scene.draw(rng).permute(1, 2, 0).numpy(), ex.answer,
+                                     {"kind": kind, "conflict": ex.conflict}))
+    return out
+
+
+def image_array(image: Any) -> Any:
+    """An image (path, PIL or HxWx3 array) as an HxWx3 uint8 numpy array."""
+    import numpy as np
+
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        try:
+            with Image.open(image) as img:
+                return np.asarray(img.convert("RGB"))
+        except OSError as exc:
+            raise HeadlabError(f"cannot read image {image}: {exc}") from exc
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_sample(model: HeadModel, question: ImageQuestion) -> VisionSample:
+    """Encode a question with the model's processor (a path is opened as an RGB image)."""
+    from headlab.vision import encode
+
+    enc = encode(model, question.prompt, image_array(question.image))
+    return VisionSample(enc["input_ids"][0], enc["pixel_values"], question.answer, dict(question.meta))
+
+
+def _decode(model: HeadModel, ids: Sequence[int]) -> str:
+    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+    return tok.decode(list(ids), skip_special_tokens=True).strip()
+
+
+def _first_word(text: str) -> str:
+    words = text.lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float | None = None, k: int = 2,
+             max_new_tokens: int = 3, progress: bool = False) -> dict[str, Any]:
+    """Greedy answers (with VHR when `alpha` is given) scored against the references.
+
+    accuracy: the answer (its first word for yes/no questions) equals the reference;
+    for yes/no questions also POPE's precision / recall / F1 / yes-ratio and the hallucination rate
+    (a "yes" when the answer is "no"); for questions with `meta["conflict"]`, accuracy on them.
+    """
+    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+    rows = []
+    for q in tqdm(questions, desc="vhr" if alpha is not None else "evaluate", disable=not progress):
+        sample = to_sample(model, q)
+        if alpha is None:
+            ids, pixels = _check(model, sample)
+            with model.patched(None):
+                out = model.generate(input_ids=ids[None], pixel_values=pixels, attention_mask=torch.ones_like(ids)[None],
+                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+            text = _decode(model, out[0, ids.numel():].tolist())
+        else:
+            text = _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id).generated)
+        yes_no = q.answer in ("yes", "no")
+        got = _first_word(text) if yes_no else text
+        rows.append({"answer": q.answer, "generated": text, "correct": got == q.answer, "yes_no": yes_no,
+                     "said_yes": yes_no and got == "yes", **q.meta})
+    result: dict[str, Any] = {"n": len(rows), "accuracy": sum(r["correct"] for r in rows) / max(len(rows), 1)}
+    yn = [r for r in rows if r["yes_no"]]
+    if yn:
+        tp = sum(r["said_yes"] and r["answer"] == "yes" for r in yn)
+        fp = sum(r["said_yes"] and r["answer"] == "no" for r in yn)
+        fn = sum(not r["said_yes"] and r["answer"] == "yes" for r in yn)
+        negatives = sum(r["answer"] == "no" for r in yn)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        result["pope"] = {"accuracy": sum(r["correct"] for r in yn) / len(yn), "precision": precision, "recall": recall,
+                          "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                          "yes_ratio": sum(r["said_yes"] for r in yn) / len(yn),
+                          "hallucination_rate": fp / negatives if negatives else 0.0}
+    conflict = [r for r in rows if r.get("conflict")]
+    if conflict:
+        result["conflict_accuracy"] = sum(r["correct"] for r in conflict) / len(conflict)
+    result["rows"] = rows
+    return result
+
+
+__all__ = ["ImageQuestion", "POPE_TEMPLATE", "VHDReading", "VHRGeneration", "VisionSample", "evaluate", "pope_dataset",
+           "score", "to_sample", "vhd_sample", "vhr_generate", "zoo_questions"]

@@ -177,11 +177,12 @@ def register(app: Dash, ctx: AppContext) -> None:
     @guarded(4, 3)
     def head_start(example, _clicks, text, query, ref, previous):
         examples = ctx.store.examples(ref["run"])
-        spans = {}
+        spans, image = {}, None
         if example != "custom" and example is not None:
             chosen = examples[as_int(example, "example", 0, len(examples) - 1)]
             if trigger.triggered_id != "head-compute" or text == chosen["text"]:
                 text, spans = chosen["text"], chosen.get("spans", {})
+                image = ctx.store.example_image(ref["run"], chosen)  # vision runs: the image tokens become a span
         elif trigger.triggered_id == "head-example":
             return no_update, no_update, no_update, ""  # "my own text": wait for Compute
         q = as_int(query if query not in (None, "") else -1, "query position")
@@ -193,12 +194,12 @@ def register(app: Dash, ctx: AppContext) -> None:
         def work(progress, should_stop):
             with ctx.models.use(model_ref, status=lambda message: progress(0.05, message)) as hm:
                 progress(0.3, f"two patched forwards, stats of layer {layer}")
-                v = head_view(hm, text, layer, head, query=q, spans=spans)
+                v = head_view(hm, text, layer, head, query=q, spans=spans, image=image)
             return {"tokens": v.tokens, "query_position": v.query_position, "row": v.row.tolist(),
                     "received_mean": v.received_mean.tolist(), "argmax": v.argmax.tolist(),
                     "argmax_prob": v.argmax_prob.tolist(), "entropy": v.entropy.tolist(),
                     "top": [{"position": p, "token": t, "probability": round(pr, 4)} for p, t, pr in v.top(10)],
-                    "spans": {k: list(s) for k, s in spans.items()}}
+                    "spans": {k: list(s) for k, s in {**spans, **v.spans}.items()}}
 
         task_id = ctx.tasks.submit("head", work)
         return {"id": task_id}, False, text, ""

@@ -170,6 +170,40 @@ def score_conflict(
     _job(jobs.score_conflict, model, out, run_id, data=data, n=n)
 
 
+@score_app.command("vision-heads")
+def score_vision_heads(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="POPE-format JSONL/CSV: image (file name), text (question), label"),
+    images: Optional[str] = typer.Option(None, help="folder holding the dataset's images"),
+    template: Optional[str] = typer.Option(None, help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)"),
+    n: int = typer.Option(24, help="zoo questions per kind when no --data"),
+    max_new_tokens: int = typer.Option(4),
+) -> None:
+    """Vision-aware heads (He et al.): VHD, head output with vs without the image, per generated token."""
+    from headlab import jobs
+
+    _job(jobs.score_vision_heads, model, out, run_id, data=data, images=images, template=template, n=n,
+         max_new_tokens=max_new_tokens)
+
+
+@intervene_app.command("vhr")
+def intervene_vhr(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="POPE-format JSONL/CSV: image (file name), text (question), label"),
+    images: Optional[str] = typer.Option(None, help="folder holding the dataset's images"),
+    template: Optional[str] = typer.Option(None, help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)"),
+    n: int = typer.Option(48, help="zoo questions per set when no --data"),
+    alpha: float = typer.Option(1.5, help="output scale of the reinforced heads (> 1 reinforces)"),
+    k: int = typer.Option(2, help="heads reinforced per layer, chosen by VHD at every step"),
+    max_new_tokens: int = typer.Option(3),
+) -> None:
+    """VHR: reinforce each step's top-k vision-aware heads per layer; accuracy / POPE metrics before and after."""
+    from headlab import jobs
+
+    _job(jobs.intervene_vhr, model, out, run_id, data=data, images=images, template=template, n=n, alpha=alpha, k=k,
+         max_new_tokens=max_new_tokens)
+
+
 @intervene_app.command("act")
 def intervene_act(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ class HeadView:
     argmax_prob: torch.Tensor
     entropy: torch.Tensor
     span_mass: dict[str, torch.Tensor] = field(default_factory=dict)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The [start, end) token spans measured (with an image: "image", its tokens)."""
 
     def top(self, k: int = 10) -> list[tuple[int, str, float]]:
         """The k keys the chosen query attends to most, as (position, token, probability)."""
@@ -65,7 +68,7 @@ class HeadView:
 
 
 def _token_strings(model: HeadModel, ids: list[int]) -> list[str]:
-    tok = model.tokenizer
+    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
     if hasattr(tok, "convert_ids_to_tokens"):
         return [str(t) for t in tok.convert_ids_to_tokens(ids)]
     return [tok.decode([i]) for i in ids]
@@ -73,19 +76,33 @@ def _token_strings(model: HeadModel, ids: list[int]) -> list[str]:
 
 def head_view(model: HeadModel, text: str | Sequence[int], layer: int, head: int, query: int = -1,
               spans: Mapping[str, tuple[int, int]] | None = None, plan: InterventionPlan | None = None,
-              max_tokens: int = MAX_TOKENS) -> HeadView:
+              max_tokens: int = MAX_TOKENS, image: Any = None) -> HeadView:
     """Attention of head (`layer`, `head`) on `text` (a string, or token ids), under `plan` if given.
 
     `query` picks the query row shown in `row` (Python indexing: -1 is the last token); `spans`
-    (name -> [start, end) token positions) adds their attention mass per query.
+    (name -> [start, end) token positions) adds their attention mass per query. With `image` (for a
+    vision-language model; the text holds the processor's image placeholder) the image tokens
+    become the span "image".
     """
     model.spec.check_head(layer, head)
-    if isinstance(text, str):
+    extra: dict[str, Any] = {}
+    if image is not None:
+        from headlab.vision import encode, image_positions
+
+        if not isinstance(text, str):
+            raise HeadlabError("with an image, give the prompt as text (the processor places the image tokens)")
+        enc = encode(model, text, image)
+        ids = enc["input_ids"][0].tolist()
+        extra["pixel_values"] = enc["pixel_values"].to(model.dtype)
+        pos = image_positions(model.spec, enc["input_ids"][0])
+        spans = {**(spans or {}), "image": (int(pos[0]), int(pos[-1]) + 1)}
+    elif isinstance(text, str):
         if not text.strip():
             raise HeadlabError("the input text is empty: type a prompt or pick an example")
         if model.tokenizer is None:
             raise HeadlabError(f"{model.name} has no tokenizer: pass token ids instead of text")
-        ids = list(model.tokenizer(text)["input_ids"])
+        tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)  # a processor's tokenizer
+        ids = list(tok(text)["input_ids"])
     else:
         ids = [int(i) for i in text]
     n = len(ids)
@@ -104,17 +121,17 @@ def head_view(model: HeadModel, text: str | Sequence[int], layer: int, head: int
     x = torch.tensor([ids], device=model.device)
     per_query = StatsRequest(argmax=True, entropy=True, received=True, spans=clean_spans, layers=[layer])
     with model.patched(plan, per_query) as rec:
-        model(x)
+        model(x, **extra)
     s = rec.stats
     with model.patched(plan, StatsRequest(keys=list(range(n)), queries=[q], layers=[layer])) as rec_row:
-        model(x)
+        model(x, **extra)
     row = rec_row.stats.key_probs[0, 0, head, 0].float().cpu()
     return HeadView(
         layer=layer, head=head, tokens=_token_strings(model, ids), query_position=q, row=row,
         received_mean=s.received_mean[0, 0, head].float().cpu(),
         argmax=s.argmax[0, 0, head].cpu(), argmax_prob=s.argmax_prob[0, 0, head].float().cpu(),
         entropy=s.entropy[0, 0, head].float().cpu(),
-        span_mass={name: s.span_mass(name)[0, 0, head].float().cpu() for name in clean_spans},
+        span_mass={name: s.span_mass(name)[0, 0, head].float().cpu() for name in clean_spans}, spans=clean_spans,
     )
 
 

@@ -325,3 +325,61 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
         summary = {"toward": toward, "k": result.k, "pruned": [list(h) for h in result.pruned],
                    "k_selection": result.selection, "test": evaluation}
         return _finish(run, summary, {"memory_heads": heads.memory, "context_heads": heads.context})
+
+
+def _vision_questions(model: str, data: str | None, images: str | None, template: str | None, n: int,
+                      kinds: tuple[str, ...], conflict: bool | None = None):
+    from headlab.analyses import vision_heads as vh
+
+    if data:
+        if not images:
+            raise HeadlabError("give --images (the folder of the dataset's images) with --data")
+        return vh.pope_dataset(data, images, template or vh.POPE_TEMPLATE)
+    if model == "zoo:shapes-llava":
+        return vh.zoo_questions(kinds, n, conflict=conflict)
+    raise HeadlabError(f"give --data (POPE-format JSONL: image, text, label) and --images for {model}")
+
+
+def score_vision_heads(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                       images: str | None = None, template: str | None = None, n: int = 24, max_new_tokens: int = 4,
+                       progress: bool = True) -> Path:
+    """VHD per head (He et al.): head output with vs without the image, per generated token."""
+    from headlab.analyses import vision_heads as vh
+
+    questions = _vision_questions(model, data, images, template, n, ("color", "shape", "where"))
+    params = {"data": data, "images": images, "template": template, "n": n, "max_new_tokens": max_new_tokens}
+    run = open_run(out, "vision_heads", model, params, run_id)
+    hm = load_model(model)
+    with run:
+        samples = [vh.to_sample(hm, q) for q in questions]
+        scores, per_sample = vh.score(hm, samples, max_new_tokens, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        run.save_per_sample({"vhd": per_sample}, [f"question {i}" for i in range(len(questions))])
+        run.save_examples([{"text": q.prompt, "label": f"question {i}: answer {q.answer!r}", "image": vh.image_array(q.image)}
+                           for i, q in enumerate(questions)])
+        summary = {"questions": len(questions), "top_heads": [[l, h, s] for l, h, s in scores.top(10)]}
+        return _finish(run, summary, {"vhd": scores})
+
+
+def intervene_vhr(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                  images: str | None = None, template: str | None = None, n: int = 48, alpha: float = 1.5, k: int = 2,
+                  max_new_tokens: int = 3, progress: bool = True) -> Path:
+    """VHR: answers with and without reinforcing each step's top-k vision-aware heads per layer by alpha."""
+    import pandas as pd
+
+    from headlab.analyses import vision_heads as vh
+
+    questions = _vision_questions(model, data, images, template, n, ("object", "pope"), conflict=None)
+    if model == "zoo:shapes-llava" and not data:
+        questions += vh.zoo_questions(("object",), n, seed=71_000, conflict=True)
+    params = {"data": data, "images": images, "template": template, "n": n, "alpha": alpha, "k": k,
+              "max_new_tokens": max_new_tokens}
+    run = open_run(out, "vhr", model, params, run_id)
+    hm = load_model(model)
+    with run:
+        before = vh.evaluate(hm, questions, None, k, max_new_tokens, progress=progress)
+        after = vh.evaluate(hm, questions, alpha, k, max_new_tokens, progress=progress)
+        frame = pd.DataFrame([{**{f"before_{c}": v for c, v in b.items()}, "after_generated": a["generated"],
+                               "after_correct": a["correct"]} for b, a in zip(before.pop("rows"), after.pop("rows"))])
+        run.save_samples(frame, "answers")
+        run.save_json({"alpha": alpha, "k": k, "per_step": True}, "vhr_setting")
+        return _finish(run, {"questions": len(questions), "before": before, "after": after}, {})

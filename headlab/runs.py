@@ -126,15 +126,30 @@ class Run:
         return self._record("per_sample", atomic_save_safetensors(tensors, self.dir / "per_sample.safetensors", metadata=meta))
 
     def save_examples(self, examples: list[dict[str, Any]], limit: int = 24) -> Path:
-        """Example inputs of the run: dicts with `text`, optional `label` and `spans` (name -> [start, end)
-        token positions of the text tokenized with the model's tokenizer). Kept to the first `limit`."""
+        """Example inputs of the run: dicts with `text`, optional `label`, `spans` (name -> [start, end)
+        token positions of the text tokenized with the model's tokenizer) and `image` (an HxWx3 uint8
+        array, saved as `examples/<i>.png`, for vision-language runs). Kept to the first `limit`."""
         clean = []
-        for ex in examples[:limit]:
+        for i, ex in enumerate(examples[:limit]):
             if not isinstance(ex.get("text"), str):
                 raise HeadlabError(f"an example needs a 'text' string, got {ex!r}")
-            clean.append({"text": ex["text"], "label": str(ex.get("label", "")),
-                          "spans": {k: [int(a), int(b)] for k, (a, b) in (ex.get("spans") or {}).items()}})
+            entry = {"text": ex["text"], "label": str(ex.get("label", "")),
+                     "spans": {k: [int(a), int(b)] for k, (a, b) in (ex.get("spans") or {}).items()}}
+            if ex.get("image") is not None:
+                entry["image"] = str(self._save_png(ex["image"], f"examples/{i}.png").relative_to(self.dir))
+            clean.append(entry)
         return self._record("examples", atomic_write_json(clean, self.dir / "examples.json"))
+
+    def _save_png(self, image: Any, name: str) -> Path:
+        import numpy as np
+        from PIL import Image
+
+        from headlab.io import _atomic
+
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise HeadlabError(f"an example image must be an HxWx3 uint8 array, got {array.dtype} {array.shape}")
+        return _atomic(self.dir / name, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -299,6 +314,18 @@ class RunStore:
             return []
         data = json.loads(self.file(run_id, rel).read_text())
         return [ex for ex in data if isinstance(ex, dict) and isinstance(ex.get("text"), str)]
+
+    def example_image(self, run_id: str, example: dict[str, Any]) -> Any:
+        """The example's image as an RGB PIL image (None for a text example); only PNGs inside the run."""
+        rel = example.get("image")
+        if not rel:
+            return None
+        if not str(rel).endswith(".png"):
+            raise HeadlabError(f"run {run_id!r} names an example image that is not a PNG ({rel!r})")
+        from PIL import Image
+
+        with Image.open(self.file(run_id, rel)) as img:
+            return img.convert("RGB")
 
     def summary(self, run_id: str) -> dict[str, Any]:
         rel = (self.manifest(run_id).get("files") or {}).get("summary")

