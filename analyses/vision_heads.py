@@ -15,7 +15,9 @@ VHR: at every generation step, the top-k heads of each layer by that step's VHD 
 scaled by α (> 1 reinforces). Per step: one incremental no-image forward, one with-image probe
 forward without the plan (its cache entry is cropped off again), and the with-image forward under
 the plan that produces the next token. Named difference from a layer-by-layer hook implementation:
-the probe measures VHD on the unreinforced pass of that step, for all layers at once.
+the probe measures VHD on the unreinforced pass of that step, for all layers at once. At step 0
+the planned pass is the prompt's prefill, so the prompt's cached keys and values carry step 0's
+reinforcement (a head-output scale applies to every query of the call it is planned for).
 """
 
 from __future__ import annotations
