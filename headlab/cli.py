@@ -74,6 +74,9 @@ app.add_typer(intervene_app, name="intervene")
 MODEL = typer.Argument(..., help="local model directory, hub name, or zoo:<name>")
 OUT = typer.Option(Path("runs"), help="runs directory")
 RUN_ID = typer.Option(None, help="name of the run; an unfinished run of that name is resumed")
+POPE_DATA = typer.Option(None, "--data", help="POPE-format JSONL/CSV: image (file name), text (question), label")
+IMAGES = typer.Option(None, "--images", help="folder holding the dataset's images")
+TEMPLATE = typer.Option(None, "--template", help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)")
 
 
 def _job(fn, *args, **kw) -> None:
@@ -173,9 +176,7 @@ def score_conflict(
 @score_app.command("vision-heads")
 def score_vision_heads(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
-    data: Optional[str] = typer.Option(None, help="POPE-format JSONL/CSV: image (file name), text (question), label"),
-    images: Optional[str] = typer.Option(None, help="folder holding the dataset's images"),
-    template: Optional[str] = typer.Option(None, help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)"),
+    data: Optional[str] = POPE_DATA, images: Optional[str] = IMAGES, template: Optional[str] = TEMPLATE,
     n: int = typer.Option(24, help="zoo questions per kind when no --data"),
     max_new_tokens: int = typer.Option(4),
 ) -> None:
@@ -189,9 +190,7 @@ def score_vision_heads(
 @intervene_app.command("vhr")
 def intervene_vhr(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
-    data: Optional[str] = typer.Option(None, help="POPE-format JSONL/CSV: image (file name), text (question), label"),
-    images: Optional[str] = typer.Option(None, help="folder holding the dataset's images"),
-    template: Optional[str] = typer.Option(None, help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)"),
+    data: Optional[str] = POPE_DATA, images: Optional[str] = IMAGES, template: Optional[str] = TEMPLATE,
     n: int = typer.Option(48, help="zoo questions per set when no --data"),
     alpha: float = typer.Option(1.5, help="output scale of the reinforced heads (> 1 reinforces)"),
     k: int = typer.Option(2, help="heads reinforced per layer, chosen by VHD at every step"),
