@@ -108,7 +108,7 @@ def headlab_attention_forward(
         positions_ok = session.track_positions(layer, Q, K)
         plan = session.layer_plan(layer, query.device)
         stats = session.layer_request(layer, Q, K, query.device)
-        uses_positions = (plan is not None and plan.has_bias) or (stats is not None and stats.wants_probabilities)
+        uses_positions = (plan is not None and (plan.has_bias or plan.has_var)) or (stats is not None and stats.wants_probabilities)
         if uses_positions and not positions_ok:
             raise PlanError(
                 f"layer {layer}: its sliding-window cache has dropped early tokens, so key positions no longer "

@@ -20,6 +20,8 @@ Semantics (METHODS.md), applied in this order inside the patched attention of ea
    on this same input; then A'[i,s] = β·A[i,s] for s ∈ S and the removed mass goes to the
    non-sink keys in proportion to their attention. The sinks keep exactly β·A (this is NOT a
    logit bias of log β).
+4b. VAR redistribution (Kang et al. 2025): a fraction p of the row's attention on the source keys
+   (visual sinks) moves to the target keys (other image tokens) in proportion to their attention.
 5. z = A' v                                       (per-head output, before o_proj)
 6. replacement: zero ablation (z = 0), mean ablation (z = mean z from a reference run) or
    patching (z = z from a cached run, for path patching)
@@ -81,6 +83,10 @@ class InterventionPlan:
     ablations: dict[Head, AblationMode] = field(default_factory=dict)
     means: dict[Head, torch.Tensor] = field(default_factory=dict)
     patches: dict[Head, torch.Tensor] = field(default_factory=dict)
+    var_heads: dict[Head, float] = field(default_factory=dict)
+    """VAR: head -> p, the fraction of attention moved from `var_sources` to `var_targets`."""
+    var_sources: tuple[int, ...] = ()
+    var_targets: tuple[int, ...] = ()
     model_shape: tuple[int, int, int] | None = None
     """(n_layers, n_heads, head_dim) of the model the plan was built for, when known."""
 
@@ -155,6 +161,29 @@ class InterventionPlan:
                 raise PlanError(f"ACT tau for head {h} must be in [0, 1], got {s.tau}")
         return replace(self, act_heads={**self.act_heads, **settings})
 
+    def redistribute(self, heads: Iterable[Head] | Mapping[Head, float], sources: Sequence[int], targets: Sequence[int],
+                     p: float = 0.6) -> "InterventionPlan":
+        """VAR (Kang et al., "See What You Are Told"): in each head, a fraction p of the attention on
+        the `sources` keys (visual sink tokens) moves to the `targets` keys (the other image tokens),
+        in proportion to their attention: A[i,s] ← (1−p)·A[i,s]; A[i,t] ← A[i,t]·(1 + p·S_i / T_i),
+        S_i and T_i the row's mass on sources and targets. Rows keep summing to 1; rows with no
+        mass on the targets are left as they are. One source / target set per plan."""
+        settings = _heads_map(heads) if isinstance(heads, Mapping) else _heads_map(heads, p)
+        for h, value in settings.items():
+            if not 0.0 <= float(value) <= 1.0:
+                raise PlanError(f"VAR fraction p for head {h} must be in [0, 1], got {value}")
+        src, tgt = tuple(sorted({int(x) for x in sources})), tuple(sorted({int(x) for x in targets}))
+        if not src or not tgt:
+            raise PlanError("VAR needs at least one source key (a visual sink) and one target key (an image token)")
+        if min(src + tgt) < 0:
+            raise PlanError("VAR key positions must be >= 0")
+        if set(src) & set(tgt):
+            raise PlanError(f"VAR sources and targets overlap at positions {sorted(set(src) & set(tgt))}")
+        if self.var_heads and (self.var_sources, self.var_targets) != (src, tgt):
+            raise PlanError("a plan holds one VAR source / target set; build another plan for other positions")
+        return replace(self, var_heads={**self.var_heads, **{h: float(v) for h, v in settings.items()}},
+                       var_sources=src, var_targets=tgt)
+
     def ablate_heads(
         self,
         heads: Iterable[Head],
@@ -210,6 +239,8 @@ class InterventionPlan:
         for h, biases in other.key_biases.items():
             for p, b in biases.items():
                 plan = plan.key_bias({h: b}, p)
+        if other.var_heads:
+            plan = plan.redistribute(other.var_heads, other.var_sources, other.var_targets)
         return replace(
             plan,
             act_heads={**plan.act_heads, **other.act_heads},
@@ -224,7 +255,8 @@ class InterventionPlan:
     # ---- inspection ----------------------------------------------------------------------
     def heads(self) -> set[Head]:
         """Every head the plan touches."""
-        return set(self.head_scales) | set(self.logit_scales) | set(self.key_biases) | set(self.act_heads) | set(self.ablations) | set(self.patches)
+        return (set(self.head_scales) | set(self.logit_scales) | set(self.key_biases) | set(self.act_heads)
+                | set(self.ablations) | set(self.patches) | set(self.var_heads))
 
     def layers(self) -> set[int]:
         return {layer for layer, _ in self.heads()}
@@ -291,6 +323,10 @@ class InterventionPlan:
         patch = {h: z for (l, h), z in self.patches.items() if l == layer}
         for h in patch:
             replace_mode[h] = REPLACE_PATCH
+        var_p = torch.zeros(n_heads)
+        for (l, h), v in self.var_heads.items():
+            if l == layer:
+                var_p[h] = v
         return LayerPlan(
             layer=layer,
             head_scale=scale,
@@ -303,6 +339,9 @@ class InterventionPlan:
             replace_mode=replace_mode,
             mean_out=mean_out,
             patches=patch,
+            var_p=var_p,
+            var_sources=torch.tensor(self.var_sources, dtype=torch.long),
+            var_targets=torch.tensor(self.var_targets, dtype=torch.long),
         )
 
     # ---- serialization --------------------------------------------------------------------
@@ -316,6 +355,8 @@ class InterventionPlan:
             "key_biases": [[l, h, p, b] for (l, h), d in sorted(self.key_biases.items()) for p, b in sorted(d.items())],
             "act": [[l, h, s.beta, s.tau] for (l, h), s in sorted(self.act_heads.items())],
             "ablations": [[l, h, m] for (l, h), m in sorted(self.ablations.items())],
+            "var": {"heads": [[l, h, v] for (l, h), v in sorted(self.var_heads.items())], "sources": list(self.var_sources),
+                    "targets": list(self.var_targets)},
             "tensors": sorted([f"mean.{l}.{h}" for l, h in self.means] + [f"patch.{l}.{h}" for l, h in self.patches]),
         }
 
@@ -338,6 +379,9 @@ class InterventionPlan:
             ablations={(l, h): m for l, h, m in d.get("ablations", [])},
             means={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("mean.")},
             patches={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("patch.")},
+            var_heads={(l, h): float(v) for l, h, v in (d.get("var") or {}).get("heads", [])},
+            var_sources=tuple(int(x) for x in (d.get("var") or {}).get("sources", [])),
+            var_targets=tuple(int(x) for x in (d.get("var") or {}).get("targets", [])),
             model_shape=tuple(d["model_shape"]) if d.get("model_shape") else None,
         )
 
@@ -383,6 +427,10 @@ class LayerPlan:
     replace_mode: torch.Tensor
     mean_out: torch.Tensor | None = None
     patches: dict[int, torch.Tensor] = field(default_factory=dict)
+    var_p: torch.Tensor | None = None
+    """[H] VAR fraction (0 = none); var_sources [S] / var_targets [T] key positions."""
+    var_sources: torch.Tensor | None = None
+    var_targets: torch.Tensor | None = None
 
     facts: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     """Host-side summary (which kinds of intervention are present, the largest biased key),
@@ -397,7 +445,10 @@ class LayerPlan:
                 "replaces": bool((self.replace_mode != REPLACE_NONE).any()),
                 "head_scaled": bool((self.head_scale != 1).any()),
                 "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
+                "var": self.var_p is not None and bool((self.var_p > 0).any()),
             }
+            if self.facts["var"]:
+                self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())
 
     @property
     def has_bias(self) -> bool:
@@ -417,6 +468,11 @@ class LayerPlan:
         return self.facts["act"]
 
     @property
+    def has_var(self) -> bool:
+        """True when some head redistributes attention (VAR)."""
+        return self.facts.get("var", False)
+
+    @property
     def has_replacement(self) -> bool:
         """True when some head's output is replaced (zero / mean ablation, patching)."""
         return self.facts["replaces"]
@@ -428,7 +484,7 @@ class LayerPlan:
     @property
     def touches_probabilities(self) -> bool:
         """True when the attention probabilities themselves change (not only the outputs)."""
-        return self.has_logit_scale or self.has_bias or self.has_act
+        return self.has_logit_scale or self.has_bias or self.has_act or self.has_var
 
     def to(self, device: torch.device | str) -> "LayerPlan":
         device = torch.device(device)
@@ -448,6 +504,9 @@ class LayerPlan:
             replace_mode=self.replace_mode.to(device),
             mean_out=None if self.mean_out is None else self.mean_out.to(device),
             patches={h: z.to(device) for h, z in self.patches.items()},
+            var_p=None if self.var_p is None else self.var_p.to(device),
+            var_sources=None if self.var_sources is None else self.var_sources.to(device),
+            var_targets=None if self.var_targets is None else self.var_targets.to(device),
             facts=self.facts,
         )
 

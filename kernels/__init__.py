@@ -51,7 +51,7 @@ def triton_import_error() -> str | None:
     return None
 
 
-def _kernel_for(query, key, value, attention_mask, stats, query_positions) -> tuple[str, str | None]:
+def _kernel_for(query, key, value, attention_mask, stats, query_positions, plan=None) -> tuple[str, str | None]:
     """('triton' | 'reference', why not triton)."""
     choice = kernel_choice()
     if choice == "reference":
@@ -59,6 +59,8 @@ def _kernel_for(query, key, value, attention_mask, stats, query_positions) -> tu
     if choice == "auto" and query.device.type != "cuda":
         return "reference", f"tensors on {query.device.type}"
     reason = triton_import_error()
+    if reason is None and plan is not None and plan.has_var:
+        reason = "VAR attention redistribution (the Triton kernels do not implement it)"
     if reason is None:
         from headlab.kernels.fused import unsupported_reason
 
@@ -83,7 +85,7 @@ def uses_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, att
 def patched_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs):
     """`reference.patched_attention`'s signature and results, on the kernel `active_kernel` names."""
     name, _ = _kernel_for(query, key, value, kwargs.get("attention_mask"), kwargs.get("stats"),
-                          kwargs.get("query_positions"))
+                          kwargs.get("query_positions"), kwargs.get("plan"))
     if name == "triton":
         from headlab.kernels.fused import patched_attention as fused_attention
 

@@ -157,6 +157,25 @@ def act_calibrate(attn: torch.Tensor, sinks: torch.Tensor, beta: torch.Tensor) -
     return attn.mul_(torch.where(sinks[:, :, None, :], b_row, c))
 
 
+def var_redistribute(attn: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    """VAR on a probability block, in place: attn [B,H,C,K]. For heads with p > 0, sources ×(1−p)
+    and targets ×(1 + p·S_i/T_i) (S_i, T_i the row's mass on each set); rows without target mass
+    stay as they are. Positions at or beyond K (not yet in the cache) are left out."""
+    K = attn.shape[-1]
+    src = torch.zeros(K, device=attn.device)
+    tgt = torch.zeros(K, device=attn.device)
+    src[plan.var_sources[plan.var_sources < K]] = 1.0
+    tgt[plan.var_targets[plan.var_targets < K]] = 1.0
+    s_i = torch.matmul(attn, src[:, None])  # [B, H, C, 1]
+    t_i = torch.matmul(attn, tgt[:, None])
+    p = plan.var_p.to(attn.device)[None, :, None, None]
+    movable = t_i > torch.finfo(torch.float32).tiny
+    f_src = torch.where(movable, 1.0 - p, torch.ones_like(t_i))
+    f_tgt = torch.where(movable, 1.0 + p * s_i / torch.where(movable, t_i, torch.ones_like(t_i)), torch.ones_like(t_i))
+    factor = torch.where(src.bool(), f_src, torch.where(tgt.bool(), f_tgt, torch.ones_like(f_src)))
+    return attn.mul_(factor)
+
+
 def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: slice, patch: torch.Tensor | None) -> torch.Tensor:
     """Replacement (zero / mean / patch) then output scale, on head outputs z [B, H, C, Dv] fp32."""
     if plan is None:
@@ -354,6 +373,8 @@ def patched_attention(
         attn, allowed = _probabilities(query, key_t, rows, **kw)
         if sinks is not None:
             attn = act_calibrate(attn, sinks, plan.act_beta)
+        if plan is not None and plan.has_var:
+            attn = var_redistribute(attn, plan)
         if collector is not None and stats.wants_probabilities:
             collector.add_probabilities(rows, attn, allowed)
         if not compute_output:
