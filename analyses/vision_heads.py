@@ -22,7 +22,7 @@ reinforcement (a head-output scale applies to every query of the call it is plan
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,26 +257,32 @@ def _first_word(text: str) -> str:
 
 
 def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float | None = None, k: int = 2,
-             max_new_tokens: int = 3, progress: bool = False) -> dict[str, Any]:
-    """Greedy answers (with VHR when `alpha` is given) scored against the references.
+             max_new_tokens: int = 3, progress: bool = False, plan_for: Callable[[VisionSample], Any] | None = None,
+             cache: MutableMapping[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+    """Greedy answers scored against the references: plain, with VHR (`alpha`), or under a per-question
+    plan (`plan_for(sample)` -> InterventionPlan or None, e.g. VAR's). `cache` (a run's Checkpoint,
+    keys prefixed by `tag`) keeps finished answers for a resume.
 
     accuracy: the answer (its first word for yes/no questions) equals the reference;
     for yes/no questions also POPE's precision / recall / F1 / yes-ratio and the hallucination rate
     (a "yes" when the answer is "no"); for questions with `meta["conflict"]`, accuracy on them.
     """
     tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+
+    def generate(sample: VisionSample) -> str:
+        if alpha is not None:
+            return _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id).generated)
+        ids, pixels = _check(model, sample)
+        plan = plan_for(sample) if plan_for is not None else None
+        with model.patched(plan):
+            out = model.generate(input_ids=ids[None], pixel_values=pixels, attention_mask=torch.ones_like(ids)[None],
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        return _decode(model, out[0, ids.numel():].tolist())
+
     rows = []
-    for q in tqdm(questions, desc="vhr" if alpha is not None else "evaluate", disable=not progress):
-        sample = to_sample(model, q)
-        if alpha is None:
-            ids, pixels = _check(model, sample)
-            with model.patched(None):
-                out = model.generate(input_ids=ids[None], pixel_values=pixels, attention_mask=torch.ones_like(ids)[None],
-                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-            text = _decode(model, out[0, ids.numel():].tolist())
-        else:
-            text = _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id).generated)
+    for i, q in enumerate(tqdm(questions, desc="vhr" if alpha is not None else "evaluate", disable=not progress)):
+        text = cached(cache, f"{tag}{i}", lambda q=q: generate(to_sample(model, q)))
         yes_no = q.answer in ("yes", "no")
         got = _first_word(text) if yes_no else text
         rows.append({"answer": q.answer, "generated": text, "correct": got == q.answer, "yes_no": yes_no,

@@ -203,6 +203,24 @@ def intervene_vhr(
          max_new_tokens=max_new_tokens)
 
 
+@intervene_app.command("var")
+def intervene_var(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = POPE_DATA, images: Optional[str] = IMAGES, template: Optional[str] = TEMPLATE,
+    n: int = typer.Option(24, help="zoo questions per kind when no --data"),
+    p: float = typer.Option(0.6, help="fraction of the visual sinks' attention redistributed"),
+    tau: float = typer.Option(20.0, help="phi threshold of a visual sink token"),
+    rho: float = typer.Option(0.6, help="visual non-sink ratio of an image-centric head"),
+    layer: Optional[int] = typer.Option(None, help="hidden-state layer of the sink test (default: the middle)"),
+    max_new_tokens: int = typer.Option(3),
+) -> None:
+    """VAR (Kang et al.): visual sink tokens, image-centric heads, attention redistributed; answers before and after."""
+    from headlab import jobs
+
+    _job(jobs.intervene_var, model, out, run_id, data=data, images=images, template=template, n=n, p=p, tau=tau, rho=rho,
+         layer=layer, max_new_tokens=max_new_tokens)
+
+
 @intervene_app.command("act")
 def intervene_act(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,

@@ -126,6 +126,14 @@ def test_jobs_and_cli(tmp_path):
     assert r.exit_code == 0, r.output
     summary = store.summary("vhr")
     assert {"accuracy", "pope", "conflict_accuracy"} <= set(summary["before"]) and "after" in summary
+    keys = {json.loads(line)["key"].split(":")[0] for line in (tmp_path / "vhr" / "progress.jsonl").read_text().splitlines()}
+    assert keys == {"before", "after"}  # every answer checkpointed: an interrupted run resumes
+    r = runner.invoke(app, ["intervene", "var", MODEL, "--out", str(tmp_path), "--n", "1", "--run-id", "var"])
+    assert r.exit_code == 0, r.output
+    summary = store.summary("var")
+    # the toy VLM has no massive activations: VAR says it changed nothing, and the answers agree
+    assert summary["questions_with_visual_sinks"] == 0 and "changed nothing" in summary["note"]
+    assert summary["before"]["accuracy"] == summary["after"]["accuracy"]
     r = runner.invoke(app, ["score", "vision-heads", "zoo:tasks-llama", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--data" in r.output
 
