@@ -327,6 +327,15 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
         return _finish(run, summary, {"memory_heads": heads.memory, "context_heads": heads.context})
 
 
+def _answers_frame(before: dict, after: dict):
+    """One row per question: the plain answer's fields, and the answer under the intervention
+    (the evaluations' per-question rows are moved out of them)."""
+    import pandas as pd
+
+    return pd.DataFrame([{**{f"before_{c}": v for c, v in b.items()}, "after_generated": a["generated"],
+                          "after_correct": a["correct"]} for b, a in zip(before.pop("rows"), after.pop("rows"))])
+
+
 def _vision_questions(model: str, data: str | None, images: str | None, template: str | None, n: int,
                       kinds: tuple[str, ...], conflict: bool | None = None):
     from headlab.analyses import vision_heads as vh
@@ -364,7 +373,6 @@ def intervene_vhr(model: str, out: str | Path = "runs", run_id: str | None = Non
                   images: str | None = None, template: str | None = None, n: int = 48, alpha: float = 1.5, k: int = 2,
                   max_new_tokens: int = 3, progress: bool = True) -> Path:
     """VHR: answers with and without reinforcing each step's top-k vision-aware heads per layer by alpha."""
-    import pandas as pd
 
     from headlab.analyses import vision_heads as vh
 
@@ -379,9 +387,7 @@ def intervene_vhr(model: str, out: str | Path = "runs", run_id: str | None = Non
         cache = Checkpoint(run.dir / CHECKPOINT)
         before = vh.evaluate(hm, questions, None, k, max_new_tokens, progress=progress, cache=cache, tag="before:")
         after = vh.evaluate(hm, questions, alpha, k, max_new_tokens, progress=progress, cache=cache, tag="after:")
-        frame = pd.DataFrame([{**{f"before_{c}": v for c, v in b.items()}, "after_generated": a["generated"],
-                               "after_correct": a["correct"]} for b, a in zip(before.pop("rows"), after.pop("rows"))])
-        run.save_samples(frame, "answers")
+        run.save_samples(_answers_frame(before, after), "answers")
         run.save_json({"alpha": alpha, "k": k, "per_step": True}, "vhr_setting")
         return _finish(run, {"questions": len(questions), "before": before, "after": after}, {})
 
@@ -390,7 +396,6 @@ def intervene_var(model: str, out: str | Path = "runs", run_id: str | None = Non
                   images: str | None = None, template: str | None = None, n: int = 24, p: float = 0.6, tau: float = 20.0,
                   rho: float = 0.6, layer: int | None = None, max_new_tokens: int = 3, progress: bool = True) -> Path:
     """VAR: per question, find the visual sink tokens and image-centric heads, redistribute; answers before/after."""
-    import pandas as pd
 
     from headlab.analyses import vision_heads as vh
     from headlab.analyses import visual_sinks
@@ -400,22 +405,22 @@ def intervene_var(model: str, out: str | Path = "runs", run_id: str | None = Non
               "layer": layer, "max_new_tokens": max_new_tokens}
     run = open_run(out, "var", model, params, run_id)
     hm = load_model(model)
-    found: list[dict] = []
 
     def plan_for(sample):
         sinks = visual_sinks.find(hm, sample, layer=layer, tau=tau, rho=rho)
-        found.append({"sinks": sinks.sinks, "image_centric": [list(h) for h in sinks.image_centric],
-                      "max_phi_on_image": float(sinks.phi[sinks.image].max())})
         return sinks.plan(p) if sinks.sinks and sinks.image_centric else None  # nothing to move: answered as is
 
     with run:
+        found = []
+        for q in questions:  # one forward each: recorded for every question, resumed or not
+            sinks = visual_sinks.find(hm, vh.to_sample(hm, q), layer=layer, tau=tau, rho=rho)
+            found.append({"sinks": sinks.sinks, "image_centric": [list(h) for h in sinks.image_centric],
+                          "max_phi_on_image": float(sinks.phi[sinks.image].max())})
         cache = Checkpoint(run.dir / CHECKPOINT)
         before = vh.evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, cache=cache, tag="before:")
         after = vh.evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, plan_for=plan_for,
                             cache=cache, tag="after:")
-        rows = [{**{f"before_{c}": v for c, v in b.items()}, "after_generated": a["generated"], "after_correct": a["correct"]}
-                for b, a in zip(before.pop("rows"), after.pop("rows"))]
-        run.save_samples(pd.DataFrame(rows), "answers")
+        run.save_samples(_answers_frame(before, after), "answers")
         with_sinks = sum(bool(f["sinks"]) for f in found)
         summary = {"questions": len(questions), "questions_with_visual_sinks": with_sinks, "before": before, "after": after,
                    "note": None if with_sinks else f"no image token reached phi >= {tau}: VAR changed nothing"}
