@@ -216,7 +216,7 @@ def zoo_questions(kinds: Sequence[str], n: int, seed: int = 70_000, conflict: bo
     for kind in kinds:
         rng = _random.Random(seed + 17 * shapes.KINDS.index(kind))
         for ex in shapes.held_out(kind, n, seed=seed, conflict=conflict):
-            out.append(ImageQuestion(ex.prompt, ex.scene.draw(rng).permute(1, 2, 0).numpy(), ex.answer,
+            out.append(ImageQuestion(ex.prompt, ex.scene.array(rng), ex.answer,
                                      {"kind": kind, "conflict": ex.conflict}))
     return out
 
@@ -247,7 +247,7 @@ def to_sample(model: HeadModel, question: ImageQuestion) -> VisionSample:
 
 
 def _decode(model: HeadModel, ids: Sequence[int]) -> str:
-    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+    tok = model.text_tokenizer
     return tok.decode(list(ids), skip_special_tokens=True).strip()
 
 
@@ -267,7 +267,7 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
     for yes/no questions also POPE's precision / recall / F1 / yes-ratio and the hallucination rate
     (a "yes" when the answer is "no"); for questions with `meta["conflict"]`, accuracy on them.
     """
-    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+    tok = model.text_tokenizer
 
     def generate(sample: VisionSample) -> str:
         if alpha is not None:

@@ -68,7 +68,7 @@ class HeadView:
 
 
 def _token_strings(model: HeadModel, ids: list[int]) -> list[str]:
-    tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)
+    tok = model.text_tokenizer
     if hasattr(tok, "convert_ids_to_tokens"):
         return [str(t) for t in tok.convert_ids_to_tokens(ids)]
     return [tok.decode([i]) for i in ids]
@@ -101,7 +101,7 @@ def head_view(model: HeadModel, text: str | Sequence[int], layer: int, head: int
             raise HeadlabError("the input text is empty: type a prompt or pick an example")
         if model.tokenizer is None:
             raise HeadlabError(f"{model.name} has no tokenizer: pass token ids instead of text")
-        tok = getattr(model.tokenizer, "tokenizer", model.tokenizer)  # a processor's tokenizer
+        tok = model.text_tokenizer
         ids = list(tok(text)["input_ids"])
     else:
         ids = [int(i) for i in text]

@@ -71,6 +71,11 @@ class HeadModel:
         with torch.no_grad():
             return self.model.generate(*args, **kwargs)
 
+    @property
+    def text_tokenizer(self) -> Any:
+        """The tokenizer of text: `tokenizer` itself, or a vision-language processor's `.tokenizer`."""
+        return getattr(self.tokenizer, "tokenizer", self.tokenizer)
+
     def tokenize(self, text: str | list[str], **kwargs: Any) -> dict[str, torch.Tensor]:
         """Tokenize text to tensors on the model's device."""
         if self.tokenizer is None:

@@ -80,7 +80,7 @@ def _pope_files(tmp_path, bad_label=False):
     rows = []
     for i in range(6):
         ex = shapes.example(rng, "pope")
-        Image.fromarray(ex.scene.draw(rng).permute(1, 2, 0).numpy()).save(images / f"{i}.png")
+        Image.fromarray(ex.scene.array(rng)).save(images / f"{i}.png")
         question = ex.prompt.split("question : ")[1].split(" answer")[0]
         rows.append({"question_id": i, "image": f"{i}.png", "text": question, "label": ex.answer})
     if bad_label:

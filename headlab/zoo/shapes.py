@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,6 +65,11 @@ class Scene:
             img[c][mask] = 128.0 + strength * (float(v) - 128.0)
         img = img + torch.randn(3, SIZE, SIZE, generator=g) * noise
         return img.clamp(0, 255).to(torch.uint8)
+
+
+    def array(self, rng: random.Random | None = None) -> Any:
+        """The drawn image as an HxWx3 uint8 numpy array (what image processors and PIL take)."""
+        return self.draw(rng).permute(1, 2, 0).numpy()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from headlab.zoo import shapes
 def inputs(processor: Any, ex: shapes.Example, rng: random.Random, device: Any = "cpu") -> dict[str, torch.Tensor]:
     """The processor's tensors for one example (its image drawn with `rng`)."""
     if ex.needs_image:
-        enc = processor(text=ex.prompt, images=ex.scene.draw(rng).permute(1, 2, 0).numpy(), return_tensors="pt")
+        enc = processor(text=ex.prompt, images=ex.scene.array(rng), return_tensors="pt")
     else:
         enc = processor.tokenizer(ex.prompt, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
@@ -61,7 +61,7 @@ def answer_logprob(model: Any, examples: list[shapes.Example], plan: Any = None,
     """[n] log-probability of each example's first answer word at the end of its prompt, under `plan`
     (a continuous measure: it moves when a pruned head matters even if the greedy answer does not flip)."""
     rng = random.Random(seed)
-    tok = model.tokenizer.tokenizer if hasattr(model.tokenizer, "tokenizer") else model.tokenizer
+    tok = model.text_tokenizer
     out = []
     with model.patched(plan):
         for ex in examples:

@@ -74,7 +74,7 @@ def build_model(processor: transformers.LlavaProcessor) -> transformers.LlavaFor
 
 
 def images(examples: list[shapes.Example], rng: random.Random) -> list:
-    return [ex.scene.draw(rng).permute(1, 2, 0).numpy() for ex in examples]
+    return [ex.scene.array(rng) for ex in examples]
 
 
 def batch(processor, examples: list[shapes.Example], rng: random.Random, device: str) -> dict[str, torch.Tensor]:
