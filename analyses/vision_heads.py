@@ -22,7 +22,7 @@ reinforcement (a head-output scale applies to every query of the call it is plan
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,10 +257,10 @@ def _first_word(text: str) -> str:
 
 
 def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float | None = None, k: int = 2,
-             max_new_tokens: int = 3, progress: bool = False, plan_for: Callable[[VisionSample], Any] | None = None,
+             max_new_tokens: int = 3, progress: bool = False, plans: Sequence[Any] | None = None,
              cache: MutableMapping[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
-    """Greedy answers scored against the references: plain, with VHR (`alpha`), or under a per-question
-    plan (`plan_for(sample)` -> InterventionPlan or None, e.g. VAR's). `cache` (a run's Checkpoint,
+    """Greedy answers scored against the references: plain, with VHR (`alpha`), or under one plan per
+    question (`plans[i]`, an InterventionPlan or None, e.g. VAR's). `cache` (a run's Checkpoint,
     keys prefixed by `tag`) keeps finished answers for a resume.
 
     accuracy: the answer (its first word for yes/no questions) equals the reference;
@@ -269,11 +269,13 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
     """
     tok = model.text_tokenizer
 
-    def generate(sample: VisionSample) -> str:
+    if plans is not None and len(plans) != len(questions):
+        raise HeadlabError(f"{len(plans)} plans for {len(questions)} questions: give one plan (or None) per question")
+
+    def generate(sample: VisionSample, plan: Any) -> str:
         if alpha is not None:
             return _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id).generated)
         ids, pixels = _check(model, sample)
-        plan = plan_for(sample) if plan_for is not None else None
         with model.patched(plan):
             out = model.generate(input_ids=ids[None], pixel_values=pixels, attention_mask=torch.ones_like(ids)[None],
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
@@ -282,7 +284,8 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
 
     rows = []
     for i, q in enumerate(tqdm(questions, desc="vhr" if alpha is not None else "evaluate", disable=not progress)):
-        text = cached(cache, f"{tag}{i}", lambda q=q: generate(to_sample(model, q)))
+        plan = plans[i] if plans is not None else None
+        text = cached(cache, f"{tag}{i}", lambda q=q, plan=plan: generate(to_sample(model, q), plan))
         yes_no = q.answer in ("yes", "no")
         got = _first_word(text) if yes_no else text
         rows.append({"answer": q.answer, "generated": text, "correct": got == q.answer, "yes_no": yes_no,

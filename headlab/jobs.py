@@ -405,20 +405,16 @@ def intervene_var(model: str, out: str | Path = "runs", run_id: str | None = Non
               "layer": layer, "max_new_tokens": max_new_tokens}
     run = open_run(out, "var", model, params, run_id)
     hm = load_model(model)
-
-    def plan_for(sample):
-        sinks = visual_sinks.find(hm, sample, layer=layer, tau=tau, rho=rho)
-        return sinks.plan(p) if sinks.sinks and sinks.image_centric else None  # nothing to move: answered as is
-
     with run:
-        found = []
-        for q in questions:  # one forward each: recorded for every question, resumed or not
+        found, plans = [], []
+        for q in questions:  # two forwards each: recorded for every question, resumed or not
             sinks = visual_sinks.find(hm, vh.to_sample(hm, q), layer=layer, tau=tau, rho=rho)
             found.append({"sinks": sinks.sinks, "image_centric": [list(h) for h in sinks.image_centric],
                           "max_phi_on_image": float(sinks.phi[sinks.image].max())})
+            plans.append(sinks.plan(p) if sinks.sinks and sinks.image_centric else None)  # nothing to move: as is
         cache = Checkpoint(run.dir / CHECKPOINT)
         before = vh.evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, cache=cache, tag="before:")
-        after = vh.evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, plan_for=plan_for,
+        after = vh.evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, plans=plans,
                             cache=cache, tag="after:")
         run.save_samples(_answers_frame(before, after), "answers")
         with_sinks = sum(bool(f["sinks"]) for f in found)
