@@ -48,3 +48,10 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Pat
 
 def atomic_write_parquet(frame: Any, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def atomic_save_png(array: Any, path: str | Path) -> Path:
+    """An HxWx3 uint8 array as a PNG (needs pillow)."""
+    from PIL import Image
+
+    return _atomic(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))

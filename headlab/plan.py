@@ -470,7 +470,7 @@ class LayerPlan:
     @property
     def has_var(self) -> bool:
         """True when some head redistributes attention (VAR)."""
-        return self.facts.get("var", False)
+        return self.facts["var"]
 
     @property
     def has_replacement(self) -> bool:

@@ -142,14 +142,13 @@ class Run:
 
     def _save_png(self, image: Any, name: str) -> Path:
         import numpy as np
-        from PIL import Image
 
-        from headlab.io import _atomic
+        from headlab.io import atomic_save_png
 
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise HeadlabError(f"an example image must be an HxWx3 uint8 array, got {array.dtype} {array.shape}")
-        return _atomic(self.dir / name, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+        return atomic_save_png(array, self.dir / name)
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
