@@ -290,10 +290,11 @@ class RunStore:
         return out
 
     def score(self, run_id: str, name: str) -> HeadScores:
-        found = self.scores(run_id)
-        if name not in found:
-            raise HeadlabError(f"run {run_id!r} has no scores named {name!r}; it has {sorted(found) or 'none'}")
-        return found[name]
+        """One HeadScores of the run (only its file is read)."""
+        files = self._score_files(self.manifest(run_id))
+        if name not in files:
+            raise HeadlabError(f"run {run_id!r} has no scores named {name!r}; it has {sorted(files) or 'none'}")
+        return HeadScores.load(self.file(run_id, files[name]))
 
     def per_sample(self, run_id: str) -> tuple[dict[str, Any], list[str]]:
         """({name: [n_samples, L, H] tensor}, sample names) — empty when the run kept none."""
