@@ -1,11 +1,22 @@
 """Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality").
 
 Definition (METHODS.md; reference code nightdessert/Retrieval_Head, retrieval_head_detection.py):
-the needle span [s, e) is located in the prompt's token ids as the first window whose token-id
-set overlaps the needle's by more than 90%. The model decodes greedily after the prompt; at the
-step that produces token w, a head "copies" w when its top-1 attended key j* lies in [s, e) and
-prompt_ids[j*] == w; each copy adds 1 / (e − s) to the head's score for the sample. A head's
-score is the mean over samples; heads above 0.1 are retrieval heads.
+the model decodes greedily after the prompt; at the step that produces token w, a head "copies"
+w when its top-1 attended key j* lies in the copy span [s, e) and prompt_ids[j*] == w; each copy
+adds 1 / (e − s) to the head's score for the sample. Heads above 0.1 are retrieval heads.
+
+As the reference counts it (`evaluate_and_log`, checked in its code):
+- the copy span is the *answer* (the reference's `real_needle`), located as the first window of
+  the prompt whose token-id set overlaps the answer's by more than 90% (`find_needle_idx`);
+- a sample counts only when the model's response recalls more than 50% of the answer's words —
+  ROUGE-1 recall with stemming (`rouge_score`, as the reference scores it) > 0.5 — and a head's
+  score is the mean over those accepted samples (`head_counter` only receives accepted samples).
+  `RetrievalConfig(accept="all")` keeps the mean over every sample as a named option (failed
+  retrievals then dilute every head's score); `span="needle"` uses the whole needle sentence.
+Named differences, both for robustness and tested: the answer is searched inside the needle's own
+span (the reference searches the whole prompt, where a haystack occurrence of the answer's words
+could come first), and with and without a leading space (a byte-level BPE tokenizes " V1" and
+"V1" differently; the reference tokenizes the answer alone).
 
 How it runs here: one `generate()` inside `HeadModel.patched(None, StatsRequest(argmax=True,
 queries=slice(-1, None)))`. The prefill computes the prompt at full speed and only the last
@@ -23,7 +34,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable, MutableMapping, Sequence
+from typing import Any, Iterable, Literal, MutableMapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +42,7 @@ from tqdm.auto import tqdm
 from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
+from headlab.io import read_text
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -47,6 +59,20 @@ class RetrievalConfig:
     """Needle location: first window whose token set overlaps the needle's by more than this."""
     max_new_tokens: int = 16
     teacher_forced: bool = False
+    accept: Literal["recall", "all"] = "recall"
+    """Which samples a head's score averages: "recall" (the reference: the response's ROUGE-1 recall
+    of the answer > `min_recall`) or "all" (every sample)."""
+    min_recall: float = 0.5
+    span: Literal["answer", "needle"] = "answer"
+    """The copy span: the answer's tokens (the reference's real_needle) or the whole needle sentence."""
+
+    def __post_init__(self) -> None:
+        if self.accept not in ("recall", "all"):
+            raise HeadlabError(f"accept must be 'recall' (the reference's rule) or 'all', got {self.accept!r}")
+        if self.span not in ("answer", "needle"):
+            raise HeadlabError(f"span must be 'answer' (the reference's) or 'needle', got {self.span!r}")
+        if not 0.0 <= self.min_recall < 1.0:
+            raise HeadlabError(f"min_recall must be in [0, 1), got {self.min_recall}")
 
 
 @dataclass(frozen=True)
@@ -90,9 +116,7 @@ def build_dataset(needles: str | Path, haystack: str | Path, lengths: Iterable[i
 
     rows = records_to(needles, convert)
     path = Path(haystack)
-    if not path.is_file():
-        raise HeadlabError(f"haystack file {path} not found; give a UTF-8 text file to fill the context with")
-    words = path.read_text(encoding="utf-8").split()
+    words = read_text(path, "a UTF-8 haystack text to fill the context with").split()
     if not words:
         raise HeadlabError(f"haystack file {path} is empty")
     samples = []
@@ -129,6 +153,39 @@ def zoo_dataset(lengths: Iterable[int] = (64, 128, 256, 512), depths: Iterable[f
     return samples
 
 
+def answer_span(tok: Any, prompt_ids: Sequence[int], needle: tuple[int, int], answer: str, overlap: float = 0.9) -> tuple[int, int]:
+    """[s, e) of the answer's tokens inside the needle span `needle` (tried as tokenized alone and
+    with a leading space, the way it reads inside a sentence)."""
+    ns, ne = needle
+    for text in (answer, " " + answer.lstrip()):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if ids and len(ids) <= ne - ns:
+            try:
+                s, e = locate_needle(prompt_ids[ns:ne], ids, overlap)
+            except HeadlabError:
+                continue
+            return ns + s, ns + e
+    raise HeadlabError(f"the answer {answer!r} does not occur in the tokenized needle; the retrieval score counts copies "
+                       "of the answer's tokens from the needle")
+
+
+_ROUGE = None
+
+
+def answer_recall(answer: str, response: str) -> float:
+    """ROUGE-1 recall of `answer`'s words in `response` with Porter stemming — the reference's
+    `rouge_scorer.RougeScorer(['rouge1'], use_stemmer=True).score(real_needle, response)` (÷ 100)."""
+    global _ROUGE
+    if _ROUGE is None:
+        try:
+            from rouge_score import rouge_scorer
+        except ModuleNotFoundError:
+            raise HeadlabError("the retrieval score's acceptance rule needs rouge-score: pip install rouge-score "
+                               "(or RetrievalConfig(accept='all'))") from None
+        _ROUGE = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return float(_ROUGE.score(answer, response)["rouge1"].recall)
+
+
 @dataclass
 class RetrievalResult:
     scores: HeadScores
@@ -136,6 +193,8 @@ class RetrievalResult:
     """DataFrame: one row per sample (generated answer, correct, needle span, per-sample top head)."""
     per_sample: torch.Tensor | None = None
     """[n_samples, L, H] each sample's copy score (the distribution behind the mean)."""
+    accepted: list[int] = field(default_factory=list)
+    """Indices of the samples the scores average (all of them with accept="all")."""
 
     def retrieval_heads(self, threshold: float | None = None):
         return self.scores.to_mask(threshold=self.scores.params.get("threshold", 0.1) if threshold is None else threshold)
@@ -150,23 +209,27 @@ def _stop_ids(model: HeadModel) -> set[int]:
     return {s for s in stops if s is not None}
 
 
-def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfig) -> tuple[torch.Tensor, dict]:
-    """[L, H] retrieval score of one sample, and a record of what was generated."""
+def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfig,
+                  plan: InterventionPlan | None = None) -> tuple[torch.Tensor, dict]:
+    """[L, H] retrieval score of one sample (decoded under `plan`, if any), and a record of what was
+    generated: the answer's ROUGE-1 recall and whether the sample is accepted."""
     tok = model.tokenizer
     prompt_ids = tok(sample.prompt)["input_ids"]
     needle_ids = tok(sample.needle, add_special_tokens=False)["input_ids"]
     s, e = locate_needle(prompt_ids, needle_ids, config.overlap)
+    if config.span == "answer":
+        s, e = answer_span(tok, prompt_ids, (s, e), sample.answer, config.overlap)
     ids = torch.tensor([prompt_ids], device=model.device)
     n = len(prompt_ids)
     if config.teacher_forced:
         answer = tok(sample.answer, add_special_tokens=False)["input_ids"]
         full = torch.tensor([prompt_ids + answer], device=model.device)
-        with model.patched(None, StatsRequest(argmax=True, queries=list(range(n - 1, n - 1 + len(answer))))) as rec:
+        with model.patched(plan, StatsRequest(argmax=True, queries=list(range(n - 1, n - 1 + len(answer))))) as rec:
             model(full)
         produced = answer
     else:
         stops = _stop_ids(model)
-        with model.patched(None, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
+        with model.patched(plan, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
             out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
                                  eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
         produced = [t for t in out[0, n:].tolist()]
@@ -181,14 +244,19 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
         copied = inside & (prompt[j.clamp(max=n - 1)] == w)
         score += copied.double() / (e - s)
     generated = tok.decode(produced, skip_special_tokens=True)
+    recall = answer_recall(sample.answer, generated) if config.accept == "recall" else float("nan")
     record = {"generated": generated, "answer": sample.answer, "correct": generated.strip() == sample.answer.strip(),
+              "recall": recall, "accepted": config.accept == "all" or recall > config.min_recall,
               "needle_start": s, "needle_end": e, "prompt_tokens": n, **sample.meta}
     return score, record
 
 
 def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalConfig = RetrievalConfig(),
-          progress: bool = True, cache: MutableMapping[str, Any] | None = None) -> RetrievalResult:
-    """Retrieval score of every head over the samples.
+          progress: bool = True, cache: MutableMapping[str, Any] | None = None,
+          plans: Sequence[InterventionPlan | None] | None = None) -> RetrievalResult:
+    """Retrieval score of every head: the mean copy score over the accepted samples (see the module
+    docstring; `config.accept`). `plans` (one per sample, None for none) decodes samples under
+    interventions — e.g. to see how ablations change which samples are retrieved.
 
     `cache` (e.g. a run's `Checkpoint`) keeps each finished sample's scores: a resumed run skips them.
     """
@@ -196,25 +264,31 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
 
     if not samples:
         raise HeadlabError("the retrieval analysis needs at least one needle sample")
+    if plans is not None and len(plans) != len(samples):
+        raise HeadlabError(f"plans must give one plan (or None) per sample: {len(plans)} plans for {len(samples)} samples")
     L, H = model.spec.shape
     total = torch.zeros(L, H, dtype=torch.float64)
-    rows, per_sample = [], []
+    rows, per_sample, accepted = [], [], []
     for i, sample in enumerate(tqdm(samples, desc="retrieval", disable=not progress)):
-        def compute(sample=sample):
-            per, record = sample_scores(model, sample, config)
+        def compute(sample=sample, plan=None if plans is None else plans[i]):
+            per, record = sample_scores(model, sample, config, plan)
             return {"scores": per.tolist(), "record": record}
 
         done = cached(cache, str(i), compute)
         per, record = torch.tensor(done["scores"], dtype=torch.float64), done["record"]
-        total += per
+        if record["accepted"]:
+            total += per
+            accepted.append(i)
         per_sample.append(per)
         best = int(per.argmax())
         rows.append({"sample": i, **record, "top_layer": best // H, "top_head": best % H, "top_score": float(per.max())})
-    scores = HeadScores(sums=total, counts=torch.full((L, H), float(len(samples)), dtype=torch.float64),
+    scores = HeadScores(sums=total, counts=torch.full((L, H), float(len(accepted)), dtype=torch.float64),
                         analysis="retrieval", model=model.name,
                         params={"threshold": config.threshold, "teacher_forced": config.teacher_forced,
-                                "max_new_tokens": config.max_new_tokens})
-    return RetrievalResult(scores=scores, samples=pd.DataFrame(rows), per_sample=torch.stack(per_sample))
+                                "max_new_tokens": config.max_new_tokens, "accept": config.accept,
+                                "min_recall": config.min_recall, "span": config.span},
+                        metadata={"samples": len(samples), "accepted": accepted})
+    return RetrievalResult(scores=scores, samples=pd.DataFrame(rows), per_sample=torch.stack(per_sample), accepted=accepted)
 
 
 def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None = None, max_new_tokens: int = 16) -> str:

@@ -73,8 +73,9 @@ class SinkReport:
 def build_dataset(texts: Sequence[str] | None = None, path: str | None = None) -> list[str]:
     """Texts to analyse: given directly, or one per line of a UTF-8 text file (blank lines skipped)."""
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+        from headlab.io import iter_lines
+
+        texts = [line for _, line in iter_lines(path, "a UTF-8 text file, one text per line") if line.strip()]
     if not texts:
         raise HeadlabError("the sinks analysis needs at least one non-empty text")
     return list(texts)

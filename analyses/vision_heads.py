@@ -197,7 +197,9 @@ def pope_dataset(path: str | Path, images: str | Path, template: str = POPE_TEMP
         label = text_field(r, "label").strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(f"label must be 'yes' or 'no', got {r['label']!r}")
-        image = root / text_field(r, "image")
+        image = (root / text_field(r, "image")).resolve()
+        if not image.is_relative_to(root.resolve()):
+            raise ValueError(f"image {r['image']!r} leads outside the image folder {images}; name a file inside it")
         if not image.is_file():
             raise ValueError(f"image {image} does not exist")
         return ImageQuestion(template.format(question=text_field(r, "text")), image, label,
@@ -226,13 +228,9 @@ def image_array(image: Any) -> Any:
     import numpy as np
 
     if isinstance(image, (str, Path)):
-        from PIL import Image
+        from headlab.io import read_image
 
-        try:
-            with Image.open(image) as img:
-                return np.asarray(img.convert("RGB"))
-        except OSError as exc:
-            raise HeadlabError(f"cannot read image {image}: {exc}") from exc
+        return np.asarray(read_image(image))
     if hasattr(image, "convert"):
         return np.asarray(image.convert("RGB"))
     return np.asarray(image, dtype=np.uint8)

@@ -29,12 +29,12 @@ class Checkpoint(MutableMapping[str, Any]):
                 f.seek(-1, os.SEEK_END)
                 self._newline_first = f.read(1) != b"\n"
         if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
+            with open(self.path, "rb") as f:
+                for raw in f:
                     try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # torn by an interruption: recompute that item
+                        entry = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                        continue  # torn by an interruption (or not ours): recompute that item
                     if isinstance(entry, dict) and "key" in entry:
                         self._data[entry["key"]] = entry["value"]
 

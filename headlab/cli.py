@@ -101,12 +101,14 @@ def score_retrieval(
     depths: Optional[list[float]] = typer.Option(None, help="needle depths in [0, 1]"),
     teacher_forced: bool = typer.Option(False, help="one forward pass over prompt + answer instead of decoding"),
     max_new_tokens: int = typer.Option(16),
+    accept: str = typer.Option("recall", help="recall: average the samples whose answer recalls > 50% of the needle's "
+                                              "answer words (the reference) | all: every sample"),
 ) -> None:
     """Retrieval heads (Wu et al. 2024): copy score during greedy decoding of the needle."""
     from headlab import jobs
 
     _job(jobs.score_retrieval, model, out, run_id, needles=needles, haystack=haystack, lengths=lengths, depths=depths,
-         teacher_forced=teacher_forced, max_new_tokens=max_new_tokens)
+         teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)
 
 
 @score_app.command("sinks")

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, InputFileError
+from headlab.io import checked_file, iter_lines
 
 T = TypeVar("T")
 
 
-class DatasetError(HeadlabError, ValueError):
+class DatasetError(InputFileError):
     """A row of a user dataset is malformed; the message names file, line and reason."""
 
     def __init__(self, path: str | Path, line: int | None, reason: str):
@@ -28,40 +29,48 @@ class DatasetError(HeadlabError, ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+WHAT = "a UTF-8 .jsonl (one JSON object per line) or .csv dataset"
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each row of a `.jsonl`/`.json` (one object per line) or `.csv` file."""
+    """(line number, record) for each row of a `.jsonl`/`.json` (one object per line) or `.csv` file.
+
+    The file is read one line at a time (`headlab.io.iter_lines`): undecodable bytes, NUL bytes and
+    lines longer than `headlab.io.MAX_LINE_BYTES` are errors naming the line."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(path, None, "no such file; give the path of a .jsonl or .csv dataset")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(path, n, f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-                if not isinstance(record, dict):
-                    raise DatasetError(path, n, f"expected a JSON object, got {type(record).__name__}")
-                yield n, record
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if not reader.fieldnames:
-                raise DatasetError(path, 1, "the CSV has no header row; the first line must name the columns")
-            for record in reader:
-                n = reader.line_num
-                if None in record:
-                    raise DatasetError(path, n, f"more values than the {len(reader.fieldnames)} header columns")
-                if any(v is None for v in record.values()):
-                    raise DatasetError(path, n, f"fewer values than the {len(reader.fieldnames)} header columns")
-                if not any(v.strip() for v in record.values()):
-                    continue
-                yield n, record
-    else:
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
+        checked_file(path, WHAT)
         raise DatasetError(path, None, f"unknown dataset format {suffix!r}; use .jsonl (one JSON object per line) or .csv")
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        for n, line in iter_lines(path, WHAT):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(path, n, f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+            except RecursionError:
+                raise DatasetError(path, n, "JSON nested too deeply; each line must be one flat JSON object") from None
+            if not isinstance(record, dict):
+                raise DatasetError(path, n, f"expected a JSON object, got {type(record).__name__}")
+            yield n, record
+        return
+    reader = csv.DictReader((line + "\n" for _, line in iter_lines(path, WHAT)), delimiter="\t" if suffix == ".tsv" else ",")
+    try:
+        if not reader.fieldnames:
+            raise DatasetError(path, 1, "the CSV has no header row; the first line must name the columns")
+        for record in reader:
+            n = reader.line_num
+            if None in record:
+                raise DatasetError(path, n, f"more values than the {len(reader.fieldnames)} header columns")
+            if any(v is None for v in record.values()):
+                raise DatasetError(path, n, f"fewer values than the {len(reader.fieldnames)} header columns")
+            if not any(v.strip() for v in record.values()):
+                continue
+            yield n, record
+    except csv.Error as e:
+        raise DatasetError(path, reader.line_num + 1, f"not a valid CSV row ({e})") from None  # the row being read
 
 
 def records_to(path: str | Path, convert: Callable[[dict[str, Any]], T]) -> list[T]:

@@ -17,3 +17,12 @@ class UnsupportedArchitectureError(HeadlabError, NotImplementedError):
 
 class ModelNotFoundError(HeadlabError, FileNotFoundError):
     """A model path or hub name could not be found or loaded."""
+
+
+class InputFileError(HeadlabError, ValueError):
+    """A file given to headlab cannot be read as what it should be; the message names the file,
+    the problem ("not UTF-8 text", "not a safetensors file", ...) and what the file should hold."""
+
+
+class RunLockedError(HeadlabError):
+    """Another live process is writing the same run directory."""

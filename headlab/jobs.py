@@ -10,13 +10,15 @@ summary and, for interventions, the calibrated plan.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from headlab.checkpoint import Checkpoint
 from headlab.errors import HeadlabError
-from headlab.model import load_model
+from headlab.model import HeadModel, load_model
 from headlab.runs import MANIFEST, Run, read_manifest
 
 CHECKPOINT = "progress.jsonl"
@@ -40,20 +42,42 @@ def _is_zoo_task_model(ref: str) -> bool:
 
 
 def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
-    """A new run, or the unfinished run `run_id` to resume (its analysis, model and params must match)."""
+    """A new run, or the unfinished run `run_id` to resume (its analysis, model and params must match).
+
+    The run's lock is taken first (RunLockedError if another live process writes that run) and
+    the resume checks read the manifest under it, so two processes started with one --run-id can
+    neither both run nor mix their results. The caller releases it (`started` does)."""
     params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from the manifest
-    if run_id is not None and (Path(root) / run_id / MANIFEST).is_file():
-        old = read_manifest(Path(root) / run_id)
-        if old["status"] == "finished":
-            raise HeadlabError(f"run {run_id!r} already finished; choose another --run-id (or delete {Path(root) / run_id})")
-        for key, new in (("analysis", analysis), ("model", model), ("params", params)):
-            if old[key] != new:
-                raise HeadlabError(f"cannot resume run {run_id!r}: its {key} was {old[key]!r}, now {new!r}; "
-                                   "rerun with the same arguments or choose another --run-id")
-        run = Run(root, analysis, model, params, run_id=run_id)
-        run.manifest["resumed"] = int(old.get("resumed", 0)) + 1
-        return run
-    return Run(root, analysis, model, params, run_id=run_id)
+    run = Run(root, analysis, model, params, run_id=run_id).acquire()
+    try:
+        if run_id is not None and (run.dir / MANIFEST).is_file():
+            old = read_manifest(run.dir)
+            if old.get("status") == "finished":
+                raise HeadlabError(f"run {run_id!r} already finished; choose another --run-id (or delete {run.dir})")
+            for key, new in (("analysis", analysis), ("model", model), ("params", params)):
+                if old.get(key) != new:
+                    raise HeadlabError(f"cannot resume run {run_id!r}: its {key} was {old.get(key)!r}, now {new!r}; "
+                                       "rerun with the same arguments or choose another --run-id")
+            run.manifest["resumed"] = int(old.get("resumed", 0) or 0) + 1
+    except BaseException:
+        run.release()
+        raise
+    return run
+
+
+@contextmanager
+def started(root: str | Path, analysis: str, model: str, params: dict[str, Any],
+            run_id: str | None) -> Iterator[tuple[Run, HeadModel]]:
+    """(run, model) for a job's body: the run opened and locked before the model loads (a finished,
+    mismatched or busy run fails fast), the run's context entered around the body, and the lock
+    released however the job ends."""
+    run = open_run(root, analysis, model, params, run_id)
+    try:
+        hm = load_model(model)
+        with run:
+            yield run, hm
+    finally:
+        run.release()
 
 
 def _finish(run: Run, summary: dict, scores: dict, frame: Any = None) -> Path:
@@ -68,11 +92,13 @@ def _finish(run: Run, summary: dict, scores: dict, frame: Any = None) -> Path:
 
 def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = None, *, needles: str | None = None,
                     haystack: str | None = None, lengths: list[int] | None = None, depths: list[float] | None = None,
-                    teacher_forced: bool = False, max_new_tokens: int = 16, progress: bool = True) -> Path:
+                    teacher_forced: bool = False, max_new_tokens: int = 16, accept: str = "recall",
+                    progress: bool = True) -> Path:
     from headlab.analyses import retrieval
 
+    config = retrieval.RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)  # type: ignore[arg-type]
     params = {"needles": needles, "haystack": haystack, "lengths": lengths, "depths": depths,
-              "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens}
+              "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens, "accept": accept}
     if needles or haystack:
         if not (needles and haystack):
             raise HeadlabError("give both --needles (JSONL/CSV of needle, question, answer) and --haystack (a text file)")
@@ -81,14 +107,15 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
         samples = retrieval.zoo_dataset(lengths or (64, 256), depths or (0.0, 0.5, 1.0), per_cell=2)
     else:
         raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
-    run = open_run(out, "retrieval", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    config = retrieval.RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens)
-    with run:
+    with started(out, "retrieval", model, params, run_id) as (run, hm):
         result = retrieval.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
-        heads = [[l, h, s] for l, h, s in result.scores.top(10)]
-        summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()), "top_heads": heads,
-                   "retrieval_heads": [[l, h] for l, h, s in heads if s > config.threshold]}
+        heads = [[l, h, s] for l, h, s in result.scores.top(10)] if result.accepted else []
+        summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()),
+                   "accept": accept, "accepted_samples": len(result.accepted), "accepted": result.accepted,
+                   "top_heads": heads, "retrieval_heads": [[l, h] for l, h, s in heads if s > config.threshold]}
+        if not result.accepted:
+            summary["note"] = ("no sample was retrieved (answer recall <= 0.5 everywhere): no head has a score; "
+                               "check the needles, or use --accept all")
         run.save_per_sample({"scores": result.per_sample}, [f"sample {i}" for i in range(len(samples))])
         run.save_examples([{"text": s.prompt, "label": f"sample {i}: answer {s.answer!r}",
                             "spans": {"needle": (int(r["needle_start"]), int(r["needle_end"]))}}
@@ -111,9 +138,7 @@ def score_sinks(model: str, out: str | Path = "runs", run_id: str | None = None,
         texts = ENGLISH_TEXTS
     else:
         raise HeadlabError(f"give --data (a text file, one text per line) for {model}")
-    run = open_run(out, "sinks", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    with run:
+    with started(out, "sinks", model, params, run_id) as (run, hm):
         report = sinks.score(hm, texts, sinks.SinksConfig(tau=tau), progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         summary = {"texts": len(texts), "fraction_of_heads_with_hidden_sinks": report.fraction_of_heads_with_hidden_sinks,
                    "top_first_token_heads": [[l, h, s] for l, h, s in report.first_token_mass.top(10)],
@@ -144,9 +169,7 @@ def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None =
         raise HeadlabError(f"give --data (JSONL/CSV of question, options, answer) for {model}")
     config = sc.SelectCopyConfig(labels=labels, key_token=key_token, shots=shots,  # type: ignore[arg-type]
                                  format=sc.ZOO_FORMAT if prompt_format == "zoo" else sc.PAPER_FORMAT)
-    run = open_run(out, "select_copy", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    with run:
+    with started(out, "select_copy", model, params, run_id) as (run, hm):
         result = sc.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         summary = {**result.test, "top_heads": [[l, h, s] for l, h, s in result.qk_accuracy.top(10)]}
         val = result.samples[result.samples["split"] == "validation"]["sample"].tolist()
@@ -178,9 +201,7 @@ def intervene_act(model: str, out: str | Path = "runs", run_id: str | None = Non
     config = act.ACTConfig(beta=beta, tau=tau, layers=layers)
     params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
     cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
-    run = open_run(out, "act", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    with run:
+    with started(out, "act", model, params, run_id) as (run, hm):
         result = act.search(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         evaluation = act.evaluate(hm, test, result.plan)
         run.save_plan(result.plan)
@@ -197,9 +218,7 @@ def intervene_zerotuning(model: str, out: str | Path = "runs", run_id: str | Non
     config = zt.ZeroTuningConfig(objective=objective, layers=layers)  # type: ignore[arg-type]
     params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
     cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
-    run = open_run(out, "zerotuning", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    with run:
+    with started(out, "zerotuning", model, params, run_id) as (run, hm):
         result = zt.calibrate(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         evaluation = zt.evaluate(hm, test, result.plan)
         run.save_plan(result.plan)
@@ -249,9 +268,7 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
     params = {"harmful": harmful, "harmless": harmless, "column": column, "n": n, "ablation": ablation, "epsilon": epsilon,
               "sahara_epsilon": sahara_epsilon, "max_heads": max_heads, "template": template,
               "keywords": list(matcher.keywords), "min_chars": matcher.min_chars, "max_new_tokens": max_new_tokens}
-    run = open_run(out, "safety", model, params, run_id)  # a finished or mismatched run fails before loading
-    hm = load_model(model)
-    with run:
+    with started(out, "safety", model, params, run_id) as (run, hm):
         cache = Checkpoint(run.dir / CHECKPOINT)
         ships = safety.ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache)
         found = safety.sahara(hm, harmful_prompts, sahara_cfg, progress=progress, cache=cache)
@@ -288,9 +305,7 @@ def score_conflict(model: str, out: str | Path = "runs", run_id: str | None = No
     from headlab.analyses import conflict
 
     samples = _conflict_samples(model, data, n)
-    run = open_run(out, "conflict", model, {"data": data, "n": n}, run_id)
-    hm = load_model(model)
-    with run:
+    with started(out, "conflict", model, {"data": data, "n": n}, run_id) as (run, hm):
         heads = conflict.find_heads(hm, samples, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         summary = {"pairs": len(samples), "clean_logit_difference": heads.clean_ld,
                    "memory_heads": [[l, h, s] for l, h, s in heads.memory.top(5) if s > 0],
@@ -312,9 +327,7 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
     cal, test = [samples[i] for i in cal_idx], [samples[i] for i in test_idx]
     params = {"toward": toward, "data": data, "n": n, "k": k, "max_k": max_k,
               "calibration_fraction": calibration_fraction, "seed": seed}
-    run = open_run(out, "ph3", model, params, run_id)
-    hm = load_model(model)
-    with run:
+    with started(out, "ph3", model, params, run_id) as (run, hm):
         heads = conflict.find_heads(hm, cal, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         result = conflict.ph3(hm, cal, heads, toward, k=k, max_k=max_k)  # type: ignore[arg-type]
         evaluation = conflict.evaluate(hm, test, result.plan)
@@ -357,9 +370,7 @@ def score_vision_heads(model: str, out: str | Path = "runs", run_id: str | None 
 
     questions = _vision_questions(model, data, images, template, n, ("color", "shape", "where"))
     params = {"data": data, "images": images, "template": template, "n": n, "max_new_tokens": max_new_tokens}
-    run = open_run(out, "vision_heads", model, params, run_id)
-    hm = load_model(model)
-    with run:
+    with started(out, "vision_heads", model, params, run_id) as (run, hm):
         samples = [vh.to_sample(hm, q) for q in questions]
         scores, per_sample = vh.score(hm, samples, max_new_tokens, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         run.save_per_sample({"vhd": per_sample}, [f"question {i}" for i in range(len(questions))])
@@ -381,9 +392,7 @@ def intervene_vhr(model: str, out: str | Path = "runs", run_id: str | None = Non
         questions += vh.zoo_questions(("object",), n, seed=71_000, conflict=True)
     params = {"data": data, "images": images, "template": template, "n": n, "alpha": alpha, "k": k,
               "max_new_tokens": max_new_tokens}
-    run = open_run(out, "vhr", model, params, run_id)
-    hm = load_model(model)
-    with run:
+    with started(out, "vhr", model, params, run_id) as (run, hm):
         cache = Checkpoint(run.dir / CHECKPOINT)
         before = vh.evaluate(hm, questions, None, k, max_new_tokens, progress=progress, cache=cache, tag="before:")
         after = vh.evaluate(hm, questions, alpha, k, max_new_tokens, progress=progress, cache=cache, tag="after:")
@@ -403,9 +412,7 @@ def intervene_var(model: str, out: str | Path = "runs", run_id: str | None = Non
     questions = _vision_questions(model, data, images, template, n, ("color", "where", "object", "pope"))
     params = {"data": data, "images": images, "template": template, "n": n, "p": p, "tau": tau, "rho": rho,
               "layer": layer, "max_new_tokens": max_new_tokens}
-    run = open_run(out, "var", model, params, run_id)
-    hm = load_model(model)
-    with run:
+    with started(out, "var", model, params, run_id) as (run, hm):
         found, plans = [], []
         for q in questions:  # two forwards each: recorded for every question, resumed or not
             sinks = visual_sinks.find(hm, vh.to_sample(hm, q), layer=layer, tau=tau, rho=rho)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, InputFileError
 
 Head = tuple[int, int]
 FORMAT = "headlab.mask/1"
@@ -87,8 +88,19 @@ class HeadMask:
     def from_dict(cls, d: dict[str, Any]) -> "HeadMask":
         if d.get("format") != FORMAT:
             raise HeadlabError(f"not a headlab mask (format {d.get('format')!r}, expected {FORMAT!r})")
-        return cls(heads={(int(l), int(h)): float(w) for l, h, w in d["heads"]}, n_layers=int(d["n_layers"]),
-                   n_heads=int(d["n_heads"]), source=d.get("source", {}))
+        def count(x: Any, what: str) -> int:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise HeadlabError(f"mask {what} must be a non-negative integer, got {x!r}")
+            return x
+
+        heads = {}
+        for l, h, w in d["heads"]:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise HeadlabError(f"mask weight of head ({l}, {h}) must be a finite number, got {w!r}")
+            heads[(count(l, "layer"), count(h, "head"))] = float(w)
+        source = d.get("source", {})
+        return cls(heads=heads, n_layers=count(d["n_layers"], "n_layers"), n_heads=count(d["n_heads"], "n_heads"),
+                   source=source if isinstance(source, dict) else {})
 
     def save_json(self, path: str | Path) -> Path:
         from headlab.io import atomic_write_json
@@ -134,16 +146,32 @@ class HeadMask:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadMask":
+        """A mask saved as JSON (`save_json`) or safetensors (`save_safetensors`); anything else is an
+        InputFileError naming the file and the problem."""
+        from headlab.io import open_safetensors, parse, read_json, safetensors_header
+
         path = Path(path)
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("headlab", "{}"))
+            what = "a headlab mask (HeadMask.save_safetensors)"
+            with open_safetensors(path, what) as f:
+                header = safetensors_header(f, path, what)
+                if "weights" not in f.keys():
+                    raise InputFileError(f"{path}: not {what}: it has no 'weights' tensor (it has {sorted(f.keys())[:5]})")
                 weights = f.get_tensor("weights")
-            heads = {(l, h): float(weights[l, h]) for l, h in (weights != 0).nonzero().tolist()}
-            return cls(heads=heads, n_layers=weights.shape[0], n_heads=weights.shape[1], source=header.get("source", {}))
-        return cls.from_dict(json.loads(path.read_text()))
+            with parse(path, what):
+                if weights.dim() != 2 or not weights.is_floating_point() or not bool(torch.isfinite(weights).all()):
+                    raise ValueError(f"'weights' must be a finite [n_layers, n_heads] float tensor, got {weights.dtype} "
+                                     f"{tuple(weights.shape)}")
+                heads = {(l, h): float(weights[l, h]) for l, h in (weights != 0).nonzero().tolist()}
+                source = header.get("source", {})
+                return cls(heads=heads, n_layers=weights.shape[0], n_heads=weights.shape[1],
+                           source=source if isinstance(source, dict) else {})
+        what = "a headlab mask (HeadMask.save_json)"
+        d = read_json(path, what)
+        with parse(path, what):
+            if not isinstance(d, dict):
+                raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+            return cls.from_dict(d)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"L{l}H{h}" for l, h in sorted(self.heads)[:8])

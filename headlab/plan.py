@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -53,15 +54,33 @@ REPLACE_NONE, REPLACE_ZERO, REPLACE_MEAN, REPLACE_PATCH = 0, 1, 2, 3
 def _head(h: Any) -> Head:
     try:
         layer, head = h
-        return (int(layer), int(head))
+        pair = (operator.index(layer), operator.index(head))  # ints (numpy/torch ints too), never a float or a str
     except (TypeError, ValueError):
         raise PlanError(f"a head must be a (layer, head) pair of ints, got {h!r}") from None
+    if min(pair) < 0:
+        raise PlanError(f"a head's layer and index must be >= 0, got {h!r}")
+    return pair
+
+
+def _number(x: Any, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """A finite float in [low, high] read from a saved plan (PlanError otherwise)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not low <= x <= high:
+        raise PlanError(f"{what} must be a finite number in [{low}, {high}], got {x!r}")
+    return float(x)
 
 
 def _heads_map(mapping: Mapping[Any, Any] | Iterable[Any], value: Any = None) -> dict[Head, Any]:
     if isinstance(mapping, Mapping):
         return {_head(h): v for h, v in mapping.items()}
     return {_head(h): value for h in mapping}
+
+
+def _tensor_head(name: str) -> Head:
+    """The head of a saved plan tensor named `mean.L.H` / `patch.L.H`."""
+    parts = name.split(".")
+    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise PlanError(f"plan tensor {name!r} is not named mean.<layer>.<head> or patch.<layer>.<head>")
+    return (int(parts[1]), int(parts[2]))
 
 
 @dataclass(frozen=True)
@@ -370,19 +389,33 @@ class InterventionPlan:
             raise PlanError(f"plan needs tensors {missing}; load it with InterventionPlan.load(path) next to its .safetensors file")
         biases: dict[Head, dict[int, float]] = {}
         for l, h, p, b in d.get("key_biases", []):
-            biases.setdefault((l, h), {})[int(p)] = float(b)
+            pos = _head((0, p))[1]
+            biases.setdefault(_head((l, h)), {})[pos] = _number(b, f"key bias of head ({l}, {h})")
+        modes = {}
+        for l, h, m in d.get("ablations", []):
+            if m not in ("zero", "mean"):
+                raise PlanError(f"ablation mode of head ({l}, {h}) must be 'zero' or 'mean', got {m!r}")
+            modes[_head((l, h))] = m
+        var = d.get("var") or {}
+        shape = d.get("model_shape")
+        means = {_tensor_head(n): t for n, t in tensors.items() if n.startswith("mean.")}
+        lacking = [h for h, m in modes.items() if m == "mean" and h not in means]
+        if lacking:
+            raise PlanError(f"mean ablation of heads {lacking} has no mean tensor (mean.<layer>.<head>) in the plan")
         return cls(
-            head_scales={(l, h): float(s) for l, h, s in d.get("head_scales", [])},
-            logit_scales={(l, h): float(s) for l, h, s in d.get("logit_scales", [])},
+            head_scales={_head((l, h)): _number(s, f"output scale of head ({l}, {h})") for l, h, s in d.get("head_scales", [])},
+            logit_scales={_head((l, h)): _number(s, f"logit scale of head ({l}, {h})", 0.0)
+                          for l, h, s in d.get("logit_scales", [])},
             key_biases=biases,
-            act_heads={(l, h): ActSetting(float(b), float(t)) for l, h, b, t in d.get("act", [])},
-            ablations={(l, h): m for l, h, m in d.get("ablations", [])},
-            means={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("mean.")},
-            patches={(int(n.split(".")[1]), int(n.split(".")[2])): t for n, t in tensors.items() if n.startswith("patch.")},
-            var_heads={(l, h): float(v) for l, h, v in (d.get("var") or {}).get("heads", [])},
-            var_sources=tuple(int(x) for x in (d.get("var") or {}).get("sources", [])),
-            var_targets=tuple(int(x) for x in (d.get("var") or {}).get("targets", [])),
-            model_shape=tuple(d["model_shape"]) if d.get("model_shape") else None,
+            act_heads={_head((l, h)): ActSetting(_number(b, "ACT beta", 0.0, 1.0), _number(t, "ACT tau"))
+                       for l, h, b, t in d.get("act", [])},
+            ablations=modes,
+            means=means,
+            patches={_tensor_head(n): t for n, t in tensors.items() if n.startswith("patch.")},
+            var_heads={_head((l, h)): _number(v, "VAR fraction p", 0.0, 1.0) for l, h, v in var.get("heads", [])},
+            var_sources=tuple(_head((0, x))[1] for x in var.get("sources", [])),
+            var_targets=tuple(_head((0, x))[1] for x in var.get("targets", [])),
+            model_shape=tuple(_head((0, x))[1] for x in shape) if shape else None,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -399,12 +432,22 @@ class InterventionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "InterventionPlan":
-        from safetensors.torch import load_file
+        """A plan saved by `save`: `<path>.json` (+ `<path>.safetensors` for mean/patch tensors).
+        Anything else is an InputFileError naming the file and the problem."""
+        from headlab.io import open_safetensors, parse, read_json
 
         path = Path(path).with_suffix(".json")
-        d = json.loads(path.read_text())
+        what = "a headlab plan (InterventionPlan.save's .json)"
+        d = read_json(path, what)
+        tensors = None
         st = path.with_suffix(".safetensors")
-        return cls.from_dict(d, load_file(str(st)) if st.exists() else None)
+        if st.exists():
+            with open_safetensors(st, "the plan's tensors (InterventionPlan.save's .safetensors)") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        with parse(path, what):
+            if not isinstance(d, dict):
+                raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+            return cls.from_dict(d, tensors)
 
 
 @dataclass

@@ -28,8 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from headlab.errors import HeadlabError
-from headlab.io import atomic_save_safetensors, atomic_write_json, atomic_write_parquet, atomic_write_text
+from headlab.errors import HeadlabError, InputFileError
+from headlab.io import (atomic_save_safetensors, atomic_write_json, atomic_write_parquet, atomic_write_text,
+                        read_json)
+from headlab.lock import RunLock, pid_alive
 from headlab.scores import HeadScores
 
 MANIFEST = "manifest.json"
@@ -51,14 +53,46 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "run"
 
 
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
+
+def run_directory(root: str | Path, run_id: str) -> Path:
+    """The directory of run `run_id` under the runs directory `root`, resolved and checked.
+
+    The one place where a user-given run id becomes a path, for every writer (score, intervene,
+    demo, any runner built on `Run`) and for `RunStore`: a run id is a plain directory name
+    (letters, digits, '_', '.', '-'; no '/', no leading '.'), and the resolved path — symlinks
+    followed — must sit directly under the resolved `root`."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+        raise HeadlabError(f"invalid run id {run_id!r}: a run id is a plain directory name of letters, digits, '_', '.', '-' "
+                           "(no '/', no leading '.'), for example --run-id sinks-try-2")
+    base = Path(root).expanduser().resolve()
+    resolved = (base / run_id).resolve()
+    if resolved.parent != base:
+        raise HeadlabError(f"run {run_id!r} leads outside the runs directory {base} (a symlink?); refusing to use it — "
+                           "choose another --run-id")
+    return resolved
+
+
 class Run:
-    """One run directory under `root`; created on enter, finalized on exit."""
+    """One run directory under `root`; created on enter, finalized on exit.
+
+    A run is written by one process at a time: `acquire()` (done by `__enter__`, or earlier by
+    `headlab.jobs.open_run` so that resuming checks happen under the lock) takes the directory's
+    `RunLock`, and a second writer gets a RunLockedError naming the live process."""
 
     def __init__(self, root: str | Path, analysis: str, model: str, params: dict[str, Any] | None = None,
                  seed: int | None = None, run_id: str | None = None) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        self.id = run_id or f"{stamp}-{_slug(analysis)}-{_slug(Path(model).name or model)}"
-        self.dir = Path(root) / self.id
+        if run_id is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            base_id = f"{stamp}-{_slug(analysis)}-{_slug(Path(model).name or model)}"
+            run_id, n = base_id, 1
+            while (Path(root) / run_id).exists():  # two runs in one second: each gets its own directory
+                n += 1
+                run_id = f"{base_id}-{n}"
+        self.id = run_id
+        self.dir = run_directory(root, run_id)
+        self.lock = RunLock(self.dir, run_id)
         self.manifest: dict[str, Any] = {
             "format": FORMAT, "id": self.id, "analysis": analysis, "model": model, "params": params or {},
             "seed": seed, "status": "created", "versions": versions(), "device": platform.machine(),
@@ -66,8 +100,16 @@ class Run:
         }
         self._t0 = 0.0
 
+    def acquire(self) -> "Run":
+        """Create the directory and take its lock (RunLockedError if a live process holds it)."""
+        self.lock.acquire()
+        return self
+
+    def release(self) -> None:
+        self.lock.release()
+
     def __enter__(self) -> "Run":
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.acquire()
         self._t0 = time.perf_counter()
         self.manifest.update(status="running", started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              pid=os.getpid(), host=socket.gethostname())
@@ -84,7 +126,10 @@ class Run:
             self.manifest["error"] = f"{exc_type.__name__}: {exc}"
         self.manifest.update(status=status, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              duration_s=round(time.perf_counter() - self._t0, 3))
-        self.write_manifest()
+        try:
+            self.write_manifest()
+        finally:
+            self.release()
 
     def write_manifest(self) -> Path:
         return atomic_write_json(self.manifest, self.dir / MANIFEST)
@@ -156,10 +201,24 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise HeadlabError(f"{run_dir} is not a run directory (no {MANIFEST})")
-    data = json.loads(path.read_text())
+    data = read_json(path, "a headlab run manifest")
+    if not isinstance(data, dict):
+        raise InputFileError(f"{path}: not a headlab run manifest (a JSON {type(data).__name__}, not an object)")
     if data.get("format") != FORMAT:
         raise HeadlabError(f"{path}: unsupported run format {data.get('format')!r}")
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key in data and data[key] is not None and not isinstance(data[key], kind):
+            raise InputFileError(f"{path}: not a headlab run manifest: field {key!r} must be "
+                                 f"{_KIND_NAMES[kind]}, got {type(data[key]).__name__}")
+    if any(not isinstance(v, str) for v in (data.get("files") or {}).values()):
+        raise InputFileError(f"{path}: not a headlab run manifest: 'files' must map names to relative paths")
     return data
+
+
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "analysis": str, "model": str, "params": dict, "status": str, "files": dict, "started": str,
+    "finished": str, "host": str, "pid": int, "duration_s": (int, float), "summary": dict, "error": str}
+_KIND_NAMES = {str: "a string", dict: "an object", int: "an integer", (int, float): "a number"}
 
 
 def list_runs(root: str | Path) -> list[dict[str, Any]]:
@@ -175,22 +234,12 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda m: m.get("started", ""), reverse=True)
 
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 _DATASET_KEYS = ("data", "needles", "harmful", "haystack")
 
 
 def _process_alive(manifest: dict[str, Any]) -> bool:
     """False only when the run's process is known to be gone (same host, no such pid)."""
-    pid, host = manifest.get("pid"), manifest.get("host")
-    if not isinstance(pid, int) or host != socket.gethostname():
-        return True  # another machine's run, or an old manifest: cannot tell
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(manifest.get("pid"), manifest.get("host"))
 
 
 class RunStore:
@@ -211,11 +260,7 @@ class RunStore:
     # ---- paths -------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:
         """The directory of run `run_id`, after checking the id names a run inside the root."""
-        if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
-            raise HeadlabError(f"invalid run id {run_id!r}: a run id is a directory name of letters, digits, '_', '.', '-'")
-        resolved = (self.root / run_id).resolve()
-        if resolved.parent != self.root:
-            raise HeadlabError(f"run {run_id!r} leads outside the runs directory {self.root}; refusing to read it")
+        resolved = run_directory(self.root, run_id)
         if not (resolved / MANIFEST).is_file():
             raise HeadlabError(f"no run {run_id!r} in {self.root}")
         return resolved
@@ -312,8 +357,8 @@ class RunStore:
         rel = (self.manifest(run_id).get("files") or {}).get("examples")
         if not rel:
             return []
-        data = json.loads(self.file(run_id, rel).read_text())
-        return [ex for ex in data if isinstance(ex, dict) and isinstance(ex.get("text"), str)]
+        data = read_json(self.file(run_id, rel), "a run's examples.json")
+        return [ex for ex in data if isinstance(ex, dict) and isinstance(ex.get("text"), str)] if isinstance(data, list) else []
 
     def example_image(self, run_id: str, example: dict[str, Any]) -> Any:
         """The example's image as an RGB PIL image (None for a text example); only PNGs inside the run."""
@@ -329,4 +374,4 @@ class RunStore:
 
     def summary(self, run_id: str) -> dict[str, Any]:
         rel = (self.manifest(run_id).get("files") or {}).get("summary")
-        return json.loads(self.file(run_id, rel).read_text()) if rel else {}
+        return read_json(self.file(run_id, rel), "a run's summary.json") if rel else {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, InputFileError
 from headlab.mask import Head, HeadMask
 
 FORMAT = "headlab.scores/1"
@@ -155,23 +155,34 @@ class HeadScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
-        from safetensors import safe_open
+        """Scores saved by `save` (the .safetensors; a sibling path's suffix is replaced). Anything
+        else is an InputFileError naming the file and the problem."""
+        from headlab.io import checked_file, open_safetensors, parse, safetensors_header
 
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise HeadlabError(f"no scores file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "headlab" not in meta:
-                raise HeadlabError(f"{path} is not a headlab scores file (no 'headlab' header)")
-            header = json.loads(meta["headlab"])
+        what = "a headlab scores file (HeadScores.save)"
+        checked_file(path, what)
+        with open_safetensors(path, what) as f:
+            header = safetensors_header(f, path, what)
+            if not header:
+                raise InputFileError(f"{path} is not a headlab scores file (no 'headlab' header)")
             if header.get("format") != FORMAT:
-                raise HeadlabError(f"{path}: unsupported scores format {header.get('format')!r} (expected {FORMAT})")
+                raise InputFileError(f"{path}: unsupported scores format {header.get('format')!r} (expected {FORMAT})")
+            missing = [k for k in ("sums", "counts") if k not in f.keys()]
+            if missing:
+                raise InputFileError(f"{path}: not {what}: no {' or '.join(missing)} tensor")
             sums, counts = f.get_tensor("sums"), f.get_tensor("counts")
-        return cls(sums=sums, counts=counts, analysis=header["analysis"], model=header.get("model", ""),
-                   params=header.get("params", {}), metadata=header.get("metadata", {}))
+        with parse(path, what):
+            if not (sums.is_floating_point() and counts.is_floating_point()):
+                raise ValueError(f"sums and counts must be float tensors, got {sums.dtype} and {counts.dtype}")
+            if not isinstance(header.get("analysis"), str):
+                raise ValueError("its header names no analysis")
+            params, metadata = header.get("params", {}), header.get("metadata", {})
+            return cls(sums=sums.to(torch.float64), counts=counts.to(torch.float64), analysis=header["analysis"],
+                       model=str(header.get("model", "")), params=params if isinstance(params, dict) else {},
+                       metadata=metadata if isinstance(metadata, dict) else {})
 
 
 def merge_all(parts: list[HeadScores]) -> HeadScores:

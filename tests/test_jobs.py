@@ -35,11 +35,11 @@ def test_interrupted_retrieval_resumes_without_recomputing(tmp_path, monkeypatch
     real = retrieval.sample_scores
     calls = []
 
-    def failing(model, sample, config):
+    def failing(model, sample, config, plan=None):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(sample.prompt)
-        return real(model, sample, config)
+        return real(model, sample, config, plan)
 
     monkeypatch.setattr(retrieval, "sample_scores", failing)
     kw = dict(lengths=[64], depths=[0.0, 0.5, 1.0], progress=False)
@@ -48,9 +48,9 @@ def test_interrupted_retrieval_resumes_without_recomputing(tmp_path, monkeypatch
     assert read_manifest(tmp_path / "r1")["status"] == "interrupted"
     assert len(Checkpoint(tmp_path / "r1" / jobs.CHECKPOINT)) == 3
 
-    def counting(model, sample, config):
+    def counting(model, sample, config, plan=None):
         calls.append(sample.prompt)
-        return real(model, sample, config)
+        return real(model, sample, config, plan)
 
     monkeypatch.setattr(retrieval, "sample_scores", counting)
     done = jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r1", **kw)

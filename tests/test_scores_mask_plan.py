@@ -46,7 +46,7 @@ def test_save_load_roundtrip_and_no_temp_files(tmp_path):
     readable = json.loads((tmp_path / "scores.json").read_text())
     assert readable["values"] == [[0.25, 0.5], [0.75, 1.0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json", "scores.safetensors"]
-    with pytest.raises(HeadlabError, match="no scores file"):
+    with pytest.raises(HeadlabError, match="no such file"):
         HeadScores.load(tmp_path / "missing")
 
 
