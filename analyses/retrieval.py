@@ -13,10 +13,11 @@ As the reference counts it (`evaluate_and_log`, checked in its code):
   score is the mean over those accepted samples (`head_counter` only receives accepted samples).
   `RetrievalConfig(accept="all")` keeps the mean over every sample as a named option (failed
   retrievals then dilute every head's score); `span="needle"` uses the whole needle sentence.
-Named differences, both for robustness and tested: the answer is searched inside the needle's own
-span (the reference searches the whole prompt, where a haystack occurrence of the answer's words
-could come first), and with and without a leading space (a byte-level BPE tokenizes " V1" and
-"V1" differently; the reference tokenizes the answer alone).
+Named differences, for robustness, tested: the answer is searched inside the needle's own span
+(the reference searches the whole prompt, where a haystack occurrence of the answer's words could
+come first), with and without a leading space (a byte-level BPE tokenizes " V1" and "V1"
+differently; the reference tokenizes the answer alone), and — where the prompt's tokens merge the
+answer with its neighbours — by the tokenizer's character offsets instead of token ids.
 
 How it runs here: one `generate()` inside `HeadModel.patched(None, StatsRequest(argmax=True,
 queries=slice(-1, None)))`. The prefill computes the prompt at full speed and only the last
@@ -32,6 +33,7 @@ reference answer both give the same attention rows, hence the same scores (teste
 from __future__ import annotations
 
 import random
+import weakref
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, MutableMapping, Sequence
@@ -153,9 +155,14 @@ def zoo_dataset(lengths: Iterable[int] = (64, 128, 256, 512), depths: Iterable[f
     return samples
 
 
-def answer_span(tok: Any, prompt_ids: Sequence[int], needle: tuple[int, int], answer: str, overlap: float = 0.9) -> tuple[int, int]:
-    """[s, e) of the answer's tokens inside the needle span `needle` (tried as tokenized alone and
-    with a leading space, the way it reads inside a sentence)."""
+def answer_span(tok: Any, prompt: str, prompt_ids: Sequence[int], needle: tuple[int, int], answer: str,
+                overlap: float = 0.9) -> tuple[int, int]:
+    """[s, e) of the answer's tokens inside the needle span `needle`.
+
+    First as the reference finds its `real_needle` (the token-set overlap rule, with the answer
+    tokenized alone and with a leading space); where the prompt's tokens merge the answer with its
+    neighbours (a byte-level BPE joins `"juniper"` differently from `juniper"`), the tokens whose
+    characters overlap the answer's first occurrence inside the needle (the tokenizer's offsets)."""
     ns, ne = needle
     for text in (answer, " " + answer.lstrip()):
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -165,6 +172,19 @@ def answer_span(tok: Any, prompt_ids: Sequence[int], needle: tuple[int, int], an
             except HeadlabError:
                 continue
             return ns + s, ns + e
+    try:
+        offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets is not None and len(offsets) == len(prompt_ids):
+        # the overlap rule's window can sit a token early: let the answer run past it by its own length
+        target = answer.strip()
+        start = prompt.find(target, offsets[ns][0], offsets[ne - 1][1] + len(target))
+        if start >= 0:
+            end = start + len(target)
+            inside = [i for i in range(ns, len(offsets)) if offsets[i][0] < end and offsets[i][1] > start]
+            if inside:
+                return inside[0], inside[-1] + 1
     raise HeadlabError(f"the answer {answer!r} does not occur in the tokenized needle; the retrieval score counts copies "
                        "of the answer's tokens from the needle")
 
@@ -200,13 +220,27 @@ class RetrievalResult:
         return self.scores.to_mask(threshold=self.scores.params.get("threshold", 0.1) if threshold is None else threshold)
 
 
+_STOPS: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
 def _stop_ids(model: HeadModel) -> set[int]:
-    tok = model.tokenizer
-    stops = {tok.eos_token_id}
-    newline = tok.convert_tokens_to_ids("\n") if hasattr(tok, "convert_tokens_to_ids") else None
-    if isinstance(newline, int) and newline != tok.unk_token_id:
-        stops.add(newline)
-    return {s for s in stops if s is not None}
+    """<eos> and every token whose text holds a newline: decoding stops at a newline, as the
+    reference's does (its stop is Llama's newline byte token; a byte-level BPE merges the newline
+    into tokens such as `"\n` or `\n\n`, so one "\n" token would miss most of them)."""
+    tok = model.text_tokenizer
+    try:
+        cached_ids = _STOPS.get(tok)
+    except TypeError:  # not weak-referenceable
+        cached_ids = None
+    if cached_ids is None:
+        size = len(tok) if hasattr(tok, "__len__") else model.spec.vocab_size
+        texts = tok.batch_decode([[i] for i in range(size)])
+        cached_ids = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+        try:
+            _STOPS[tok] = cached_ids
+        except TypeError:
+            pass
+    return ({tok.eos_token_id} - {None}) | set(cached_ids)
 
 
 def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfig,
@@ -218,7 +252,7 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
     needle_ids = tok(sample.needle, add_special_tokens=False)["input_ids"]
     s, e = locate_needle(prompt_ids, needle_ids, config.overlap)
     if config.span == "answer":
-        s, e = answer_span(tok, prompt_ids, (s, e), sample.answer, config.overlap)
+        s, e = answer_span(tok, sample.prompt, prompt_ids, (s, e), sample.answer, config.overlap)
     ids = torch.tensor([prompt_ids], device=model.device)
     n = len(prompt_ids)
     if config.teacher_forced:
@@ -232,8 +266,8 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
         with model.patched(plan, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
             out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
                                  eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
-        produced = [t for t in out[0, n:].tolist()]
-        while produced and produced[-1] in stops:
+        produced = out[0, n:].tolist()  # the stop token too: the reference scores and decodes it (then strips)
+        while produced and produced[-1] == tok.pad_token_id != tok.eos_token_id:
             produced.pop()
     top = rec.stats.argmax[:, 0]  # [L, H, steps]
     prompt = torch.tensor(prompt_ids)
@@ -243,9 +277,9 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
         inside = (j >= s) & (j < e)
         copied = inside & (prompt[j.clamp(max=n - 1)] == w)
         score += copied.double() / (e - s)
-    generated = tok.decode(produced, skip_special_tokens=True)
+    generated = tok.decode(produced, skip_special_tokens=True).strip()
     recall = answer_recall(sample.answer, generated) if config.accept == "recall" else float("nan")
-    record = {"generated": generated, "answer": sample.answer, "correct": generated.strip() == sample.answer.strip(),
+    record = {"generated": generated, "answer": sample.answer, "correct": generated == sample.answer.strip(),
               "recall": recall, "accepted": config.accept == "all" or recall > config.min_recall,
               "needle_start": s, "needle_end": e, "prompt_tokens": n, **sample.meta}
     return score, record

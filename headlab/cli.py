@@ -123,6 +123,24 @@ def score_sinks(
     _job(jobs.score_sinks, model, out, run_id, data=data, n=n, tau=tau)
 
 
+@score_app.command("patterns")
+def score_patterns(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="text file, one text per line (default: a real-text zoo model's "
+                                                  "held-out code; none for other models)"),
+    random_inputs: int = typer.Option(16, "--random", help="inputs of a random token block repeated twice (0: none)"),
+    length: int = typer.Option(128, help="tokens in each random block"),
+    exclude_bos: bool = typer.Option(False, help="detect_head's exclude_bos"),
+    exclude_current_token: bool = typer.Option(False, help="detect_head's exclude_current_token"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Previous-token, duplicate-token and induction heads (TransformerLens's detect_head), from patched stats."""
+    from headlab import jobs
+
+    _job(jobs.score_patterns, model, out, run_id, data=data, random_inputs=random_inputs, length=length,
+         exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, seed=seed)
+
+
 @score_app.command("select-copy")
 def score_select_copy(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,

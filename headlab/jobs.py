@@ -33,12 +33,26 @@ ENGLISH_TEXTS = [
 
 
 def _is_zoo_task_model(ref: str) -> bool:
+    """A bundled model trained on the synthetic tasks of `headlab.zoo.tasks` (its jobs use those tasks)."""
     from headlab import zoo
 
     if not ref.startswith("zoo:"):
         return False
     name = ref[4:]
-    return name not in zoo.PACKAGED and (zoo.path(name) / "training.json").is_file()
+    return name not in zoo.PACKAGED and not zoo.is_corpus_model(name) and (zoo.path(name) / "training.json").is_file()
+
+
+def _is_corpus_model(ref: str) -> bool:
+    """A bundled model trained on real text (zoo:pycode-llama): its jobs use `headlab.zoo.corpus` tasks."""
+    from headlab import zoo
+
+    return ref.startswith("zoo:") and zoo.is_corpus_model(ref[4:])
+
+
+NOT_APPLICABLE = {
+    "select_copy": "it was trained on Python source only and has no multiple-choice format to read labels from",
+    "refusal": "it was trained on Python source only and has no refusal behaviour to find safety heads for",
+}
 
 
 def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
@@ -105,6 +119,11 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
         samples = retrieval.build_dataset(needles, haystack, lengths or (1000, 2000, 4000), depths or (0.0, 0.5, 1.0))
     elif _is_zoo_task_model(model):
         samples = retrieval.zoo_dataset(lengths or (64, 256), depths or (0.0, 0.5, 1.0), per_cell=2)
+    elif _is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        samples = corpus.needle_samples(None, lengths or (128, 256, 512, 896), depths or (0.0, 0.25, 0.5, 0.75, 1.0),
+                                        per_cell=2)
     else:
         raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
     with started(out, "retrieval", model, params, run_id) as (run, hm):
@@ -134,6 +153,10 @@ def score_sinks(model: str, out: str | Path = "runs", run_id: str | None = None,
         from headlab.zoo import tasks
 
         texts = [ex.prompt for task in ("needle", "mcqa") for ex in tasks.held_out(task, max(1, n // 2), seed=30_000)]
+    elif _is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        texts = corpus.texts(None, n, max_tokens=512)
     elif model == "zoo:minilm-l6":
         texts = ENGLISH_TEXTS
     else:
@@ -151,6 +174,47 @@ def score_sinks(model: str, out: str | Path = "runs", run_id: str | None = None,
         return _finish(run, summary, {"first_token_mass": report.first_token_mass, "hidden_sink_rate": report.hidden_sink_rate})
 
 
+def score_patterns(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                   random_inputs: int = 16, length: int = 128, exclude_bos: bool = False,
+                   exclude_current_token: bool = False, seed: int = 0, progress: bool = True) -> Path:
+    """Previous-token, duplicate-token and induction scores (TransformerLens's detect_head) on
+    repeated random tokens, and on texts (--data, or a real-text zoo model's held-out corpus)."""
+    from headlab.analyses import patterns, sinks
+
+    params = {"data": data, "random_inputs": random_inputs, "length": length, "exclude_bos": exclude_bos,
+              "exclude_current_token": exclude_current_token, "seed": seed}
+    if random_inputs < 0 or length < 1:
+        raise HeadlabError(f"--random must be >= 0 and --length >= 1, got {random_inputs} and {length}")
+    if data:
+        texts = sinks.build_dataset(path=data)
+    elif _is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        texts = corpus.texts(None, 12, max_tokens=512)
+    else:
+        texts = []
+    if not texts and not random_inputs:
+        raise HeadlabError("nothing to score: give --data (a text file, one text per line) or --random N > 0")
+    config = patterns.PatternsConfig(exclude_bos=exclude_bos, exclude_current_token=exclude_current_token,
+                                     max_tokens=max(1024, 2 * length + 1))
+    with started(out, "patterns", model, params, run_id) as (run, hm):
+        cache = Checkpoint(run.dir / CHECKPOINT)
+        results, summary = {}, {}
+        if random_inputs:
+            rnd = patterns.score(hm, patterns.repeated_random_tokens(hm, random_inputs, length, seed), config,
+                                 progress=progress, cache=cache, source="random")
+            results.update(rnd.scores)
+            run.save_per_sample(rnd.per_sample, [f"random {i}" for i in range(random_inputs)])
+        if texts:
+            txt = patterns.score(hm, patterns.encode_texts(hm, texts, config.max_tokens), config, progress=progress,
+                                 cache=cache, source="text")
+            results.update({f"{k}_text": v for k, v in txt.scores.items()})
+            run.save_examples([{"text": t, "label": f"text {i}"} for i, t in enumerate(texts)])
+        for name, scores in results.items():
+            summary[name] = [[l, h, s] for l, h, s in scores.top(5)]
+        return _finish(run, {"inputs": {"random": random_inputs, "texts": len(texts)}, "top_heads": summary}, results)
+
+
 def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
                       n: int = 200, labels: str = "letters", key_token: str = "end", shots: int = 0,
                       prompt_format: str | None = None, progress: bool = True) -> Path:
@@ -165,6 +229,9 @@ def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None =
         samples = sc.build_dataset(path=data)
     elif zoo_model:
         samples = sc.zoo_dataset(n, label_set=labels)
+    elif _is_corpus_model(model):
+        raise HeadlabError(f"select-and-copy heads do not apply to {model}: {NOT_APPLICABLE['select_copy']}; "
+                           "give --data (JSONL/CSV of question, options, answer) to score it anyway")
     else:
         raise HeadlabError(f"give --data (JSONL/CSV of question, options, answer) for {model}")
     config = sc.SelectCopyConfig(labels=labels, key_token=key_token, shots=shots,  # type: ignore[arg-type]
@@ -187,6 +254,10 @@ def _choice_splits(model: str, data: str | None, n: int, calibration_fraction: f
         samples = choice.build_dataset(path=data)
     elif _is_zoo_task_model(model):
         samples = choice.zoo_dataset("mcqa", n)
+    elif _is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        samples = corpus.bracket_choices(None, n)
     else:
         raise HeadlabError(f"give --data (JSONL/CSV of prompt, choices, answer) for {model}")
     cal, test = select_copy.split(len(samples), calibration_fraction, seed)
@@ -254,6 +325,9 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
         harmless_prompts = safety.build_dataset(path=harmless, column=column) if harmless else None
     elif zoo_model:
         harmful_prompts, harmless_prompts = safety.zoo_dataset(n, True), safety.zoo_dataset(n, False)
+    elif _is_corpus_model(model):
+        raise HeadlabError(f"safety heads do not apply to {model}: {NOT_APPLICABLE['refusal']}; give --harmful to "
+                           "score it anyway")
     else:
         raise HeadlabError(f"{model} is not a zoo model trained on the refusal task: give --harmful (JSONL/CSV with a "
                            f"goal/input/prompt column) and optionally --harmless")
@@ -295,6 +369,10 @@ def _conflict_samples(model: str, data: str | None, n: int):
         return conflict.build_dataset(path=data)
     if _zoo_task(model, "conflict"):
         return conflict.zoo_dataset(n)
+    if _is_corpus_model(model):  # the copying task: "context" = the needle's value, "memory" = the corrupted one
+        from headlab.zoo import corpus
+
+        return corpus.copy_pairs(None, n)
     raise HeadlabError(f"{model} is not a zoo model trained on the conflict task: give --data (JSONL/CSV with prompt, "
                        "memory_answer, context_answer, corrupted_prompt)")
 

@@ -22,6 +22,23 @@ SpanLike = tuple[int, int] | Sequence[int]
 
 
 @dataclass(frozen=True)
+class TokenMatch:
+    """A query-dependent key set given by labels: for the query at position i, the keys j with
+    key_labels[j] == query_labels[i] and j < i (`strict`) or j <= i.
+
+    Labels are integer tensors over token positions, [T] (every batch row) or [B, T], covering
+    every key position of the call (prompt + cache). A negative label is a convenient "never
+    matches" when the two sides use different negatives. This is how a pattern that depends on the
+    tokens — TransformerLens's previous-token, duplicate-token and induction detection patterns —
+    is measured per (head, query) without any [queries, keys] matrix leaving the kernel's chunk.
+    """
+
+    query_labels: torch.Tensor
+    key_labels: torch.Tensor
+    strict: bool = True
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     """Which per-head statistics to emit.
 
@@ -35,6 +52,8 @@ class StatsRequest:
     keys:          key positions P; emits per (head, query, key) the pre-softmax logit (q·k × the
                    model's scaling, after softcap; no mask, no plan bias — the QK-score of
                    select-and-copy heads) and the attention probability there (after interventions)
+    matches:       name -> TokenMatch; emits the attention mass on each query's matching keys per
+                   (head, query) (token-dependent patterns: induction, duplicate, previous token)
     queries:       None (all), a slice or a list of indices into each call's queries
     layers:        None (all) or the layers to measure
     """
@@ -45,12 +64,14 @@ class StatsRequest:
     received: bool = False
     head_outputs: bool = False
     keys: Sequence[int] | None = None
+    matches: Mapping[str, TokenMatch] = field(default_factory=dict)
     queries: slice | Sequence[int] | None = None
     layers: Sequence[int] | None = None
 
     def wants_probabilities(self) -> bool:
         """True when a stat needs the attention probabilities (not only the outputs)."""
-        return self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
+        return (self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
+                or bool(self.matches))
 
     def is_empty(self) -> bool:
         return not (self.wants_probabilities() or self.head_outputs)
@@ -67,6 +88,8 @@ class StatsRequest:
             _span_positions(name, span)  # checks the form
         if self.keys is not None:
             _span_positions("keys", list(self.keys))
+        for name, match in self.matches.items():
+            _match_labels(name, match)
 
     def compile(self, q_len: int, k_len: int, device: torch.device) -> "CompiledStats":
         """Resolve the query window and span positions for one call with `q_len` queries and `k_len` keys."""
@@ -94,6 +117,13 @@ class StatsRequest:
                 raise PlanError(f"stats request `keys` names key position {int(keys.max())}, but the sequence has only "
                                 f"{k_len} keys (positions 0..{k_len - 1})")
             keys = keys.to(device)
+        matches = {}
+        for name, match in self.matches.items():
+            ql, kl = _match_labels(name, match)
+            if ql.shape[-1] < k_len or kl.shape[-1] < k_len:
+                raise PlanError(f"match {name!r} labels {min(ql.shape[-1], kl.shape[-1])} positions, but this call has "
+                                f"{k_len} keys: label every position of the input (prompt + generated)")
+            matches[name] = (ql.to(device), kl.to(device), match.strict)
         return CompiledStats(
             query_index=idx,
             argmax=self.argmax,
@@ -102,6 +132,7 @@ class StatsRequest:
             received=self.received,
             head_outputs=self.head_outputs,
             keys=keys,
+            matches=matches,
         )
 
 
@@ -131,6 +162,19 @@ def _span_positions(name: str, span: SpanLike) -> torch.Tensor:
     return pos
 
 
+def _match_labels(name: str, match: TokenMatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TokenMatch's labels as [1|B, T] long tensors, checked."""
+    if not isinstance(match, TokenMatch):
+        raise PlanError(f"match {name!r} must be a TokenMatch(query_labels, key_labels), got {type(match).__name__}")
+    out = []
+    for side, labels in (("query_labels", match.query_labels), ("key_labels", match.key_labels)):
+        t = torch.as_tensor(labels)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() not in (1, 2):
+            raise PlanError(f"match {name!r}: {side} must be an integer tensor [T] or [B, T], got {t.dtype} {tuple(t.shape)}")
+        out.append(t.long().view(-1 if t.dim() == 1 else t.shape[0], t.shape[-1]) if t.dim() == 2 else t.long()[None])
+    return out[0], out[1]
+
+
 @dataclass
 class CompiledStats:
     """A StatsRequest resolved for one call: query indices [Qs] (on the CPU, so that selecting
@@ -143,10 +187,13 @@ class CompiledStats:
     received: bool
     head_outputs: bool
     keys: torch.Tensor | None = None
+    matches: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=dict)
+    """name -> (query labels [1|B, T], key labels [1|B, T], strict), on the device."""
 
     @property
     def wants_probabilities(self) -> bool:
-        return self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
+        return (self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
+                or bool(self.matches))
 
 
 @dataclass
@@ -168,6 +215,7 @@ class LayerStats:
     head_outputs: torch.Tensor | None = None
     key_logits: torch.Tensor | None = None
     key_probs: torch.Tensor | None = None
+    match_mass: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 
@@ -242,6 +290,15 @@ class HeadStats:
         """[L, B, H, Q] attention mass on the named span."""
         self._need("span:" + name)
         return self._per_query(lambda s: s.span_mass[name])
+
+    def match_mass(self, name: str) -> torch.Tensor:
+        """[L, B, H, Q] attention mass on each query's matching keys (StatsRequest.matches)."""
+        if not self._calls:
+            self._need("argmax")  # the "no stats were recorded" error
+        if name not in self._calls[self.layers[0]][0].match_mass:
+            raise PlanError(f"match {name!r} was not requested; requested matches: "
+                            f"{sorted(self._calls[self.layers[0]][0].match_mass)}")
+        return self._per_query(lambda s: s.match_mass[name])
 
     @property
     def span_names(self) -> list[str]:

@@ -84,6 +84,8 @@ def unsupported_reason(
         if attention_mask.dtype != torch.bool and not attention_mask.dtype.is_floating_point:
             return f"attention mask of dtype {attention_mask.dtype}"
     if stats is not None:
+        if stats.matches:
+            return "token-match stats (StatsRequest.matches) are measured by the reference"
         n_sets = len(stats.spans) + (0 if stats.keys is None else stats.keys.numel())
         if n_sets > MAX_KEY_SETS:
             return f"{n_sets} spans + keys requested (the kernels measure at most {MAX_KEY_SETS} in one pass)"

