@@ -169,3 +169,19 @@ def score(model: HeadModel, inputs: Sequence[torch.Tensor | Sequence[int]], conf
                                metadata={"inputs": len(v), "tokens": [int(torch.as_tensor(x).numel()) for x in inputs][:64]})
               for kind, v in per.items()}
     return PatternsResult(scores=scores, per_sample={k: torch.stack(v) for k, v in per.items()})
+
+
+def second_copy_loss(model: HeadModel, inputs: Sequence[torch.Tensor], plan: Any = None, batch_size: int = 16) -> float:
+    """Mean next-token loss on the second copy of repeated blocks ([BOS, r, r] from
+    `repeated_random_tokens`), under `plan`: what induction heads bring down, and what ablating them
+    raises (Olsson et al. 2022's causal check)."""
+    losses = []
+    for i in range(0, len(inputs), batch_size):
+        batch = torch.stack([torch.as_tensor(x).long() for x in inputs[i : i + batch_size]]).to(model.device)
+        half = (batch.shape[1] - 1) // 2
+        with model.patched(plan), torch.no_grad():
+            logits = model(batch).logits.float()
+        # positions half+1 .. 2*half-1 predict the second copy's tokens 2..half (its first token is unpredictable)
+        pred, target = logits[:, half + 1 : -1], batch[:, half + 2 :]
+        losses.append(torch.nn.functional.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(dim=1))
+    return float(torch.cat(losses).mean())

@@ -32,7 +32,8 @@ def test_wheel_maps_subpackages_under_one_root(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("headlab/__init__.py", "headlab/kernels/reference.py", "headlab/analyses/__init__.py",
                    "headlab/app/__init__.py", "headlab/app/server.py", "headlab/app/assets/headlab.css", "headlab/zoo/__init__.py", "headlab/zoo/tasks-llama/model.safetensors",
-                   "headlab/zoo/tasks-llama/card.json", "headlab/zoo/tasks-llama/tokenizer.json"):
+                   "headlab/zoo/tasks-llama/card.json", "headlab/zoo/tasks-llama/tokenizer.json",
+                   "headlab/zoo/pycode-llama/model.safetensors", "headlab/zoo/pycode-llama/heldout.jsonl.gz"):
         assert needed in names
     assert not [n for n in names if n.startswith(("kernels/", "app/", "analyses/", "tests/"))]
 
