@@ -37,10 +37,11 @@ def info(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs"), help="runs directory to write into"),
-    seed: int = typer.Option(1, help="which needle prompt (pruning the head breaks ~3 in 4 of them, per the card)"),
+    seed: int = typer.Option(2, help="which code needle (the model retrieves about 2 in 3; pruning the card's retrieval "
+                                      "heads breaks nearly all, per the card)"),
     analyses: bool = typer.Option(True, help="also write one run of each head-scoring analysis (for `headlab app`)"),
 ) -> None:
-    """Patched forward + generation with an intervention and stats on the zoo model; prints a per-head table, writes runs."""
+    """Patched forward + generation with an intervention and stats on zoo:pycode-llama; prints a per-head table, writes runs."""
     import pandas as pd
 
     from headlab.demo import demo_analyses, run_demo

@@ -1,17 +1,18 @@
 """`headlab demo`: a patched forward and generation with an intervention and stats, saved as a run.
 
-The demo runs on the bundled zoo model `zoo:tasks-llama` (trained on synthetic tasks, with a card
-of its ablation ground truth): a needle-in-a-haystack prompt, answered once as is and once with
-the card's most needle-critical head pruned and ZeroTuning γ = 1.5 on another head, with
-per-head stats of the answer-side queries. `demo_analyses` adds one run of each head-scoring
-analysis on the same model (sinks, retrieval, select-and-copy, knowledge conflict), so that the
-app (`headlab app runs/`) has scores to show and compare on a fresh machine.
+The demo runs on the bundled `zoo:pycode-llama`, a small Llama trained on real Python source whose
+heads emerged from data (its card, `studies/zoo/card_text.py`, names them from the weights alone):
+a string constant defined inside held-out code and asked for at the end (`assert name == "`),
+answered once as is and once with the card's three retrieval heads pruned and ZeroTuning γ = 1.5
+on another head, with per-head stats of the last queries. `demo_analyses` adds one run of each
+head-scoring analysis that applies to the model (for pycode-llama: sinks, retrieval, patterns; for
+the synthetic-task `zoo:tasks-llama`, which the app's tests use: sinks, retrieval, select-and-copy,
+knowledge conflict), so that the app (`headlab app runs/`) has scores to show on a fresh machine.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,18 @@ from typing import Any
 import torch
 
 from headlab import zoo
+from headlab.errors import HeadlabError
+from headlab.analyses.retrieval import greedy_answer, locate_needle
 from headlab.model import HeadModel, load_model
 from headlab.plan import InterventionPlan
 from headlab.runs import Run
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
-from headlab.analyses.retrieval import greedy_answer
-from headlab.zoo import tasks
+from headlab.zoo import corpus
 
-DEMO_MODEL = "tasks-llama"
+DEMO_MODEL = "pycode-llama"
+ZEROTUNING_HEAD = (2, 4)
+"""The head the demo's ZeroTuning γ = 1.5 applies to (one with some first-token mass, per the card)."""
 
 
 @dataclass
@@ -39,24 +43,23 @@ class DemoResult:
     plan_text: str
 
 
-def _critical_head(name: str, task: str) -> tuple[int, int]:
+def _retrieval_heads(name: str) -> list[tuple[int, int]]:
     card = json.loads((zoo.path(name) / "card.json").read_text())
-    top = card["tasks"][task]["top_heads"][0]
-    return (top["layer"], top["head"])
+    return [(int(l), int(h)) for l, h in card["ablations"]["retrieval"]["top_heads"]]
 
 
-def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
+def run_demo(out: str | Path = "runs", seed: int = 2) -> DemoResult:
     """Load the zoo model, run baseline and patched forwards with stats and greedy answers, write a run."""
     model = f"zoo:{DEMO_MODEL}"
     hm: HeadModel = load_model(model)
-    example = tasks.needle(random.Random(seed), length=(80, 160))
+    example = corpus.needle_samples(hm.tokenizer, (256,), (0.5,), per_cell=1, seed=seed)[0]
     ids = hm.tokenize(example.prompt)["input_ids"]
-    words = ["<bos>"] + example.prompt.split()
-    start = words.index("code")
-    spans = {"first": [0], "needle": (start - 1, start + 7)}  # "the code of KEY is V1 V2 ."
-    pruned = _critical_head(DEMO_MODEL, "needle")
-    plan = InterventionPlan().prune_heads([pruned]).scale_first_token({(1, 2): 1.5}).for_model(hm.spec)
-    plan_text = f"prune L{pruned[0]}H{pruned[1]} (the card's most needle-critical head), ZeroTuning gamma=1.5 on L1H2"
+    needle = locate_needle(ids[0].tolist(), hm.tokenizer(example.needle, add_special_tokens=False)["input_ids"])
+    spans = {"first": [0], "needle": needle}
+    pruned = _retrieval_heads(DEMO_MODEL)
+    plan = InterventionPlan().prune_heads(pruned).scale_first_token({ZEROTUNING_HEAD: 1.5}).for_model(hm.spec)
+    plan_text = (f"prune {', '.join(f'L{l}H{h}' for l, h in pruned)} (the card's top retrieval heads), "
+                 f"ZeroTuning gamma=1.5 on L{ZEROTUNING_HEAD[0]}H{ZEROTUNING_HEAD[1]}")
     request = StatsRequest(argmax=True, entropy=True, spans=spans, queries=slice(-8, None))
     params = {"plan": plan.to_dict(), "spans": {k: list(v) for k, v in spans.items()}, "queries": "last 8",
               "prompt": example.prompt, "expected": example.answer}
@@ -67,8 +70,8 @@ def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
         with hm.patched(plan, request) as rec:
             logits = hm(ids).logits[0, -1].float()
         kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="sum"))
-        answers = {"expected": example.answer, "baseline": greedy_answer(hm, example.prompt, None, 3),
-                   "patched": greedy_answer(hm, example.prompt, plan, 3)}
+        answers = {"expected": example.answer, "baseline": greedy_answer(hm, example.prompt, None, 8),
+                   "patched": greedy_answer(hm, example.prompt, plan, 8)}
         table = per_head_table(base.stats, rec.stats)
         needle_mass = base.stats.span_mass("needle").mean(dim=(1, 3))  # [L, H]
         scores = HeadScores.from_tensor(needle_mass, "needle_attention_mass", counts=float(base.stats.query_positions.numel()),
@@ -76,6 +79,7 @@ def run_demo(out: str | Path = "runs", seed: int = 1) -> DemoResult:
         run.save_scores(scores)
         run.save_samples(table)
         run.save_figure(scores.plot(), "needle_attention_mass")
+        run.save_examples([{"text": example.prompt, "label": f"expected {example.answer!r}", "spans": {"needle": needle}}])
         run.manifest["summary"] = {"kl_next_token": kl, "tokens": int(ids.shape[1]), "answers": answers}
     return DemoResult(run_dir=run.dir, table=table, kl=kl, answers=answers, plan_text=plan_text)
 
@@ -96,17 +100,19 @@ def per_head_table(base: Any, patched: Any) -> Any:
     return pd.DataFrame(rows)
 
 
-DEMO_ANALYSES: dict[str, dict[str, Any]] = {
-    "score_sinks": {"n": 8},
-    "score_retrieval": {},
-    "score_select_copy": {"n": 40},
-    "score_conflict": {"n": 16},
+DEMO_ANALYSES: dict[str, dict[str, dict[str, Any]]] = {
+    "pycode-llama": {"score_sinks": {"n": 8}, "score_retrieval": {"lengths": [128, 256], "depths": [0.0, 0.5, 1.0]},
+                     "score_patterns": {"random_inputs": 8}},
+    "tasks-llama": {"score_sinks": {"n": 8}, "score_retrieval": {}, "score_select_copy": {"n": 40},
+                    "score_conflict": {"n": 16}},
 }
-"""Each job's arguments: small samples, seconds each on a CPU."""
+"""Per demo model, each job's arguments: small samples, seconds each on a CPU."""
 
 
-def demo_analyses(out: str | Path = "runs", progress: bool = False) -> list[Path]:
-    """One finished run per head-scoring analysis on the demo model; returns their directories."""
+def demo_analyses(out: str | Path = "runs", progress: bool = False, model: str = DEMO_MODEL) -> list[Path]:
+    """One finished run per head-scoring analysis on a demo model (a key of DEMO_ANALYSES); their directories."""
     from headlab import jobs
 
-    return [getattr(jobs, job)(f"zoo:{DEMO_MODEL}", out, progress=progress, **kw) for job, kw in DEMO_ANALYSES.items()]
+    if model not in DEMO_ANALYSES:
+        raise HeadlabError(f"no demo analyses for zoo:{model}; choose one of {sorted(DEMO_ANALYSES)}")
+    return [getattr(jobs, job)(f"zoo:{model}", out, progress=progress, **kw) for job, kw in DEMO_ANALYSES[model].items()]

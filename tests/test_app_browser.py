@@ -53,7 +53,7 @@ def runs_dir(tmp_path_factory) -> Path:
     from headlab import jobs
 
     out = tmp_path_factory.mktemp("runs")
-    demo_analyses(out)
+    demo_analyses(out, model="tasks-llama")  # the small task model keeps the app tests fast
     jobs.score_vision_heads("zoo:shapes-llava", out, n=2, max_new_tokens=1, progress=False)
     return out
 

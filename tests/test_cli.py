@@ -36,24 +36,26 @@ def test_demo_writes_a_run(tmp_path):
     assert "needle_mass:patched" in result.output and "run written to" in result.output
     store = RunStore(tmp_path / "runs")
     by_analysis = {m["analysis"]: m for m in store.list()}
-    # the demo run, and one finished run of each head-scoring analysis for the app to show
-    assert set(by_analysis) == {"demo", "sinks", "retrieval", "select_copy", "conflict"}
+    # the demo run, and one finished run of each head-scoring analysis that applies to the model
+    assert set(by_analysis) == {"demo", "sinks", "retrieval", "patterns"}
     assert all(m["status"] == "finished" and store.scores(m["id"]) for m in by_analysis.values())
+    assert {m["model"] for m in by_analysis.values()} == {"zoo:pycode-llama"}
     run_dir = store.run_dir(by_analysis["demo"]["id"])
     manifest = read_manifest(run_dir)
     assert manifest["status"] == "finished" and manifest["analysis"] == "demo"
     answers = manifest["summary"]["answers"]
-    assert answers["baseline"] == answers["expected"]  # the zoo model retrieves the needle
-    assert answers["patched"] != answers["baseline"]  # pruning the card's needle-critical head breaks it
+    assert answers["baseline"] == answers["expected"]  # the real-text model retrieves this needle
+    assert answers["patched"] != answers["baseline"]  # pruning the card's retrieval heads breaks it
     scores = HeadScores.load(run_dir / "scores.safetensors")
-    assert scores.shape == (4, 8) and scores.analysis == "needle_attention_mass"
+    assert scores.shape == (6, 8) and scores.analysis == "needle_attention_mass"
     table = pd.read_parquet(run_dir / "samples.parquet")
-    assert len(table) == 2 * 4 * 8
+    assert len(table) == 2 * 6 * 8
     patched = table[table.run == "patched"].set_index(["layer", "head"])
     base = table[table.run == "baseline"].set_index(["layer", "head"])
-    # ZeroTuning gamma=1.5 on L1H2 raises its first-token mass; layer 0 sees unchanged inputs.
-    assert patched.loc[(1, 2), "first_mass"] > base.loc[(1, 2), "first_mass"]
+    # ZeroTuning gamma=1.5 on L2H4 raises its first-token mass; layer 0 sees unchanged inputs.
+    assert patched.loc[(2, 4), "first_mass"] > base.loc[(2, 4), "first_mass"]
     assert patched.loc[(0, 4), "needle_mass"] == base.loc[(0, 4), "needle_mass"]
+    assert patched.loc[(1, 7), "entropy"] == base.loc[(1, 7), "entropy"]  # below the plan's first layer: unchanged
     assert (run_dir / "figures" / "needle_attention_mass.html").is_file()
 
 
