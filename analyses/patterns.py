@@ -159,7 +159,10 @@ def score(model: HeadModel, inputs: Sequence[torch.Tensor | Sequence[int]], conf
     per: dict[str, list[torch.Tensor]] = {k: [] for k in config.kinds}
     for i, ids in enumerate(tqdm(inputs, desc=f"patterns {source}".strip(), disable=not progress)):
         ids_t = torch.as_tensor(ids).long().cpu()
-        done = cached(cache, f"{source}:{i}", lambda ids_t=ids_t: {k: v.tolist() for k, v in input_scores(model, ids_t, config).items()})
+        def compute(ids_t: torch.Tensor = ids_t) -> dict[str, list]:
+            return {k: v.tolist() for k, v in input_scores(model, ids_t, config).items()}
+
+        done = cached(cache, f"{source}:{i}", compute)
         for kind in config.kinds:
             per[kind].append(torch.tensor(done[kind], dtype=torch.float64))
     params = {"exclude_bos": config.exclude_bos, "exclude_current_token": config.exclude_current_token,

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from headlab import zoo
-from headlab.errors import HeadlabError
+from headlab.analyses.code_tasks import needle_samples
 from headlab.analyses.retrieval import greedy_answer, locate_needle
+from headlab.errors import HeadlabError
 from headlab.model import HeadModel, load_model
 from headlab.plan import InterventionPlan
 from headlab.runs import Run
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
-from headlab.zoo import corpus
 
 DEMO_MODEL = "pycode-llama"
 ZEROTUNING_HEAD = (2, 4)
@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "runs", seed: int = 2) -> DemoResult:
     """Load the zoo model, run baseline and patched forwards with stats and greedy answers, write a run."""
     model = f"zoo:{DEMO_MODEL}"
     hm: HeadModel = load_model(model)
-    example = corpus.needle_samples(hm.tokenizer, (256,), (0.5,), per_cell=1, seed=seed)[0]
+    example = needle_samples(hm.tokenizer, (256,), (0.5,), per_cell=1, seed=seed)[0]
     ids = hm.tokenize(example.prompt)["input_ids"]
     needle = locate_needle(ids[0].tolist(), hm.tokenizer(example.needle, add_special_tokens=False)["input_ids"])
     spans = {"first": [0], "needle": needle}

@@ -43,7 +43,7 @@ def _is_zoo_task_model(ref: str) -> bool:
 
 
 def _is_corpus_model(ref: str) -> bool:
-    """A bundled model trained on real text (zoo:pycode-llama): its jobs use `headlab.zoo.corpus` tasks."""
+    """A bundled model trained on real text (zoo:pycode-llama): its jobs use `headlab.analyses.code_tasks`."""
     from headlab import zoo
 
     return ref.startswith("zoo:") and zoo.is_corpus_model(ref[4:])
@@ -120,10 +120,10 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
     elif _is_zoo_task_model(model):
         samples = retrieval.zoo_dataset(lengths or (64, 256), depths or (0.0, 0.5, 1.0), per_cell=2)
     elif _is_corpus_model(model):
-        from headlab.zoo import corpus
+        from headlab.analyses import code_tasks
 
-        samples = corpus.needle_samples(None, lengths or (128, 256, 512, 896), depths or (0.0, 0.25, 0.5, 0.75, 1.0),
-                                        per_cell=2)
+        samples = code_tasks.needle_samples(None, lengths or (128, 256, 512, 896),
+                                            depths or (0.0, 0.25, 0.5, 0.75, 1.0), per_cell=2)
     else:
         raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
     with started(out, "retrieval", model, params, run_id) as (run, hm):
@@ -255,9 +255,9 @@ def _choice_splits(model: str, data: str | None, n: int, calibration_fraction: f
     elif _is_zoo_task_model(model):
         samples = choice.zoo_dataset("mcqa", n)
     elif _is_corpus_model(model):
-        from headlab.zoo import corpus
+        from headlab.analyses import code_tasks
 
-        samples = corpus.bracket_choices(None, n)
+        samples = code_tasks.bracket_choices(None, n)
     else:
         raise HeadlabError(f"give --data (JSONL/CSV of prompt, choices, answer) for {model}")
     cal, test = select_copy.split(len(samples), calibration_fraction, seed)
@@ -370,9 +370,9 @@ def _conflict_samples(model: str, data: str | None, n: int):
     if _zoo_task(model, "conflict"):
         return conflict.zoo_dataset(n)
     if _is_corpus_model(model):  # the copying task: "context" = the needle's value, "memory" = the corrupted one
-        from headlab.zoo import corpus
+        from headlab.analyses import code_tasks
 
-        return corpus.copy_pairs(None, n)
+        return code_tasks.copy_pairs(None, n)
     raise HeadlabError(f"{model} is not a zoo model trained on the conflict task: give --data (JSONL/CSV with prompt, "
                        "memory_answer, context_answer, corrupted_prompt)")
 

@@ -9,11 +9,10 @@ import statistics
 
 import pytest
 import torch
+from headlab.analyses import code_tasks, patterns, retrieval
 
 import headlab
 from headlab import InterventionPlan, zoo
-from headlab.analyses import patterns, retrieval
-from headlab.zoo import corpus
 
 CARD = json.loads((zoo.path("pycode-llama") / "card.json").read_text())
 
@@ -65,7 +64,7 @@ def test_ablating_the_cards_induction_heads_breaks_copying(model):
 
 def test_ablating_the_cards_retrieval_heads_breaks_needle_retrieval(model):
     entry = CARD["ablations"]["retrieval"]
-    needles = corpus.needle_samples(model.tokenizer, (128, 256, 512), per_cell=1, seed=CARD["seed"] + 2)  # fresh needles
+    needles = code_tasks.needle_samples(model.tokenizer, (128, 256, 512), per_cell=1, seed=CARD["seed"] + 2)  # fresh needles
     card_cost, cost, random_costs = _costs(lambda plan: retrieval.needle_accuracy(model, needles, plan), entry, -1.0)
     assert card_cost > 0.4
     assert cost >= 0.5 * card_cost

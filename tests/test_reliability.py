@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -176,9 +175,10 @@ def _bad(tmp_path: Path, name: str, content: bytes = BINARY) -> Path:
 
 def _loaders(tmp_path: Path):
     """(name, callable, expected message) for each loader fed a file of random bytes."""
-    from headlab import HeadMask, HeadScores, InterventionPlan
     from headlab.analyses import retrieval, sinks
     from headlab.analyses.vision_heads import image_array, pope_dataset
+
+    from headlab import HeadMask, HeadScores, InterventionPlan
     from headlab.datasets import read_records
 
     good_needles = tmp_path / "needles.jsonl"
@@ -237,8 +237,7 @@ def test_more_bad_files(tmp_path):
 
 def test_line_cap(tmp_path, monkeypatch):
     """A runaway line is refused while reading it, not after it filled memory."""
-    import headlab.io as io
-
+    from headlab import io
     from headlab.datasets import read_records
 
     path = _bad(tmp_path, "big.jsonl", b'{"a": 1}\n{"a": "' + b"x" * 5000 + b'"}\n')
@@ -271,3 +270,15 @@ def test_checkpoint_and_runstore_survive_garbage(tmp_path):
     assert [m["id"] for m in store.list()] == ["c"]
     with pytest.raises(HeadlabError, match="not UTF-8 text"):
         store.manifest("a")
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's owner-only 0600: a saved run is readable by whoever could read a plainly written file."""
+    import stat
+
+    from headlab.io import atomic_write_json
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = atomic_write_json({"a": 1}, tmp_path / "x.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

