@@ -97,7 +97,7 @@ def _encode(tokenizer: Any, prompt: str, continuations: tuple[str, ...]) -> tupl
 
 def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequence[str]) -> list[int]:
     """The first token the model would emit for each continuation (" A" after "Answer:"), all distinct."""
-    return list(_encode(model.tokenizer, prompt, tuple(continuations))[1])
+    return list(_encode(model.text_tokenizer, prompt, tuple(continuations))[1])
 
 
 def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
@@ -105,7 +105,7 @@ def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: Inter
     """Per sample, the next-token logits [C] of its choices' first tokens, under `plan`."""
     from headlab.analyses.generate import right_padded
 
-    tok = model.tokenizer
+    tok = model.text_tokenizer
     out: list[torch.Tensor] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]

@@ -21,7 +21,7 @@ from headlab.plan import InterventionPlan
 
 
 def _pad_id(model: HeadModel) -> int:
-    tok = model.tokenizer
+    tok = model.text_tokenizer
     for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -36,7 +36,7 @@ def encode(model: HeadModel, prompts: Sequence[str]) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise HeadlabError(f"prompt {i} is empty; every prompt must be a non-empty string")
-        out.append(list(model.tokenizer(p)["input_ids"]))
+        out.append(list(model.text_tokenizer(p)["input_ids"]))
     return out
 
 
@@ -91,5 +91,5 @@ def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: Intervention
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=_pad_id(model))
         for row in out[:, ids.shape[1]:]:
-            texts.append(model.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(model.text_tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts

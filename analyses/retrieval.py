@@ -247,7 +247,7 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
                   plan: InterventionPlan | None = None) -> tuple[torch.Tensor, dict]:
     """[L, H] retrieval score of one sample (decoded under `plan`, if any), and a record of what was
     generated: the answer's ROUGE-1 recall and whether the sample is accepted."""
-    tok = model.tokenizer
+    tok = model.text_tokenizer
     prompt_ids = tok(sample.prompt)["input_ids"]
     needle_ids = tok(sample.needle, add_special_tokens=False)["input_ids"]
     s, e = locate_needle(prompt_ids, needle_ids, config.overlap)
@@ -327,7 +327,7 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
 
 def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None = None, max_new_tokens: int = 16) -> str:
     """The model's greedy continuation of `prompt` up to <eos> / newline, under `plan`."""
-    tok = model.tokenizer
+    tok = model.text_tokenizer
     ids = model.tokenize(prompt)["input_ids"]
     with model.patched(plan):
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(_stop_ids(model)),

@@ -123,7 +123,7 @@ def ablation_plan(heads: Sequence[Head], config: SafetyConfig = SafetyConfig()) 
 def render(model: HeadModel, prompts: Sequence[str], config: SafetyConfig) -> list[str]:
     """User prompts as model input (the template or the chat template)."""
     if config.template == "chat":
-        tok = model.tokenizer
+        tok = model.text_tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise HeadlabError(f"{model.name} has no chat template; pass a template string with {{prompt}} instead of 'chat'")
         return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

@@ -197,7 +197,7 @@ def _token_at(offsets: Sequence[tuple[int, int]], lo: int, hi: int, last: bool) 
 def key_positions(model: HeadModel, prompt: RenderedPrompt, key_token: str) -> tuple[list[int], list[int]]:
     """(input ids, the key position of each option) for a rendered prompt."""
     try:
-        enc = model.tokenizer(prompt.text, return_offsets_mapping=True)
+        enc = model.text_tokenizer(prompt.text, return_offsets_mapping=True)
     except NotImplementedError:
         raise HeadlabError("select-and-copy needs a fast tokenizer (offset mapping) to find the option tokens; "
                            "load the model with its tokenizer.json (use_fast=True)") from None

@@ -85,7 +85,7 @@ def _text_findings(model: HeadModel, t: int, text: str, request: StatsRequest, c
     """Everything one text contributes: per-head first-token mass and sink flag [L][H], finding rows."""
     enc = model.tokenize(text, truncation=True, max_length=config.max_tokens)
     ids = enc["input_ids"][0].tolist()
-    tokens = model.tokenizer.convert_ids_to_tokens(ids)
+    tokens = model.text_tokenizer.convert_ids_to_tokens(ids)
     with model.patched(None, request) as rec:
         with torch.no_grad():
             out = model.model(**enc, output_hidden_states=True)

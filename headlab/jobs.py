@@ -18,7 +18,7 @@ from typing import Any
 
 from headlab.checkpoint import Checkpoint
 from headlab.errors import HeadlabError
-from headlab.model import HeadModel, load_model
+from headlab.model import HeadModel, load_model, load_spec
 from headlab.runs import MANIFEST, Run, read_manifest
 
 CHECKPOINT = "progress.jsonl"
@@ -39,7 +39,8 @@ def _is_zoo_task_model(ref: str) -> bool:
     if not ref.startswith("zoo:"):
         return False
     name = ref[4:]
-    return name not in zoo.PACKAGED and not zoo.is_corpus_model(name) and (zoo.path(name) / "training.json").is_file()
+    return (name not in zoo.PACKAGED and not zoo.is_corpus_model(name) and not zoo.is_vision_model(name)
+            and (zoo.path(name) / "training.json").is_file())
 
 
 def _is_corpus_model(ref: str) -> bool:
@@ -53,6 +54,26 @@ NOT_APPLICABLE = {
     "select_copy": "it was trained on Python source only and has no multiple-choice format to read labels from",
     "refusal": "it was trained on Python source only and has no refusal behaviour to find safety heads for",
 }
+
+
+def _check_grid(lengths: list[int] | None, depths: list[float] | None) -> None:
+    """--lengths are positive token/word counts, --depths fractions of the context."""
+    bad = [x for x in lengths or [] if isinstance(x, bool) or not isinstance(x, int) or x < 1]
+    if bad:
+        raise HeadlabError(f"--lengths must be positive integers (context lengths), got {bad}")
+    bad = [x for x in depths or [] if not 0.0 <= x <= 1.0]
+    if bad:
+        raise HeadlabError(f"--depths must be fractions of the context in [0, 1], got {bad}")
+
+
+def _check_fraction(value: float, option: str = "--calibration-fraction") -> None:
+    if not 0.0 < value < 1.0:
+        raise HeadlabError(f"{option} must be in (0, 1) (the share of samples used to calibrate), got {value}")
+
+
+def _check_count(value: int, option: str, low: int = 1) -> None:
+    if isinstance(value, bool) or value < low:
+        raise HeadlabError(f"{option} must be at least {low}, got {value}")
 
 
 def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
@@ -113,6 +134,8 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
     config = retrieval.RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)  # type: ignore[arg-type]
     params = {"needles": needles, "haystack": haystack, "lengths": lengths, "depths": depths,
               "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens, "accept": accept}
+    _check_grid(lengths, depths)
+    _check_count(max_new_tokens, "--max-new-tokens")
     if needles or haystack:
         if not (needles and haystack):
             raise HeadlabError("give both --needles (JSONL/CSV of needle, question, answer) and --haystack (a text file)")
@@ -225,6 +248,12 @@ def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None =
     if prompt_format not in ("zoo", "paper"):
         raise HeadlabError(f"--format must be 'paper' or 'zoo', got {prompt_format!r}")
     params = {"data": data, "n": n, "labels": labels, "key_token": key_token, "shots": shots, "format": prompt_format}
+    if labels not in sc.LABEL_SETS:
+        raise HeadlabError(f"--labels must be one of {', '.join(sorted(sc.LABEL_SETS))}, got {labels!r}")
+    if key_token not in ("end", "label"):
+        raise HeadlabError(f"--key-token must be 'end' (the option's last token) or 'label', got {key_token!r}")
+    _check_count(n, "--n", 2)
+    _check_count(shots, "--shots", 0)
     if data:
         samples = sc.build_dataset(path=data)
     elif zoo_model:
@@ -250,6 +279,8 @@ def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None =
 def _choice_splits(model: str, data: str | None, n: int, calibration_fraction: float, seed: int):
     from headlab.analyses import choice, select_copy
 
+    _check_fraction(calibration_fraction)
+    _check_count(n, "--n", 2)
     if data:
         samples = choice.build_dataset(path=data)
     elif _is_zoo_task_model(model):
@@ -400,11 +431,18 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
 
     if toward not in ("context", "memory"):
         raise HeadlabError(f"--toward must be 'context' or 'memory', got {toward!r}")
+    _check_fraction(calibration_fraction)
+    _check_count(max_k, "--max-k")
+    if k is not None:
+        _check_count(k, "--k")
     samples = _conflict_samples(model, data, n)
     cal_idx, test_idx = select_copy.split(len(samples), calibration_fraction, seed)
     cal, test = [samples[i] for i in cal_idx], [samples[i] for i in test_idx]
     params = {"toward": toward, "data": data, "n": n, "k": k, "max_k": max_k,
               "calibration_fraction": calibration_fraction, "seed": seed}
+    spec = load_spec(model)
+    if (k or max_k) > spec.n_layers * spec.n_heads:
+        raise HeadlabError(f"--{'k' if k else 'max-k'} {k or max_k} is more than the model's {spec.n_layers * spec.n_heads} heads")
     with started(out, "ph3", model, params, run_id) as (run, hm):
         heads = conflict.find_heads(hm, cal, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         result = conflict.ph3(hm, cal, heads, toward, k=k, max_k=max_k)  # type: ignore[arg-type]
@@ -465,11 +503,17 @@ def intervene_vhr(model: str, out: str | Path = "runs", run_id: str | None = Non
 
     from headlab.analyses import vision_heads as vh
 
+    _check_count(k, "--k")
+    _check_count(max_new_tokens, "--max-new-tokens")
+    if not alpha > 0:
+        raise HeadlabError(f"--alpha must be > 0 (the reinforced heads' output scale; > 1 reinforces), got {alpha}")
     questions = _vision_questions(model, data, images, template, n, ("object", "pope"), conflict=None)
     if model == "zoo:shapes-llava" and not data:
         questions += vh.zoo_questions(("object",), n, seed=71_000, conflict=True)
     params = {"data": data, "images": images, "template": template, "n": n, "alpha": alpha, "k": k,
               "max_new_tokens": max_new_tokens}
+    if k > load_spec(model).n_heads:
+        raise HeadlabError(f"--k {k} is more than the {load_spec(model).n_heads} heads of a layer (VHR reinforces k heads per layer)")
     with started(out, "vhr", model, params, run_id) as (run, hm):
         cache = Checkpoint(run.dir / CHECKPOINT)
         before = vh.evaluate(hm, questions, None, k, max_new_tokens, progress=progress, cache=cache, tag="before:")
@@ -488,6 +532,9 @@ def intervene_var(model: str, out: str | Path = "runs", run_id: str | None = Non
     from headlab.analyses import visual_sinks
 
     questions = _vision_questions(model, data, images, template, n, ("color", "where", "object", "pope"))
+    _check_fraction(p, "--p")
+    if not 0.0 <= rho <= 1.0 or not tau > 0:
+        raise HeadlabError(f"--rho must be in [0, 1] and --tau > 0, got rho={rho}, tau={tau}")
     params = {"data": data, "images": images, "template": template, "n": n, "p": p, "tau": tau, "rho": rho,
               "layer": layer, "max_new_tokens": max_new_tokens}
     with started(out, "var", model, params, run_id) as (run, hm):

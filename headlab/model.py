@@ -50,6 +50,12 @@ class HeadModel:
                 f"{self.spec.architecture} has no attention modules headlab can patch (none with layer_idx routed "
                 "through transformers' attention registry)"
             )
+        if self.model.config._attn_implementation == attention.ATTN_IMPLEMENTATION:
+            reason = unsupported_attention(self._modules)
+            if reason:
+                raise UnsupportedArchitectureError(
+                    f"{self.spec.architecture}: {reason}; headlab's patched attention does not implement it yet, so "
+                    "its numbers would be wrong. Load it with attn_implementation='eager' to compare without patching.")
         self._active: attention.PatchSession | None = None
 
     # ---- running ---------------------------------------------------------------------------
@@ -80,7 +86,7 @@ class HeadModel:
         """Tokenize text to tensors on the model's device."""
         if self.tokenizer is None:
             raise HeadlabError(f"{self.name} was loaded without a tokenizer; pass input_ids directly")
-        enc = self.tokenizer(text, return_tensors="pt", **kwargs)
+        enc = self.text_tokenizer(text, return_tensors="pt", **kwargs)  # text alone: a VLM processor would read it as images
         return {k: v.to(self.device) for k, v in enc.items()}
 
     # ---- patching --------------------------------------------------------------------------
@@ -127,6 +133,18 @@ class HeadModel:
         return f"{self.spec}\nattention      {self.model.config._attn_implementation} -> {active_kernel(str(self.device))} on {self.device}"
 
 
+def unsupported_attention(modules: Any) -> str | None:
+    """Why these attention modules cannot run the patched attention, found from their parameters at load
+    time (not at the first forward): learned per-head sinks (GPT-OSS's `sinks`, passed as `s_aux`) and
+    relative position biases added to the logits (T5's `position_bias`)."""
+    for module in modules:
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            return f"{type(module).__name__} has learned attention sinks (`sinks`, passed to the attention as `s_aux`)"
+        if getattr(module, "has_relative_attention_bias", None) is not None or hasattr(module, "relative_attention_bias"):
+            return f"{type(module).__name__} adds a relative position bias to its logits (`position_bias`)"
+    return None
+
+
 def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     """(what to pass to from_pretrained, is_local)."""
     text = str(name_or_path)
@@ -142,7 +160,32 @@ def _resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if looks_local:
         raise ModelNotFoundError(f"model path {text!r} does not exist")
+    _check_hub_reachable(text)
     return text, False
+
+
+def _check_hub_reachable(name: str, timeout: float = 2.0) -> None:
+    """Fail fast for a hub name that cannot load: not cached locally and the hub offline or unreachable
+    (transformers would otherwise retry for half a minute before saying so)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: from_pretrained can load it offline
+    where = (f"there is no local directory {name!r} here (write ./{name} for a local path), and {name!r} is not in "
+             "the local Hugging Face cache")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{where}; HF_HUB_OFFLINE is set, so the hub is not asked")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelNotFoundError(f"{where}; the hub ({endpoint.hostname}) is unreachable ({exc.strerror or exc})") from None
 
 
 def _model_class(config: Any) -> Any:
@@ -174,20 +217,10 @@ def load_model(
     `attn_implementation` defaults to "headlab" (the patched attention); "eager" or "sdpa" load
     the model for comparison, without patching.
     """
-    import transformers
-
     attention.register()
     source, is_local = _resolve_source(name_or_path)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
-    try:
-        config = transformers.AutoConfig.from_pretrained(source, **common)
-    except (OSError, ValueError) as exc:
-        if is_local:
-            raise ModelNotFoundError(f"cannot read the config of {source}: {exc}") from exc
-        raise ModelNotFoundError(
-            f"{source!r} is not a local directory and could not be loaded from the Hugging Face hub "
-            f"(offline, or no such repo?): {exc}. Pass the path of a local model directory instead."
-        ) from exc
+    config = _load_config(source, is_local, common)
     spec = ModelSpec.from_config(config)
     cls = _model_class(config)
     try:
@@ -207,6 +240,27 @@ def load_model(
     head_model = HeadModel(model=model, tokenizer=tokenizer, spec=spec, name=str(name_or_path), revision=revision)
     log.info("loaded %s: attention %s", name_or_path, attn_implementation)
     return head_model
+
+
+def _load_config(source: str, is_local: bool, common: dict[str, Any]) -> Any:
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        if is_local:
+            raise ModelNotFoundError(f"cannot read the config of {source}: {exc}") from exc
+        raise ModelNotFoundError(
+            f"{source!r} is not a local directory and could not be loaded from the Hugging Face hub "
+            f"(offline, or no such repo?): {exc}. Pass the path of a local model directory instead."
+        ) from exc
+
+
+def load_spec(name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelSpec:
+    """A model's ModelSpec from its config alone (no weights): to check arguments against the model's
+    shape before loading it or opening a run."""
+    source, is_local = _resolve_source(name_or_path)
+    return ModelSpec.from_config(_load_config(source, is_local, dict(revision=revision, trust_remote_code=trust_remote_code)))
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "processor_config.json")

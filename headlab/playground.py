@@ -46,7 +46,7 @@ class PlanComparison:
 
 
 def _token_text(model: HeadModel, token_id: int) -> str:
-    return model.tokenizer.decode([token_id])
+    return model.text_tokenizer.decode([token_id])
 
 
 def _generate(model: HeadModel, ids: torch.Tensor, plan: InterventionPlan | None, max_new_tokens: int,
@@ -63,7 +63,7 @@ def _generate(model: HeadModel, ids: torch.Tensor, plan: InterventionPlan | None
     with model.patched(plan):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=_pad_id(model), stopping_criteria=StoppingCriteriaList([_Step()]))
-    return model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return model.text_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def compare_plan(model: HeadModel, prompt: str, plan: InterventionPlan, *, max_new_tokens: int = 16, top_k: int = 10,

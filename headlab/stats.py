@@ -11,9 +11,11 @@ decode step in `generate()`. Span and argmax positions are key indices (position
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from headlab.errors import PlanError
@@ -147,19 +149,44 @@ def as_slice(index: torch.Tensor) -> slice | torch.Tensor:
     return index
 
 
+def _position(x: Any) -> int:
+    """An integer key position: a Python / numpy int or an integer 0-d tensor; never a bool or a float."""
+    if isinstance(x, (bool, np.bool_)) or (isinstance(x, torch.Tensor) and (x.dim() != 0 or x.dtype == torch.bool)):
+        raise TypeError(x)
+    return operator.index(x)  # floats (and float tensors) raise TypeError
+
+
 def _span_positions(name: str, span: SpanLike) -> torch.Tensor:
-    if isinstance(span, tuple) and len(span) == 2 and all(isinstance(x, int) for x in span):
-        start, end = span
+    """The key positions of a span, normalized in one place for every caller.
+
+    A tuple of two integers (Python, numpy or 0-d torch ints) is a [start, end) range; anything
+    else iterable (a list, a range, an array, a tensor, a longer tuple) lists positions, each once.
+    Floats, bools, negative positions and repeated positions (which would count twice in the
+    span's mass) are PlanErrors."""
+    if isinstance(span, tuple) and len(span) == 2:
+        try:
+            start, end = _position(span[0]), _position(span[1])
+        except TypeError:
+            raise PlanError(f"span {name!r} = {span!r}: a (start, end) range needs two integer positions, "
+                            f"got {type(span[0]).__name__} and {type(span[1]).__name__}") from None
         if start < 0 or end < start:
             raise PlanError(f"span {name!r} = {span}: need 0 <= start <= end (a [start, end) key range)")
         return torch.arange(start, end)
+    if isinstance(span, (str, bytes)) or not hasattr(span, "__iter__"):
+        raise PlanError(f"span {name!r} must be a (start, end) tuple or a list of key positions, got {span!r}")
+    items = span.flatten().tolist() if isinstance(span, (torch.Tensor, np.ndarray)) else list(span)
     try:
-        pos = torch.as_tensor(list(span), dtype=torch.long)
-    except (TypeError, ValueError):
-        raise PlanError(f"span {name!r} must be a (start, end) tuple or a list of key positions, got {span!r}") from None
-    if pos.numel() and int(pos.min()) < 0:
+        positions = [_position(x) for x in items]
+    except TypeError:
+        raise PlanError(f"span {name!r} lists a position that is not an integer: {span!r} (positions are key indices; "
+                        "a (start, end) range is a tuple of two ints)") from None
+    if positions and min(positions) < 0:
         raise PlanError(f"span {name!r} has negative key positions: {span!r}")
-    return pos
+    if len(set(positions)) != len(positions):
+        repeated = sorted({p for p in positions if positions.count(p) > 1})
+        raise PlanError(f"span {name!r} repeats key positions {repeated}: each key counts once in a span's mass; "
+                        "give each position once")
+    return torch.tensor(positions, dtype=torch.long)
 
 
 def _match_labels(name: str, match: TokenMatch) -> tuple[torch.Tensor, torch.Tensor]:

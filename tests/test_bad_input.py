@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -100,8 +102,131 @@ def test_unreachable_hub_name(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
-    with pytest.raises(ModelNotFoundError, match="not a local directory"):
+    with pytest.raises(ModelNotFoundError, match="no local directory .* not in the local Hugging Face cache; HF_HUB_OFFLINE"):
         headlab.load_model("headlab-tests/definitely-not-a-model")
+
+
+def test_a_bare_name_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    """A bare name that is no local directory and not cached: one short connection attempt, not
+    half a minute of retries (the socket is made to fail at once here)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def refuse(address, timeout=None, *a, **kw):
+        calls.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(ModelNotFoundError, match=r"write \./mymodel for a local path.*unreachable \(Network is unreachable\)"):
+        headlab.load_model("mymodel")
+    assert len(calls) == 1 and calls[0][1] <= 2.0
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt_oss"])
+def test_unsupported_attention_is_refused_at_load_and_info(tmp_path, arch):
+    """T5 (relative position bias) and GPT-OSS (learned sinks) cannot run patched: refused when loaded
+    and by `headlab info`, not at the first forward (and they still load for comparison with eager)."""
+    from typer.testing import CliRunner
+
+    from headlab.cli import app
+
+    if arch == "t5":
+        config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0)
+        transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+        match = "T5Attention adds a relative position bias"
+    else:
+        config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                           num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"])
+        transformers.GptOssForCausalLM(config).save_pretrained(tmp_path)
+        match = "GptOssAttention has learned attention sinks"
+    with pytest.raises(UnsupportedArchitectureError, match=match):
+        headlab.load_model(tmp_path)
+    result = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and match in result.output
+    assert headlab.load_model(tmp_path, attn_implementation="eager", load_tokenizer=False).spec.n_layers == 2
+
+
+@pytest.mark.parametrize("span, expected", [
+    ((40, 52), list(range(40, 52))),
+    ((__import__("numpy").int64(40), __import__("numpy").int64(52)), list(range(40, 52))),
+    ((torch.tensor(3), torch.tensor(6)), [3, 4, 5]),
+    ([40, 52], [40, 52]),
+    (range(2, 5), [2, 3, 4]),
+    (__import__("numpy").array([1, 5]), [1, 5]),
+    (torch.tensor([7, 2]), [7, 2]),
+    ((1, 2, 3), [1, 2, 3]),
+])
+def test_span_forms(span, expected):
+    """A tuple of two integers of any kind is a [start, end) range; other iterables list positions."""
+    from headlab.stats import _span_positions
+
+    assert _span_positions("s", span).tolist() == expected
+
+
+@pytest.mark.parametrize("span, match", [
+    ([0, 0, 0, 0, 0], r"repeats key positions \[0\]"),
+    ([3, 4, 3], r"repeats key positions \[3\]"),
+    ((40.0, 52.0), "needs two integer positions, got float and float"),
+    ((True, 3), "got bool and int"),
+    ([1.5], "not an integer"),
+    (torch.tensor([1.0, 2.0]), "not an integer"),
+    ((5, 2), "need 0 <= start <= end"),
+    ([-1], "negative"),
+    ("ab", "must be a"),
+])
+def test_bad_spans(model, span, match):
+    with pytest.raises(PlanError, match=match):
+        with model.patched(None, headlab.StatsRequest(spans={"s": span})):
+            model(ids(64))
+
+
+def test_repeated_positions_no_longer_count_twice(model):
+    """The mass on a span is at most 1 (the old [0, 0, 0, 0, 0] gave 5.0)."""
+    with model.patched(None, headlab.StatsRequest(spans={"all": range(16)})) as rec:
+        model(ids(16))
+    torch.testing.assert_close(rec.stats.span_mass("all"), torch.ones_like(rec.stats.span_mass("all")), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("command, message", [
+    (["score", "retrieval", "zoo:tasks-llama", "--depths", "1.5"], r"--depths must be fractions of the context in \[0, 1\], got \[1.5\]"),
+    (["score", "retrieval", "zoo:tasks-llama", "--lengths", "0"], r"--lengths must be positive integers"),
+    (["score", "select-copy", "zoo:tasks-llama", "--labels", "greek"], "--labels must be one of digits, letters, lower, got 'greek'"),
+    (["intervene", "act", "zoo:tasks-llama", "--calibration-fraction", "1.5"], r"--calibration-fraction must be in \(0, 1\)"),
+    (["intervene", "zerotuning", "zoo:tasks-llama", "--calibration-fraction", "0"], r"--calibration-fraction must be in \(0, 1\)"),
+    (["intervene", "ph3", "zoo:tasks-llama", "--toward", "context", "--k", "99"], "--k 99 is more than the model's 32 heads"),
+    (["intervene", "vhr", "zoo:shapes-llava", "--k", "99"], "--k 99 is more than the 8 heads of a layer"),
+    (["intervene", "var", "zoo:shapes-llava", "--p", "1.5"], r"--p must be in \(0, 1\)"),
+    (["score", "sinks", "zoo:shapes-llava"], "give --data"),
+    (["score", "select-copy", "zoo:pycode-llama"], "select-and-copy heads do not apply to zoo:pycode-llama"),
+    (["score", "safety", "zoo:pycode-llama"], "safety heads do not apply to zoo:pycode-llama"),
+])
+def test_cli_options_are_checked_before_anything_runs(tmp_path, command, message):
+    import re
+
+    from typer.testing import CliRunner
+
+    from headlab.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+def test_text_analyses_run_on_a_vision_language_model(tmp_path):
+    """Text prompts on a VLM go through its text tokenizer (its processor would read them as images)."""
+    from headlab import jobs
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("a small red square on a white field\nthe blue circle is left of the shape\n")
+    run = jobs.score_sinks("zoo:shapes-llava", tmp_path / "runs", data=str(texts), progress=False)
+    assert json.loads((run / "summary.json").read_text())["texts"] == 2
 
 
 def test_unsupported_architecture(tmp_path):

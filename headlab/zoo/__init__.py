@@ -59,3 +59,11 @@ def path(name: str) -> Path:
 def is_corpus_model(name: str) -> bool:
     """True for a bundled model trained on real text that ships a held-out corpus (`headlab.zoo.corpus`)."""
     return (ROOT / name / "heldout.jsonl.gz").is_file()
+
+
+def is_vision_model(name: str) -> bool:
+    """True for a bundled vision-language model (its tasks are image questions, not text)."""
+    import json
+
+    config = ROOT / name / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
