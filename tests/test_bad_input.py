@@ -203,6 +203,8 @@ def test_repeated_positions_no_longer_count_twice(model):
     (["intervene", "vhr", "zoo:shapes-llava", "--k", "99"], "--k 99 is more than the 8 heads of a layer"),
     (["intervene", "var", "zoo:shapes-llava", "--p", "1.5"], r"--p must be in \(0, 1\)"),
     (["score", "sinks", "zoo:shapes-llava"], "give --data"),
+    (["score", "sinks", "zoo:tasks-llama", "--data", "missing.txt"], "missing.txt: no such file; give the path of a UTF-8 text file"),
+    (["score", "patterns", "zoo:tasks-llama", "--data", "missing.txt"], "missing.txt: no such file"),
     (["score", "select-copy", "zoo:pycode-llama"], "select-and-copy heads do not apply to zoo:pycode-llama"),
     (["score", "safety", "zoo:pycode-llama"], "safety heads do not apply to zoo:pycode-llama"),
 ])
