@@ -142,6 +142,23 @@ def score_patterns(
          exclude_bos=exclude_bos, exclude_current_token=exclude_current_token, seed=seed)
 
 
+@score_app.command("probes")
+def score_probes(
+    model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
+    data: Optional[str] = typer.Option(None, help="JSONL/CSV with text and label (two labels)"),
+    n: int = typer.Option(48, help="zoo prompts per label when no --data (zoo models trained on refusal)"),
+    position: int = typer.Option(-1, help="token whose head outputs are probed (-1: the last)"),
+    folds: int = typer.Option(5, help="stratified cross-validation folds"),
+    positive: Optional[str] = typer.Option(None, help="the label that is class 1 (default: the second, sorted)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Linear probes on head outputs (ITI, Li et al. 2023): per-head accuracy / AUROC, probe directions saved."""
+    from headlab import jobs
+
+    _job(jobs.score_probes, model, out, run_id, data=data, n=n, position=position, folds=folds, positive=positive,
+         seed=seed)
+
+
 @score_app.command("select-copy")
 def score_select_copy(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,

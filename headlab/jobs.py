@@ -238,6 +238,39 @@ def score_patterns(model: str, out: str | Path = "runs", run_id: str | None = No
         return _finish(run, {"inputs": {"random": random_inputs, "texts": len(texts)}, "top_heads": summary}, results)
 
 
+def score_probes(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+                 n: int = 48, position: int = -1, folds: int = 5, positive: str | None = None, seed: int = 0,
+                 progress: bool = True) -> Path:
+    """Linear probes on every head's output (ITI): which heads encode a binary label; probe directions saved."""
+    from headlab.analyses import probes
+
+    params = {"data": data, "n": n, "position": position, "folds": folds, "positive": positive, "seed": seed}
+    _check_count(folds, "--folds", 2)
+    if data:
+        samples = probes.build_dataset(path=data)
+    elif _zoo_task(model, "refusal"):
+        from headlab.analyses import safety
+
+        _check_count(n, "--n", 2)
+        samples = probes.build_dataset(samples=[(p, "refuse") for p in safety.zoo_dataset(n, True)]
+                                       + [(p, "comply") for p in safety.zoo_dataset(n, False)])
+        positive = positive or "refuse"
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV with text and label columns) for {model}")
+    probes.classes(samples, positive)  # two labels, a known positive one: checked before the model loads
+    config = probes.ProbeConfig(position=position, folds=folds, positive=positive, seed=seed)
+    with started(out, "probes", model, params, run_id) as (run, hm):
+        result = probes.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        run.save_tensors({"directions": result.directions, "sigma": result.sigma, "mass_mean": result.mass_mean},
+                         "probe_directions", {"labels": list(result.labels), "position": position})
+        run.save_examples([{"text": s.text, "label": s.label} for s in samples])
+        summary = {"inputs": len(samples), "labels": {"negative": result.labels[0], "positive": result.labels[1]},
+                   "top_accuracy": [[l, h, s] for l, h, s in result.accuracy.top(10)],
+                   "top_log_likelihood": [[l, h, s] for l, h, s in result.log_likelihood.top(10)]}
+        return _finish(run, summary, {"probe_accuracy": result.accuracy, "probe_auroc": result.auroc,
+                                      "probe_log_likelihood": result.log_likelihood})
+
+
 def score_select_copy(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
                       n: int = 200, labels: str = "letters", key_token: str = "end", shots: int = 0,
                       prompt_format: str | None = None, progress: bool = True) -> Path:

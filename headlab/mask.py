@@ -54,15 +54,16 @@ class HeadMask:
         a, b = set(self.heads), set(other.heads)
         return len(a & b) / len(a | b) if a | b else 1.0
 
-    PLAN_KINDS = ("prune", "scale", "first_token", "act", "mean")
+    PLAN_KINDS = ("prune", "scale", "first_token", "act", "mean", "shift")
 
-    def to_plan(self, kind: Literal["prune", "scale", "first_token", "act", "mean"] = "prune", value: float = 0.0,
-                means: Any = None, tau: float = 0.1):
+    def to_plan(self, kind: Literal["prune", "scale", "first_token", "act", "mean", "shift"] = "prune", value: float = 0.0,
+                means: Any = None, tau: float = 0.1, directions: Any = None, sigma: Any = None):
         """An InterventionPlan over the mask's heads.
 
         prune: output × 0; scale: output × `value` (α > 1 reinforces, as VHR does); first_token:
         ZeroTuning with γ = `value` on key 0; act: ACT sink calibration with β = `value` (and `tau`);
-        mean: mean ablation with `means` ([L, H, Dv] from a reference run).
+        mean: mean ablation with `means` ([L, H, Dv] from a reference run); shift: ITI, z += α·σ·θ with
+        α = `value`, `directions` θ ([L, H, Dv] unit vectors) and `sigma` ([L, H]) from a probes run.
         """
         from headlab.plan import InterventionPlan
 
@@ -77,6 +78,12 @@ class HeadMask:
             return plan.act(list(self.heads), beta=value, tau=tau)
         if kind == "mean":
             return plan.ablate_heads(self.heads, mode="mean", means=means)
+        if kind == "shift":
+            if directions is None or sigma is None:
+                raise HeadlabError("a shift plan needs `directions` [L, H, Dv] and `sigma` [L, H] (a probes run's "
+                                   "probe_directions.safetensors)")
+            return plan.shift_heads({h: value * float(sigma[h[0]][h[1]]) * torch.as_tensor(directions[h[0]][h[1]])
+                                     for h in self.heads})
         raise HeadlabError(f"unknown plan kind {kind!r}: use one of {', '.join(self.PLAN_KINDS)}")
 
     # ---- exports -----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ Semantics (METHODS.md), applied in this order inside the patched attention of ea
 5. z = A' v                                       (per-head output, before o_proj)
 6. replacement: zero ablation (z = 0), mean ablation (z = mean z from a reference run) or
    patching (z = z from a cached run, for path patching)
+6b. shift: z += v (Inference-Time Intervention, Li et al. 2023: v = α·σ·θ, θ a probe's unit
+   direction, σ the std of z along θ; `headlab.analyses.probes.shift_plan` builds it)
 7. output scale: z *= α (VHR reinforcement α > 1; pruning α = 0)
 
 Positions are key indices as the attention sees them: indices into the (padded) `input_ids`
@@ -78,8 +80,8 @@ def _heads_map(mapping: Mapping[Any, Any] | Iterable[Any], value: Any = None) ->
 def _tensor_head(name: str) -> Head:
     """The head of a saved plan tensor named `mean.L.H` / `patch.L.H`."""
     parts = name.split(".")
-    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise PlanError(f"plan tensor {name!r} is not named mean.<layer>.<head> or patch.<layer>.<head>")
+    if len(parts) != 3 or parts[0] not in ("mean", "patch", "shift") or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise PlanError(f"plan tensor {name!r} is not named mean|patch|shift.<layer>.<head>")
     return (int(parts[1]), int(parts[2]))
 
 
@@ -102,6 +104,8 @@ class InterventionPlan:
     ablations: dict[Head, AblationMode] = field(default_factory=dict)
     means: dict[Head, torch.Tensor] = field(default_factory=dict)
     patches: dict[Head, torch.Tensor] = field(default_factory=dict)
+    shifts: dict[Head, torch.Tensor] = field(default_factory=dict)
+    """head -> [head_dim] vector added to the head's output (ITI)."""
     var_heads: dict[Head, float] = field(default_factory=dict)
     """VAR: head -> p, the fraction of attention moved from `var_sources` to `var_targets`."""
     var_sources: tuple[int, ...] = ()
@@ -244,6 +248,17 @@ class InterventionPlan:
             new[h] = z
         return replace(self, patches=new)
 
+    def shift_heads(self, shifts: Mapping[Head, torch.Tensor]) -> "InterventionPlan":
+        """Add a vector to each head's output z ([head_dim] per head; shifts add up). ITI's
+        intervention is z ← z + α·σ·θ: pass α·σ·θ (see `headlab.analyses.probes.shift_plan`)."""
+        new = dict(self.shifts)
+        for h, v in _heads_map(shifts).items():
+            v = torch.as_tensor(v, dtype=torch.float32).detach().flatten().cpu()
+            if not bool(torch.isfinite(v).all()):
+                raise PlanError(f"shift for head {h} must be finite")
+            new[h] = new[h] + v if h in new else v
+        return replace(self, shifts=new)
+
     def for_model(self, spec: Any) -> "InterventionPlan":
         """Record the model shape the plan is meant for, and check every head against it."""
         plan = replace(self, model_shape=(spec.n_layers, spec.n_heads, spec.head_dim))
@@ -260,6 +275,8 @@ class InterventionPlan:
                 plan = plan.key_bias({h: b}, p)
         if other.var_heads:
             plan = plan.redistribute(other.var_heads, other.var_sources, other.var_targets)
+        if other.shifts:
+            plan = plan.shift_heads(other.shifts)
         return replace(
             plan,
             act_heads={**plan.act_heads, **other.act_heads},
@@ -275,7 +292,7 @@ class InterventionPlan:
     def heads(self) -> set[Head]:
         """Every head the plan touches."""
         return (set(self.head_scales) | set(self.logit_scales) | set(self.key_biases) | set(self.act_heads)
-                | set(self.ablations) | set(self.patches) | set(self.var_heads))
+                | set(self.ablations) | set(self.patches) | set(self.shifts) | set(self.var_heads))
 
     def layers(self) -> set[int]:
         return {layer for layer, _ in self.heads()}
@@ -300,6 +317,9 @@ class InterventionPlan:
         for h, z in self.patches.items():
             if z.shape[-1] != spec.head_dim:
                 raise PlanError(f"patch for head {h} has head_dim {z.shape[-1]}, the model's is {spec.head_dim}")
+        for h, v in self.shifts.items():
+            if v.numel() != spec.head_dim:
+                raise PlanError(f"shift for head {h} has {v.numel()} values, the model's head_dim is {spec.head_dim}")
 
     # ---- compilation ----------------------------------------------------------------------
     def compile_layer(self, layer: int, n_heads: int, head_dim: int) -> "LayerPlan | None":
@@ -342,6 +362,12 @@ class InterventionPlan:
         patch = {h: z for (l, h), z in self.patches.items() if l == layer}
         for h in patch:
             replace_mode[h] = REPLACE_PATCH
+        shift_out = None
+        for (l, h), v in self.shifts.items():
+            if l == layer:
+                if shift_out is None:
+                    shift_out = torch.zeros(n_heads, head_dim)
+                shift_out[h] = v
         var_p = torch.zeros(n_heads)
         for (l, h), v in self.var_heads.items():
             if l == layer:
@@ -358,6 +384,7 @@ class InterventionPlan:
             replace_mode=replace_mode,
             mean_out=mean_out,
             patches=patch,
+            shift_out=shift_out,
             var_p=var_p,
             var_sources=torch.tensor(self.var_sources, dtype=torch.long),
             var_targets=torch.tensor(self.var_targets, dtype=torch.long),
@@ -376,7 +403,8 @@ class InterventionPlan:
             "ablations": [[l, h, m] for (l, h), m in sorted(self.ablations.items())],
             "var": {"heads": [[l, h, v] for (l, h), v in sorted(self.var_heads.items())], "sources": list(self.var_sources),
                     "targets": list(self.var_targets)},
-            "tensors": sorted([f"mean.{l}.{h}" for l, h in self.means] + [f"patch.{l}.{h}" for l, h in self.patches]),
+            "tensors": sorted([f"mean.{l}.{h}" for l, h in self.means] + [f"patch.{l}.{h}" for l, h in self.patches]
+                              + [f"shift.{l}.{h}" for l, h in self.shifts]),
         }
 
     @classmethod
@@ -412,6 +440,7 @@ class InterventionPlan:
             ablations=modes,
             means=means,
             patches={_tensor_head(n): t for n, t in tensors.items() if n.startswith("patch.")},
+            shifts={_tensor_head(n): t.float().flatten() for n, t in tensors.items() if n.startswith("shift.")},
             var_heads={_head((l, h)): _number(v, "VAR fraction p", 0.0, 1.0) for l, h, v in var.get("heads", [])},
             var_sources=tuple(_head((0, x))[1] for x in var.get("sources", [])),
             var_targets=tuple(_head((0, x))[1] for x in var.get("targets", [])),
@@ -425,6 +454,7 @@ class InterventionPlan:
         path = Path(path).with_suffix(".json")
         tensors = {f"mean.{l}.{h}": t for (l, h), t in self.means.items()}
         tensors.update({f"patch.{l}.{h}": t for (l, h), t in self.patches.items()})
+        tensors.update({f"shift.{l}.{h}": t for (l, h), t in self.shifts.items()})
         if tensors:
             atomic_save_safetensors(tensors, path.with_suffix(".safetensors"))
         atomic_write_json(self.to_dict(), path)
@@ -456,7 +486,8 @@ class LayerPlan:
 
     Shapes: head_scale [H]; logit_scale [H] (1 = untouched); bias_positions [P] (sorted key positions); bias [H, P] (additive
     logits, 0 = none); act_heads [H] bool; act_beta, act_tau [H]; replace_mode [H] int8
-    (0 none, 1 zero, 2 mean, 3 patch); mean_out [H, Dv] or None; patches: head -> [B, Q, Dv].
+    (0 none, 1 zero, 2 mean, 3 patch); mean_out [H, Dv] or None; patches: head -> [B, Q, Dv];
+    shift_out [H, Dv] or None (added after the replacement, before the output scale).
     """
 
     layer: int
@@ -470,6 +501,7 @@ class LayerPlan:
     replace_mode: torch.Tensor
     mean_out: torch.Tensor | None = None
     patches: dict[int, torch.Tensor] = field(default_factory=dict)
+    shift_out: torch.Tensor | None = None
     var_p: torch.Tensor | None = None
     """[H] VAR fraction (0 = none); var_sources [S] / var_targets [T] key positions."""
     var_sources: torch.Tensor | None = None
@@ -486,6 +518,7 @@ class LayerPlan:
                 "logit_scaled": bool((self.logit_scale != 1).any()),
                 "act": bool(self.act_heads.any()),
                 "replaces": bool((self.replace_mode != REPLACE_NONE).any()),
+                "shifts": self.shift_out is not None,
                 "head_scaled": bool((self.head_scale != 1).any()),
                 "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
                 "var": self.var_p is not None and bool((self.var_p > 0).any()),
@@ -521,6 +554,12 @@ class LayerPlan:
         return self.facts["replaces"]
 
     @property
+    def edits_outputs(self) -> bool:
+        """True when head outputs are edited after z = A·v (replaced or shifted): the step
+        `apply_output_interventions` runs (the output scale alone runs inside the kernels)."""
+        return self.facts["replaces"] or self.facts["shifts"]
+
+    @property
     def has_head_scale(self) -> bool:
         return self.facts["head_scaled"]
 
@@ -547,6 +586,7 @@ class LayerPlan:
             replace_mode=self.replace_mode.to(device),
             mean_out=None if self.mean_out is None else self.mean_out.to(device),
             patches={h: z.to(device) for h, z in self.patches.items()},
+            shift_out=None if self.shift_out is None else self.shift_out.to(device),
             var_p=None if self.var_p is None else self.var_p.to(device),
             var_sources=None if self.var_sources is None else self.var_sources.to(device),
             var_targets=None if self.var_targets is None else self.var_targets.to(device),

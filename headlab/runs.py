@@ -153,6 +153,16 @@ class Run:
         """An InterventionPlan as `<name>.json` (+ `<name>.safetensors` when it holds tensors)."""
         return self._record(name, plan.save(self.dir / name))
 
+    def save_tensors(self, tensors: dict[str, Any], name: str, metadata: dict[str, Any] | None = None) -> Path:
+        """Named tensors of the run that are not HeadScores (e.g. probe directions) as `<name>.safetensors`;
+        listed in the manifest under `tensors:<name>`."""
+        import torch
+
+        meta = {"headlab": json.dumps({"format": "headlab.tensors/1", **(metadata or {})}, default=str)}
+        path = atomic_save_safetensors({k: torch.as_tensor(v) for k, v in tensors.items()}, self.dir / f"{name}.safetensors",
+                                       metadata=meta)
+        return self._record(f"tensors:{name}", path)
+
     def save_json(self, obj: Any, name: str) -> Path:
         return self._record(name, atomic_write_json(obj, self.dir / f"{name}.json"))
 
@@ -322,7 +332,8 @@ class RunStore:
     def _score_files(manifest: dict[str, Any]) -> dict[str, str]:
         files = manifest.get("files") or {}
         return {k: v for k, v in files.items()
-                if isinstance(v, str) and v.endswith(".safetensors") and k != "per_sample" and not k.startswith("plan")}
+                if isinstance(v, str) and v.endswith(".safetensors") and k != "per_sample"
+                and not k.startswith(("plan", "tensors:"))}
 
     def scores(self, run_id: str) -> dict[str, HeadScores]:
         """Every HeadScores the run saved, by name (a run that saved none gives {})."""

@@ -412,7 +412,7 @@ def patched_attention(
         run.sink_flags = sinks.to(torch.int8).contiguous()
         run.sink_bias = torch.where(movable, bias, torch.zeros_like(bias)).contiguous()
 
-    replaces = plan is not None and plan.has_replacement
+    replaces = plan is not None and plan.edits_outputs  # replaced or shifted: edited after the kernel
     head_scale = None
     if plan is not None and not replaces and plan.has_head_scale:
         head_scale = plan.head_scale.float().contiguous()

@@ -177,18 +177,21 @@ def var_redistribute(attn: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
 
 
 def apply_output_interventions(z: torch.Tensor, plan: LayerPlan | None, rows: slice, patch: torch.Tensor | None) -> torch.Tensor:
-    """Replacement (zero / mean / patch) then output scale, on head outputs z [B, H, C, Dv] fp32."""
+    """Replacement (zero / mean / patch), shift, then output scale, on head outputs z [B, H, C, Dv] fp32."""
     if plan is None:
         return z
-    if not plan.has_replacement:
+    if not plan.edits_outputs:
         return z * plan.head_scale.to(z.device)[None, :, None, None] if plan.has_head_scale else z
-    mode = plan.replace_mode.to(z.device)[None, :, None, None]
-    if bool((plan.replace_mode == REPLACE_ZERO).any()):
-        z = torch.where(mode == REPLACE_ZERO, torch.zeros_like(z), z)
-    if plan.mean_out is not None:
-        z = torch.where(mode == REPLACE_MEAN, plan.mean_out.to(z.device)[None, :, None, :].expand_as(z), z)
-    if patch is not None:
-        z = torch.where(mode == REPLACE_PATCH, patch[:, :, rows].to(z.device), z)
+    if plan.has_replacement:
+        mode = plan.replace_mode.to(z.device)[None, :, None, None]
+        if bool((plan.replace_mode == REPLACE_ZERO).any()):
+            z = torch.where(mode == REPLACE_ZERO, torch.zeros_like(z), z)
+        if plan.mean_out is not None:
+            z = torch.where(mode == REPLACE_MEAN, plan.mean_out.to(z.device)[None, :, None, :].expand_as(z), z)
+        if patch is not None:
+            z = torch.where(mode == REPLACE_PATCH, patch[:, :, rows].to(z.device), z)
+    if plan.shift_out is not None:
+        z = z + plan.shift_out.to(z.device)[None, :, None, :]
     return z * plan.head_scale.to(z.device)[None, :, None, None]
 
 

@@ -141,6 +141,8 @@ PLANS = {
     "zero_ablation": InterventionPlan().ablate_heads([(0, 2)], "zero"),
     "mean_ablation": "mean",
     "patch": "patch",
+    "shift": "shift",
+    "shift_and_scale": "shift_and_scale",
     "act": InterventionPlan().act([(0, 1), (0, 2), (0, 6)], beta=0.3, tau=0.02),
     "act_beta0": InterventionPlan().act([(0, 3)], beta=0.0, tau=0.02),
     "combined": InterventionPlan().scale_first_token({(0, 2): 2.0}).act([(0, 1)], beta=0.4, tau=0.02)
@@ -156,6 +158,10 @@ def _plan(name, q):
         return InterventionPlan().ablate_heads([(0, 3)], "mean", means={(0, 3): torch.randn(D, generator=g)})
     if plan == "patch":
         return InterventionPlan().patch_heads({(0, 4): torch.randn(q.shape[0], q.shape[2], D, generator=g)})
+    if plan == "shift":  # ITI: z += v
+        return InterventionPlan().shift_heads({(0, 2): torch.randn(D, generator=g), (0, 5): torch.randn(D, generator=g)})
+    if plan == "shift_and_scale":  # the shift comes before the output scale
+        return InterventionPlan().shift_heads({(0, 1): torch.randn(D, generator=g)}).scale_heads({(0, 1): 1.5, (0, 3): 0.0})
     return plan
 
 
