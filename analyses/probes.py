@@ -47,6 +47,8 @@ Head = tuple[int, int]
 class LabelledText:
     text: str
     label: str
+    image: Any = None
+    """An image (HxWx3 array, PIL) for a vision-language model; the text then holds its placeholder."""
 
 
 @dataclass(frozen=True)
@@ -89,15 +91,39 @@ def classes(samples: Sequence[LabelledText], positive: str | None = None) -> tup
     return (found[0] if pos == found[1] else found[1]), pos
 
 
-def head_outputs(model: HeadModel, text: str, position: int = -1) -> torch.Tensor:
-    """[L, H, Dv] every head's output z at one token of `text`, through the patched attention."""
-    ids = model.tokenize(text)["input_ids"]
-    n = ids.shape[1]
+def head_outputs(model: HeadModel, text: str, position: int = -1, image: Any = None) -> torch.Tensor:
+    """[L, H, Dv] every head's output z at one token of `text` (with `image`, through the model's
+    processor), through the patched attention."""
+    if image is not None:
+        from headlab.vision import encode
+
+        inputs = encode(model, text, image)
+    else:
+        inputs = model.tokenize(text)
+    n = inputs["input_ids"].shape[1]
     if not -n <= position < n:
         raise HeadlabError(f"position {position} is outside an input of {n} tokens")
     with model.patched(None, StatsRequest(head_outputs=True, queries=[position % n])) as rec, torch.no_grad():
-        model(ids)
+        model(**inputs)
     return rec.stats.head_outputs[:, 0, :, 0].float().cpu()
+
+
+def image_presence_samples(n: int = 24, seed: int = 0) -> list[LabelledText]:
+    """The toy VLM's questions (`zoo:shapes-llava`), each once with its image ("image") and once with
+    the same scene emptied of its shape ("blank") — which heads' outputs know whether there is
+    something to see."""
+    import random
+
+    from headlab.zoo import shapes
+    from headlab.zoo.shapes_eval import blank
+
+    rng = random.Random(seed)
+    out = []
+    for kind in ("color", "shape"):
+        for ex in shapes.held_out(kind, n // 2, seed=70_000 + seed):
+            out.append(LabelledText(ex.prompt, "image", ex.scene.array(rng)))
+            out.append(LabelledText(ex.prompt, "blank", blank(ex).scene.array(rng)))
+    return out
 
 
 @dataclass
@@ -135,7 +161,8 @@ def score(model: HeadModel, samples: Sequence[LabelledText], config: ProbeConfig
     if folds < 2:
         raise HeadlabError(f"cross-validation needs at least 2 inputs of each label; label counts: "
                            f"{negative}: {int((y == 0).sum())}, {positive}: {int((y == 1).sum())}")
-    z = torch.stack([torch.tensor(cached(cache, f"z{i}", lambda s=s: head_outputs(model, s.text, config.position).tolist()))
+    z = torch.stack([torch.tensor(cached(cache, f"z{i}",
+                                         lambda s=s: head_outputs(model, s.text, config.position, s.image).tolist()))
                      for i, s in enumerate(tqdm(samples, desc="probes: head outputs", disable=not progress))])
     n, L, H, D = z.shape
     acc, auc, ll = (torch.zeros(L, H, dtype=torch.float64) for _ in range(3))

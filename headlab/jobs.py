@@ -255,6 +255,10 @@ def score_probes(model: str, out: str | Path = "runs", run_id: str | None = None
         samples = probes.build_dataset(samples=[(p, "refuse") for p in safety.zoo_dataset(n, True)]
                                        + [(p, "comply") for p in safety.zoo_dataset(n, False)])
         positive = positive or "refuse"
+    elif model == "zoo:shapes-llava":  # each question with its image and with the scene emptied
+        _check_count(n, "--n", 2)
+        samples = probes.image_presence_samples(n, seed)
+        positive = positive or "image"
     else:
         raise HeadlabError(f"give --data (JSONL/CSV with text and label columns) for {model}")
     probes.classes(samples, positive)  # two labels, a known positive one: checked before the model loads
@@ -263,7 +267,7 @@ def score_probes(model: str, out: str | Path = "runs", run_id: str | None = None
         result = probes.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
         run.save_tensors({"directions": result.directions, "sigma": result.sigma, "mass_mean": result.mass_mean},
                          "probe_directions", {"labels": list(result.labels), "position": position})
-        run.save_examples([{"text": s.text, "label": s.label} for s in samples])
+        run.save_examples([{"text": s.text, "label": s.label, "image": s.image} for s in samples])
         summary = {"inputs": len(samples), "labels": {"negative": result.labels[0], "positive": result.labels[1]},
                    "top_accuracy": [[l, h, s] for l, h, s in result.accuracy.top(10)],
                    "top_log_likelihood": [[l, h, s] for l, h, s in result.log_likelihood.top(10)]}
