@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from headlab.checkpoint import Checkpoint
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, RunLockedError
 from headlab.model import HeadModel, load_model, load_spec
 from headlab.runs import MANIFEST, Run, read_manifest
 
@@ -83,7 +83,16 @@ def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any]
     the resume checks read the manifest under it, so two processes started with one --run-id can
     neither both run nor mix their results. The caller releases it (`started` does)."""
     params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from the manifest
-    run = Run(root, analysis, model, params, run_id=run_id).acquire()
+    run = Run(root, analysis, model, params, run_id=run_id)
+    for _ in range(100):
+        try:
+            run.acquire()
+            break
+        except RunLockedError:
+            if run_id is not None:
+                raise
+            # an automatic id another process took in the same second: the next free name
+            run = Run(root, analysis, model, params)
     try:
         if run_id is not None and (run.dir / MANIFEST).is_file():
             old = read_manifest(run.dir)

@@ -87,7 +87,7 @@ class Run:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
             base_id = f"{stamp}-{_slug(analysis)}-{_slug(Path(model).name or model)}"
             run_id, n = base_id, 1
-            while (Path(root) / run_id).exists():  # two runs in one second: each gets its own directory
+            while (Path(root) / run_id).exists():  # runs in one second: each gets its own directory
                 n += 1
                 run_id = f"{base_id}-{n}"
         self.id = run_id

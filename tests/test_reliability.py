@@ -282,3 +282,32 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     os.umask(mask)
     path = atomic_write_json({"a": 1}, tmp_path / "x.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_an_automatic_id_held_by_another_process_gets_the_next_name(tmp_path, monkeypatch):
+    """Two processes starting unnamed runs in the same second: the other one creates and locks the name
+    after this one checked it was free; this one then takes the next name instead of failing."""
+    import headlab.runs as runs
+    from headlab import jobs
+
+    candidate = Run(tmp_path, "sinks", "zoo:tasks-llama").id  # the name an automatic run picks now
+    proc = _hold(tmp_path / candidate)
+    seen = []
+    real_exists = Path.exists
+
+    def exists_after_the_check(self):  # the first check runs before the other process created it
+        if self.name == candidate and not seen:
+            seen.append(self)
+            return False
+        return real_exists(self)
+
+    monkeypatch.setattr(runs.Path, "exists", exists_after_the_check)
+    monkeypatch.setattr(runs, "datetime", type("Frozen", (), {"now": staticmethod(
+        lambda tz=None: __import__("datetime").datetime.strptime(candidate[:15], "%Y%m%d-%H%M%S"))}))
+    try:
+        run = jobs.open_run(tmp_path, "sinks", "zoo:tasks-llama", {"n": 2}, None)
+        assert seen and run.id == f"{candidate}-2" and run.lock.held
+        run.release()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
