@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headlab.errors import HeadlabError, InputFileError
+from headlab.errors import InputFileError
 from headlab.io import checked_file, iter_lines
 
 T = TypeVar("T")

@@ -35,7 +35,6 @@ plus the cache, not RoPE positions.
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from dataclasses import dataclass, field, replace
