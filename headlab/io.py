@@ -121,14 +121,13 @@ def read_bytes(path: str | Path, what: str, max_bytes: int = MAX_FILE_BYTES) -> 
 
 
 def _decode(raw: bytes, path: Path, what: str, line: int | None = None) -> str:
+    where = f"{path}, line {line}" if line is not None else str(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = f"{path}, line {line}" if line is not None else str(path)
         raise InputFileError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                              f"give {what}, saved as UTF-8") from None
     if "\x00" in text:
-        where = f"{path}, line {line}" if line is not None else str(path)
         raise InputFileError(f"{where}: not UTF-8 text (a NUL byte at offset {text.index(chr(0))}: a binary file); "
                              f"give {what}")
     return text

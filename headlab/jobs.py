@@ -84,14 +84,15 @@ def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any]
     neither both run nor mix their results. The caller releases it (`started` does)."""
     params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from the manifest
     run = Run(root, analysis, model, params, run_id=run_id)
-    for _ in range(100):
+    while True:
         try:
             run.acquire()
             break
         except RunLockedError:
             if run_id is not None:
                 raise
-            # an automatic id another process took in the same second: the next free name
+            # an automatic id another process took in the same second: the next free name (it now
+            # exists, so each new Run picks a later one)
             run = Run(root, analysis, model, params)
     try:
         if run_id is not None and (run.dir / MANIFEST).is_file():
@@ -215,8 +216,8 @@ def score_patterns(model: str, out: str | Path = "runs", run_id: str | None = No
 
     params = {"data": data, "random_inputs": random_inputs, "length": length, "exclude_bos": exclude_bos,
               "exclude_current_token": exclude_current_token, "seed": seed}
-    if random_inputs < 0 or length < 1:
-        raise HeadlabError(f"--random must be >= 0 and --length >= 1, got {random_inputs} and {length}")
+    _check_count(random_inputs, "--random", 0)
+    _check_count(length, "--length")
     if data:
         texts = sinks.build_dataset(path=data)
     elif _is_corpus_model(model):

@@ -30,7 +30,7 @@ from typing import Any
 
 from headlab.errors import HeadlabError, InputFileError
 from headlab.io import (atomic_save_safetensors, atomic_write_json, atomic_write_parquet, atomic_write_text,
-                        read_json)
+                        open_safetensors, read_image, read_json, safetensors_header)
 from headlab.lock import RunLock, pid_alive
 from headlab.scores import HeadScores
 
@@ -247,10 +247,6 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
 _DATASET_KEYS = ("data", "needles", "harmful", "haystack")
 
 
-def _process_alive(manifest: dict[str, Any]) -> bool:
-    """False only when the run's process is known to be gone (same host, no such pid)."""
-    return pid_alive(manifest.get("pid"), manifest.get("host"))
-
 
 class RunStore:
     """Read access to the run directories directly under `root`.
@@ -289,7 +285,7 @@ class RunStore:
     def manifest(self, run_id: str) -> dict[str, Any]:
         """The run's manifest; `status` says "interrupted" for a "running" run whose process is gone."""
         m = read_manifest(self.run_dir(run_id))
-        if m.get("status") == "running" and not _process_alive(m):
+        if m.get("status") == "running" and not pid_alive(m.get("pid"), m.get("host")):
             m = {**m, "status": "interrupted", "status_note": "its process ended without finishing the run"}
         return m
 
@@ -357,11 +353,10 @@ class RunStore:
         rel = (self.manifest(run_id).get("files") or {}).get("per_sample")
         if not rel:
             return {}, []
-        from safetensors import safe_open
-
-        with safe_open(str(self.file(run_id, rel)), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("headlab", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, list(header.get("names", []))
+        path, what = self.file(run_id, rel), "a run's per-sample scores"
+        with open_safetensors(path, what) as f:
+            names = safetensors_header(f, path, what).get("names", [])
+            return {k: f.get_tensor(k) for k in f.keys()}, list(names) if isinstance(names, list) else []
 
     def examples(self, run_id: str) -> list[dict[str, Any]]:
         """The run's example inputs ([] when it kept none)."""
@@ -378,10 +373,7 @@ class RunStore:
             return None
         if not str(rel).endswith(".png"):
             raise HeadlabError(f"run {run_id!r} names an example image that is not a PNG ({rel!r})")
-        from PIL import Image
-
-        with Image.open(self.file(run_id, rel)) as img:
-            return img.convert("RGB")
+        return read_image(self.file(run_id, rel), "a run's example image (PNG)")
 
     def summary(self, run_id: str) -> dict[str, Any]:
         rel = (self.manifest(run_id).get("files") or {}).get("summary")

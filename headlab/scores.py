@@ -157,13 +157,12 @@ class HeadScores:
     def load(cls, path: str | Path) -> "HeadScores":
         """Scores saved by `save` (the .safetensors; a sibling path's suffix is replaced). Anything
         else is an InputFileError naming the file and the problem."""
-        from headlab.io import checked_file, open_safetensors, parse, safetensors_header
+        from headlab.io import open_safetensors, parse, safetensors_header
 
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         what = "a headlab scores file (HeadScores.save)"
-        checked_file(path, what)
         with open_safetensors(path, what) as f:
             header = safetensors_header(f, path, what)
             if not header:

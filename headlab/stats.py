@@ -280,11 +280,13 @@ class HeadStats:
         if not self._calls:
             raise PlanError("no stats were recorded: run a forward inside `with model.patched(plan, stats) as rec:`")
         first = self._calls[self.layers[0]][0]
-        present = first.span_mass if name.startswith("span:") else getattr(first, name)
-        if name.startswith("span:"):
-            if name[5:] not in present:
-                raise PlanError(f"span {name[5:]!r} was not requested; requested spans: {sorted(present)}")
-        elif present is None:
+        kind, _, key = name.partition(":")
+        if key:  # a named stat: "span:<name>" or "match:<name>"
+            present = first.span_mass if kind == "span" else first.match_mass
+            if key not in present:
+                plural = {"span": "spans", "match": "matches"}[kind]
+                raise PlanError(f"{kind} {key!r} was not requested; requested {plural}: {sorted(present)}")
+        elif getattr(first, name) is None:
             raise PlanError(f"stat {name!r} was not requested in the StatsRequest")
 
     def _per_query(self, get) -> torch.Tensor:
@@ -320,11 +322,7 @@ class HeadStats:
 
     def match_mass(self, name: str) -> torch.Tensor:
         """[L, B, H, Q] attention mass on each query's matching keys (StatsRequest.matches)."""
-        if not self._calls:
-            self._need("argmax")  # the "no stats were recorded" error
-        if name not in self._calls[self.layers[0]][0].match_mass:
-            raise PlanError(f"match {name!r} was not requested; requested matches: "
-                            f"{sorted(self._calls[self.layers[0]][0].match_mass)}")
+        self._need("match:" + name)
         return self._per_query(lambda s: s.match_mass[name])
 
     @property

@@ -58,7 +58,7 @@ def main() -> None:
     step("zerotuning", jobs.intervene_zerotuning, n=160)
     step("copy_patching", jobs.score_conflict, n=24)
 
-    controls = random_controls(summaryless=done)
+    controls = random_controls(done)
     store = RunStore(runs)
     summary = {name: json.loads((path / "summary.json").read_text()) for name, path in done.items()}
     scores = {name: store.scores(name) for name in done}
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"study written to {HERE / 'results'} in {result['seconds']} s")
 
 
-def random_controls(summaryless: dict[str, Path], draws: int = 3, seed: int = 0) -> dict:
+def random_controls(runs: dict[str, Path], draws: int = 3, seed: int = 0) -> dict:
     """Test accuracy with ACT / ZeroTuning applied to as many random heads as each chose (same splits,
     same β or γ): the control the papers' head selection is measured against."""
     import random
@@ -103,7 +103,7 @@ def random_controls(summaryless: dict[str, Path], draws: int = 3, seed: int = 0)
 
     model = headlab.load_model(MODEL)
     out = {}
-    for name, path in summaryless.items():
+    for name, path in runs.items():
         if name not in ("act", "zerotuning"):
             continue
         manifest = json.loads((path / "manifest.json").read_text())
