@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.analyses import choice
+from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
@@ -65,18 +66,25 @@ class ACTResult:
     gains: HeadScores
     """Per head: accuracy gain when calibrated alone (0 for heads not searched)."""
     searched: list[Head]
+    """The heads calibrated exactly (every candidate with method="exact"; the screened ones with "atp")."""
     samples: Any = None
     params: dict = field(default_factory=dict)
+    loss_estimate: HeadScores | None = None
+    """method="atp": per candidate, the estimated change of the task loss when calibrated alone."""
 
 
 def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACTConfig = ACTConfig(),
            base_plan: InterventionPlan | None = None, progress: bool = True,
-           cache: MutableMapping[str, Any] | None = None) -> ACTResult:
+           cache: MutableMapping[str, Any] | None = None, method: str = "exact", screen: int = 32) -> ACTResult:
     """Calibrate each candidate head alone, keep those that raise accuracy, measure them together.
 
     `base_plan` is applied underneath every evaluation (e.g. a perturbation under study); the
     returned plan includes it. `cache` (e.g. a run's `Checkpoint`) keeps every evaluation: a
-    resumed search skips them.
+    resumed search skips them. method="atp" screens first: an attribution estimate of every
+    candidate's effect on the task loss (`choice.loss_attribution`, one forward + backward per
+    batch), then only the `screen` candidates with the largest estimated loss decrease are
+    calibrated exactly; the others stay unmeasured (count 0 in `gains`). "auto": atp from
+    `attribution.AUTO_ATP_HEADS` candidates up.
     """
     base_plan = base_plan if base_plan is not None else InterventionPlan()
     samples = choice.build_dataset(samples=samples)
@@ -87,19 +95,40 @@ def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACT
         model.spec.check_head(l, h, "ACT candidate")
     if not candidates:
         raise HeadlabError("ACT has no candidate heads: pass `layers` and/or `heads`")
+    method = attribution.resolve_method(method, len(candidates))
+    params: dict[str, Any] = {"beta": config.beta, "tau": config.tau, "n": len(samples), "min_gain": config.min_gain,
+                              "method": method}
+    todo = candidates
+    estimate = None
+    if method == "atp":
+        if not base_plan.is_empty():
+            raise HeadlabError("method='atp' screens the unmodified model; with a base_plan use method='exact'")
+        if screen < 1:
+            raise HeadlabError(f"screen must be >= 1 (how many candidates to calibrate exactly), got {screen}")
+        ablation = InterventionPlan().act(candidates, beta=config.beta, tau=config.tau)
+        est = cached(cache, "atp-loss", lambda: choice.loss_attribution(model, samples, ablation, config.batch_size).mean(0).tolist())
+        estimate = torch.tensor(est, dtype=torch.float64)
+        todo = attribution.top_heads(-estimate, candidates, screen)
+        params["screen"] = screen
     base = cached(cache, "base", lambda: choice.accuracy(model, samples, base_plan, config.batch_size))
     gains = torch.zeros(L, H, dtype=torch.float64)
-    for head in tqdm(candidates, desc="act search", disable=not progress):
+    measured = torch.zeros(L, H, dtype=torch.float64)
+    for head in tqdm(todo, desc="act search", disable=not progress):
         plan = base_plan + InterventionPlan().act([head], beta=config.beta, tau=config.tau)
         gains[head] = cached(cache, f"L{head[0]}H{head[1]}", lambda plan=plan: choice.accuracy(model, samples, plan, config.batch_size)) - base
-    kept = [h for h in candidates if gains[h] > config.min_gain]
+        measured[head] = 1.0
+    kept = [h for h in todo if gains[h] > config.min_gain]
     plan = base_plan + InterventionPlan().act(kept, beta=config.beta, tau=config.tau) if kept else base_plan
     together = cached(cache, "kept:" + ",".join(f"L{l}H{h}" for l, h in kept),
                       lambda: choice.accuracy(model, samples, plan, config.batch_size)) if kept else base
-    params = {"beta": config.beta, "tau": config.tau, "n": len(samples), "min_gain": config.min_gain}
-    return ACTResult(plan=plan, heads=kept, baseline_accuracy=base, calibrated_accuracy=together,
-                     gains=HeadScores.from_tensor(gains, "act_gain", model=model.name, params=params),
-                     searched=candidates, params=params)
+    if method == "exact":
+        measured = torch.ones(L, H, dtype=torch.float64)  # heads outside the candidates: 0 gain, as before
+    result = ACTResult(plan=plan, heads=kept, baseline_accuracy=base, calibrated_accuracy=together,
+                       gains=HeadScores(sums=gains * measured, counts=measured, analysis="act_gain", model=model.name, params=params),
+                       searched=todo, params=params)
+    if estimate is not None:
+        result.loss_estimate = HeadScores.from_tensor(estimate, "act_loss_estimate", model=model.name, params=params)
+    return result
 
 
 def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan,

@@ -138,3 +138,31 @@ def evaluate(model: HeadModel, samples: Sequence[ChoiceSample], plan: Interventi
 
 def accuracy(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None, batch_size: int = 32) -> float:
     return evaluate(model, samples, plan, batch_size).accuracy
+
+
+def loss_attribution(model: HeadModel, samples: Sequence[ChoiceSample], ablation: InterventionPlan,
+                     batch_size: int = 32) -> torch.Tensor:
+    """[N, L, H] attribution estimate (`headlab.attribution`) of how much each head's change under
+    `ablation` (applied to that head alone) changes each sample's task loss — the cross-entropy of
+    the right choice among the choices' first-token logits. Negative: the change helps. The screen
+    of ACT's and ZeroTuning's head searches (accuracy has no gradient; this loss does)."""
+    from headlab.analyses.generate import right_padded
+    from headlab.attribution import attribute
+
+    tok = model.text_tokenizer
+    L, H = model.spec.shape
+    out = torch.zeros(len(samples), L, H, dtype=torch.float64)
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        encoded = [_encode(tok, s.prompt, s.choices) for s in chunk]
+        ids, mask, _ = right_padded(model, [prompt_ids for prompt_ids, _ in encoded])
+
+        def loss(result: Any, encoded=encoded, chunk=chunk) -> torch.Tensor:
+            rows = []
+            for j, ((prompt_ids, choice_ids), s) in enumerate(zip(encoded, chunk)):
+                logits = result.logits[j, len(prompt_ids) - 1, list(choice_ids)].float()
+                rows.append(-torch.log_softmax(logits, -1)[s.answer])
+            return torch.stack(rows)
+
+        out[i : i + len(chunk)] = attribute(model, {"input_ids": ids, "attention_mask": mask}, loss, ablation).values[0]
+    return out

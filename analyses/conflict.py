@@ -119,22 +119,30 @@ class ConflictHeads:
     context: HeadScores
     clean_ld: float
     per_pair: torch.Tensor
+    estimate: HeadScores | None = None
+    """method="atp": the attribution estimate of every head's mean ΔLD."""
 
 
 def find_heads(model: HeadModel, samples: Sequence[ConflictSample], batch_size: int = 32, progress: bool = True,
-               cache: MutableMapping[str, Any] | None = None) -> ConflictHeads:
-    """Path patching (each head → logits) on the samples' clean/corrupted pairs."""
+               cache: MutableMapping[str, Any] | None = None, method: str = "exact", verify: int = 32) -> ConflictHeads:
+    """Path patching (each head → logits) on the samples' clean/corrupted pairs. method="atp":
+    attribution estimates of every head, the `verify` largest |ΔLD| patched exactly
+    (`patching.scan`); only those carry memory / context scores, the rest stay unmeasured."""
     samples = build_dataset(samples=samples)
     pairs = patching.make_pairs(model, [s.prompt for s in samples], [s.corrupted for s in samples], answer_tokens(model, samples))
     result = patching.scan(model, pairs, logit_difference, batch_size=batch_size, progress=progress, cache=cache,
-                           name="conflict_effect")
+                           name="conflict_effect", method=method, verify=verify)
     eff = result.per_pair.mean(0)
-    params = {"n": len(samples), "metric": "logit(memory) - logit(context)", "receivers": "logits"}
+    measured = result.exact.double()
+    params = {"n": len(samples), "metric": "logit(memory) - logit(context)", "receivers": "logits",
+              **{k: v for k, v in result.effect.params.items() if k in ("method", "verify", "verification")}}
+
+    def scores(values: torch.Tensor, name: str) -> HeadScores:
+        return HeadScores(sums=values * measured, counts=measured.clone(), analysis=name, model=model.name, params=params)
+
     return ConflictHeads(
-        effect=HeadScores.from_tensor(eff, "conflict_effect", model=model.name, params=params),
-        memory=HeadScores.from_tensor(-eff, "memory_heads", model=model.name, params=params),
-        context=HeadScores.from_tensor(eff, "context_heads", model=model.name, params=params),
-        clean_ld=float(result.clean_metric.mean()), per_pair=result.per_pair)
+        effect=scores(eff, "conflict_effect"), memory=scores(-eff, "memory_heads"), context=scores(eff, "context_heads"),
+        clean_ld=float(result.clean_metric.mean()), per_pair=result.per_pair, estimate=result.estimate)
 
 
 def ph3_plan(heads: ConflictHeads, toward: Toward, k: int) -> InterventionPlan:

@@ -59,7 +59,8 @@ def right_padded(model: HeadModel, rows: Sequence[Sequence[int]]) -> tuple[torch
     return ids, mask, last.to(model.device)
 
 
-def _batches(n: int, size: int) -> Iterator[slice]:
+def batch_slices(n: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most `size` of range(n)."""
     for i in range(0, n, size):
         yield slice(i, min(n, i + size))
 
@@ -71,7 +72,7 @@ def last_token_outputs(model: HeadModel, prompts: Sequence[str] | Sequence[Seque
     """
     rows = encode(model, prompts) if prompts and isinstance(prompts[0], str) else [list(r) for r in prompts]
     out = []
-    for sl in _batches(len(rows), batch_size):
+    for sl in batch_slices(len(rows), batch_size):
         ids, mask, last = right_padded(model, rows[sl])
         with model.patched(plan):
             res = model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
@@ -85,7 +86,7 @@ def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: Intervention
     """Greedy continuation of each prompt (special tokens dropped, whitespace stripped) under `plan`."""
     rows = encode(model, prompts)
     texts: list[str] = []
-    for sl in _batches(len(rows), batch_size):
+    for sl in batch_slices(len(rows), batch_size):
         ids, mask = _padded(model, rows[sl], left=True)  # decoder-only generation continues on the right
         with model.patched(plan):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

@@ -21,13 +21,14 @@ the answers the metric compares; None when the pairs have none) to one number pe
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from headlab.analyses.generate import encode, right_padded
 from tqdm.auto import tqdm
 
+from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
@@ -112,6 +113,19 @@ class PathPatcher:
             logits = self.model(input_ids=self.pairs.clean, attention_mask=self.pairs.mask).logits
         return self.metric(_last(logits, self.pairs.last), self.pairs.targets)
 
+    def attribution(self, senders: Sequence[Head]) -> torch.Tensor:
+        """[B, L, H] linear estimate of each sender's effect on the metric when path-patched to the
+        logits (0 for heads not among `senders`)."""
+        plan = InterventionPlan().patch_heads(_freeze(self.z_corrupted, senders))
+        pairs = self.pairs
+
+        def value(out: Any) -> torch.Tensor:
+            return self.metric(_last(out.logits, pairs.last), pairs.targets)
+
+        att = attribution.attribute(self.model, {"input_ids": pairs.clean, "attention_mask": pairs.mask}, value, plan,
+                                    direct=True)
+        return att.values[0]
+
     def effect(self, senders: Sequence[Head], receivers: Sequence[Head] | None = None) -> torch.Tensor:
         """metric(patched) − metric(clean) per pair [B], for the path senders → receivers (or logits)."""
         senders = list(senders)
@@ -141,23 +155,46 @@ class PathPatcher:
 @dataclass
 class PatchingResult:
     effect: HeadScores
-    """Mean effect over pairs of patching each sender head (metric(patched) − metric(clean))."""
+    """Mean effect over pairs of patching each sender head (metric(patched) − metric(clean)).
+    With method="atp": exact for the verified heads, unmeasured (NaN, count 0) for the others."""
     per_pair: torch.Tensor
-    """[N, L, H] effect of each sender head on each pair (0 for heads not scanned)."""
+    """[N, L, H] effect of each sender head on each pair (0 for heads not scanned; the estimate
+    for heads that were estimated but not verified)."""
     clean_metric: torch.Tensor
     """[N] metric on the clean inputs."""
+    method: str = "exact"
+    exact: torch.Tensor | None = None
+    """[L, H] bool: the heads evaluated exactly."""
+    estimate: HeadScores | None = None
+    """method="atp": the attribution estimate of every sender's mean effect."""
+    verification: dict = field(default_factory=dict)
 
 
 def scan(model: HeadModel, pairs: PatchingPairs, metric: Metric, senders: Sequence[Head] | None = None,
          receivers: Sequence[Head] | None = None, batch_size: int = 32, progress: bool = True,
-         cache: MutableMapping[str, Any] | None = None, name: str = "path_patching") -> PatchingResult:
+         cache: MutableMapping[str, Any] | None = None, name: str = "path_patching", method: str = "exact",
+         verify: int = 32) -> PatchingResult:
     """Path-patch every sender head in turn (default: every head, or every head before the
-    receivers' last layer) to `receivers` (default: the logits). `cache` keeps finished heads."""
+    receivers' last layer) to `receivers` (default: the logits). `cache` keeps finished heads.
+
+    method="atp" (path patching to the logits only): the linear estimate of every sender at once
+    (`attribution.attribute` with `direct=True`: gradients through the residual stream and MLPs
+    only, as path patching leaves them), then the `verify` senders with the largest |estimate|
+    patched exactly (both signs: a search may want either end). "auto": atp from
+    `attribution.AUTO_ATP_HEADS` senders up.
+    """
     L, H = model.spec.shape
     if senders is None:
         top = L if receivers is None else max(l for l, _ in receivers)
         senders = [(l, h) for l in range(top) for h in range(H) if receivers is None or (l, h) not in receivers]
     senders = list(senders)
+    for h in senders:
+        model.spec.check_head(*h, what="path-patching sender")
+    method = attribution.resolve_method(method, len(senders))
+    if method == "atp" and receivers is not None:
+        raise HeadlabError("method='atp' estimates path patching to the logits; for receiver heads use method='exact'")
+    if verify < 0:
+        raise HeadlabError(f"verify must be >= 0 (how many of the best-estimated heads to patch exactly), got {verify}")
     n = len(pairs)
     per_pair = torch.zeros(n, L, H, dtype=torch.float64)
     patchers: list[PathPatcher] = []
@@ -166,11 +203,36 @@ def scan(model: HeadModel, pairs: PatchingPairs, metric: Metric, senders: Sequen
         p = PathPatcher(model, pairs.select(slice(i, i + batch_size)), metric)
         patchers.append(p)
         clean.append(p.clean_metric.double().cpu())
+    params: dict[str, Any] = {"receivers": None if receivers is None else [list(r) for r in receivers], "n": n,
+                              "method": method}
+    estimate = None
+    todo = senders
+    if method == "atp":
+        params["verify"] = verify
+        for i, p in enumerate(tqdm(patchers, desc=f"{name} attribution", disable=not progress)):
+            def run(p=p) -> list:
+                return p.attribution(senders).tolist()
+            rows = slice(i * batch_size, i * batch_size + len(p.pairs))
+            per_pair[rows] = torch.tensor(cached(cache, f"pp-atp:{rows.start}-{rows.stop}->logits", run), dtype=torch.float64)
+        mean_est = per_pair.mean(0)
+        estimate = HeadScores.from_tensor(mean_est, f"{name}_estimate", model=model.name, params=params)
+        high = attribution.top_heads(mean_est, senders, verify)
+        low = attribution.top_heads(-mean_est, senders, verify)
+        todo = high + [h for h in low if h not in high]
+    exact = torch.zeros(L, H, dtype=torch.bool)
     rkey = "logits" if receivers is None else ",".join(f"L{l}H{h}" for l, h in receivers)
-    for head in tqdm(senders, desc=name, disable=not progress):
+    for head in tqdm(todo, desc=name, disable=not progress):
         def run(head=head) -> list[float]:
             return torch.cat([p.effect([head], receivers).double().cpu() for p in patchers]).tolist()
         per_pair[:, head[0], head[1]] = torch.tensor(cached(cache, f"pp:L{head[0]}H{head[1]}->{rkey}", run), dtype=torch.float64)
-    params = {"receivers": None if receivers is None else [list(r) for r in receivers], "n": n}
-    return PatchingResult(effect=HeadScores.from_tensor(per_pair.mean(0), name, model=model.name, params=params),
-                          per_pair=per_pair, clean_metric=torch.cat(clean))
+        exact[head] = True
+    verification: dict = {}
+    if method == "atp":
+        verification = attribution.Verification(
+            heads=todo, estimate=[float(estimate.values[h]) for h in todo],
+            exact=[float(per_pair[:, h[0], h[1]].mean()) for h in todo]).summary()
+        params["verification"] = verification
+    measured = exact.double()
+    effect = HeadScores(sums=per_pair.mean(0) * measured, counts=measured, analysis=name, model=model.name, params=params)
+    return PatchingResult(effect=effect, per_pair=per_pair, clean_metric=torch.cat(clean), method=method, exact=exact,
+                          estimate=estimate, verification=verification)

@@ -35,15 +35,16 @@ Datasets: a JSONL/CSV file with one prompt per row, in a column named `goal` (Ad
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from headlab.analyses.generate import greedy_generate, last_token_outputs
+from headlab.analyses.generate import batch_slices, encode, greedy_generate, last_token_outputs, right_padded
 from tqdm.auto import tqdm
 
+from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.datasets import DatasetError, read_records
 from headlab.errors import HeadlabError
@@ -174,12 +175,20 @@ def _all_heads(model: HeadModel, layers: Sequence[int] | None = None) -> list[He
 @dataclass
 class ShipsResult:
     scores: HeadScores
-    """Mean Ships over the queries, per head."""
+    """Mean Ships over the queries, per head. With method="atp": exact for the verified heads,
+    unmeasured (NaN, count 0) for the others — their estimates are in `estimate`."""
     per_query: torch.Tensor
-    """[N, L, H] Ships of every query and head (fp64)."""
+    """[N, L, H] Ships of every query and head (fp64): exact where `exact` is set, else the estimate."""
     top_counts: HeadScores
-    """How many queries have the head among their `config.top` highest Ships."""
+    """How many queries have the head among their `config.top` highest Ships (over `per_query`)."""
     prompts: list[str] = field(default_factory=list)
+    method: str = "exact"
+    exact: torch.Tensor | None = None
+    """[L, H] bool: the heads whose Ships was evaluated exactly (every searched head with method="exact")."""
+    estimate: HeadScores | None = None
+    """method="atp": the attribution estimate of every head's mean Ships."""
+    verification: dict = field(default_factory=dict)
+    """method="atp": the estimate's error on the verified heads (`Verification.summary`)."""
 
     def query_top(self, i: int, k: int = 10) -> list[tuple[int, int, float]]:
         """The k heads with the highest Ships on query i."""
@@ -189,30 +198,100 @@ class ShipsResult:
 
 
 def ships(model: HeadModel, prompts: Sequence[str], config: SafetyConfig = SafetyConfig(), heads: Sequence[Head] | None = None,
-          progress: bool = True, cache: MutableMapping[str, Any] | None = None) -> ShipsResult:
-    """Ships of every head (or `heads`) on every prompt: one batched pass over the prompts per head."""
+          progress: bool = True, cache: MutableMapping[str, Any] | None = None, method: str = "exact",
+          verify: int = 32, top_tokens: int = 8, graddrop: bool = False) -> ShipsResult:
+    """Ships of every head (or `heads`) on every prompt.
+
+    method="exact": every head ablated in turn; batches hold several heads × the prompts
+    (`config.batch_size` rows). method="atp": a attribution estimate of every head
+    (`attribution.kl_estimate`, `top_tokens` + 1 backward passes per batch), then the `verify` heads
+    with the highest estimate evaluated exactly. "auto": atp from `attribution.AUTO_ATP_HEADS` heads up.
+    """
     prompts = build_dataset(prompts=prompts)
     inputs = render(model, prompts, config)
     L, H = model.spec.shape
     heads = list(heads) if heads is not None else _all_heads(model)
     for h in heads:
         model.spec.check_head(*h, what="Ships head")
-    base = last_token_outputs(model, inputs, None, config.batch_size)
+    method = attribution.resolve_method(method, len(heads))
+    if verify < 0:
+        raise HeadlabError(f"verify must be >= 0 (how many of the best-estimated heads to evaluate exactly), got {verify}")
+    rows = encode(model, inputs)
+    base = last_token_outputs(model, rows, None, config.batch_size)
     per_query = torch.zeros(len(prompts), L, H, dtype=torch.float64)
-    for head in tqdm(heads, desc="ships", disable=not progress):
-        def run(head=head) -> list[float]:
-            ablated = last_token_outputs(model, inputs, ablation_plan([head], config), config.batch_size)
-            return kl_divergence(base, ablated).tolist()
-        per_query[:, head[0], head[1]] = torch.tensor(cached(cache, f"ships:L{head[0]}H{head[1]}", run), dtype=torch.float64)
+    exact = torch.zeros(L, H, dtype=torch.bool)
+    params = {"ablation": config.ablation, "epsilon": config.epsilon, "n": len(prompts), "template": config.template,
+              "method": method}
+    estimate = None
+    verification: dict = {}
+    todo = heads
+    if method == "atp":
+        params.update(verify=verify, top_tokens=top_tokens, graddrop=graddrop)
+        est = torch.zeros(len(prompts), L, H, dtype=torch.float64)
+        plan = ablation_plan(heads, config)
+        batches = list(batch_slices(len(rows), config.batch_size))
+        covered = []
+        for sl in tqdm(batches, desc="ships attribution", disable=not progress):
+            def run(sl=sl) -> dict:
+                ids, mask, last = right_padded(model, rows[sl])
+                kl, mass = attribution.kl_estimate(model, {"input_ids": ids, "attention_mask": mask}, last, plan,
+                                                 top_tokens, graddrop)
+                return {"kl": kl.tolist(), "mass": mass.tolist()}
+            got = cached(cache, f"ships-atp:{sl.start}-{sl.stop}:k{top_tokens}:gd{int(graddrop)}", run)
+            est[sl] = torch.tensor(got["kl"], dtype=torch.float64)
+            covered += got["mass"]
+        mean_est = est.mean(0)
+        todo = attribution.top_heads(mean_est, heads, verify)
+        per_query = est.clone()
+        estimate = HeadScores.from_tensor(mean_est, "ships_estimate", model=model.name, params=params)
+        params["top_token_mass"] = float(torch.tensor(covered).mean())
+    for head, values in _exact_ships(model, rows, base, todo, config, cache, progress):
+        per_query[:, head[0], head[1]] = torch.tensor(values, dtype=torch.float64)
+        exact[head] = True
+    if method == "atp":
+        verification = attribution.Verification(
+            heads=todo, estimate=[float(estimate.values[h]) for h in todo],
+            exact=[float(per_query[:, h[0], h[1]].mean()) for h in todo]).summary()
+        params["verification"] = verification
     counts = torch.zeros(L, H, dtype=torch.float64)
     k = min(config.top, L * H)
     for row in per_query.flatten(1):
         counts.view(-1)[row.topk(k).indices] += 1
-    params = {"ablation": config.ablation, "epsilon": config.epsilon, "n": len(prompts), "template": config.template}
-    return ShipsResult(scores=HeadScores.from_tensor(per_query.mean(0), "ships", model=model.name, params=params),
-                       per_query=per_query,
+    measured = exact.double()
+    scores = HeadScores(sums=per_query.mean(0) * measured, counts=measured, analysis="ships", model=model.name, params=params)
+    return ShipsResult(scores=scores, per_query=per_query,
                        top_counts=HeadScores.from_tensor(counts, "ships_top_count", model=model.name, params={**params, "top": k}),
-                       prompts=list(prompts))
+                       prompts=list(prompts), method=method, exact=exact, estimate=estimate, verification=verification)
+
+
+def _exact_ships(model: HeadModel, rows: list[list[int]], base: torch.Tensor, heads: Sequence[Head], config: SafetyConfig,
+                 cache: MutableMapping[str, Any] | None, progress: bool) -> Iterator[tuple[Head, list[float]]]:
+    """(head, Ships on every prompt) for each head, exactly: batches of several single-head
+    ablations × the prompts (`HeadModel.patched(row_plans=...)`); finished heads are cached."""
+    key = {h: f"ships:L{h[0]}H{h[1]}" for h in heads}
+    done = [h for h in heads if cache is not None and key[h] in cache]
+    for h in done:
+        yield h, cache[key[h]]
+    todo = [h for h in heads if h not in set(done)]
+    partial: dict[Head, list[float]] = {}
+    bar = tqdm(total=len(todo), desc="ships", disable=not progress)
+    for chunk, sl in attribution.row_batches(todo, len(rows), config.batch_size):
+        ids, mask, last = right_padded(model, rows[sl])
+        plans = [ablation_plan([h], config) for h in chunk]
+        n = ids.shape[0]
+        with model.patched(row_plans=[p for p in plans for _ in range(n)]):
+            logits = model(input_ids=ids.repeat(len(plans), 1), attention_mask=mask.repeat(len(plans), 1)).logits
+        ablated = logits[torch.arange(n * len(plans), device=logits.device), last.repeat(len(plans))].float().cpu()
+        kl = kl_divergence(base[sl].repeat(len(plans), 1), ablated).view(len(plans), n)
+        for h, values in zip(chunk, kl.tolist()):
+            partial.setdefault(h, []).extend(values)
+            if len(partial[h]) == len(rows):
+                values = partial.pop(h)
+                if cache is not None:
+                    cache[key[h]] = values
+                bar.update(1)
+                yield h, values
+    bar.close()
 
 
 def subspace_angle(a: torch.Tensor, b: torch.Tensor, rank: int = 1, space: str = "queries") -> float:

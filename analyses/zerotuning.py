@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headlab.analyses import choice
+from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
 from headlab.model import HeadModel
@@ -81,6 +82,8 @@ class ZeroTuningResult:
     sweep: Any
     """DataFrame: gamma, objective for the kept group."""
     params: dict = field(default_factory=dict)
+    loss_estimates: dict[str, HeadScores] = field(default_factory=dict)
+    """method="atp": "up" / "down" → each head's estimated task-loss change with γ_up / γ_down alone."""
 
 
 def _objective(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan | None,
@@ -94,10 +97,14 @@ def _objective(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: I
 
 def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ZeroTuningConfig = ZeroTuningConfig(),
               base_plan: InterventionPlan | None = None, progress: bool = True,
-              cache: MutableMapping[str, Any] | None = None) -> ZeroTuningResult:
+              cache: MutableMapping[str, Any] | None = None, method: str = "exact", screen: int = 32) -> ZeroTuningResult:
     """Profile heads, group them, search γ; returns the plan and everything measured on the way.
 
     `cache` (e.g. a run's `Checkpoint`) keeps every evaluation: a resumed search skips them.
+    method="atp" screens the profiling step: attribution estimates of every head's effect on the
+    task loss with γ_up and with γ_down (`choice.loss_attribution`), then only the `screen` heads
+    with the largest estimated decrease (either γ) are profiled exactly; the others stay
+    unmeasured (count 0) and out of the groups. "auto": atp from `attribution.AUTO_ATP_HEADS` heads up.
     """
     import pandas as pd
 
@@ -108,11 +115,26 @@ def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: 
     for layer in layers:
         model.spec.check_head(layer, 0, "candidate layer")
     heads = [(l, h) for l in layers for h in range(H)]
+    method = attribution.resolve_method(method, len(heads))
+    estimates: dict[str, torch.Tensor] = {}
+    if method == "atp":
+        if not base_plan.is_empty():
+            raise HeadlabError("method='atp' screens the unmodified model; with a base_plan use method='exact'")
+        if screen < 1:
+            raise HeadlabError(f"screen must be >= 1 (how many heads to profile exactly), got {screen}")
+        for side, gamma in (("up", config.gamma_up), ("down", config.gamma_down)):
+            ablation = InterventionPlan().scale_first_token({h: gamma for h in heads})
+            estimates[side] = torch.tensor(cached(cache, f"atp-loss*{gamma}", lambda a=ablation: choice.loss_attribution(
+                model, samples, a, config.batch_size).mean(0).tolist()), dtype=torch.float64)
+        best_decrease = torch.maximum(-estimates["up"], -estimates["down"])
+        heads = attribution.top_heads(best_decrease, heads, screen)
     base = _objective(model, samples, base_plan, config, cache, "base")
     up = torch.zeros(L, H, dtype=torch.float64)
     down = torch.zeros(L, H, dtype=torch.float64)
+    measured = torch.ones(L, H, dtype=torch.float64) if method == "exact" else torch.zeros(L, H, dtype=torch.float64)
     for head in tqdm(heads, desc="zerotuning profile", disable=not progress):
         l, h = head
+        measured[head] = 1.0
         up[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_up}), config,
                               cache, f"L{l}H{h}*{config.gamma_up}") - base
         down[head] = _objective(model, samples, base_plan + InterventionPlan().scale_first_token({head: config.gamma_down}), config,
@@ -121,11 +143,15 @@ def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: 
     downs = [h for h in heads if down[h] > config.min_gain and down[h] > up[h]]
     gain_up, gain_down = float(sum(up[h] for h in ups)), float(sum(down[h] for h in downs))
     direction, group = ("up", ups) if gain_up >= gain_down else ("down", downs)
-    common = dict(model=model.name, params={"objective": config.objective, "n": len(samples)})
-    result = dict(profile_up=HeadScores.from_tensor(up, "zerotuning_gain_up", **common),
-                  profile_down=HeadScores.from_tensor(down, "zerotuning_gain_down", **common),
-                  params={"objective": config.objective, "gamma_up": config.gamma_up, "gamma_down": config.gamma_down,
-                          "n": len(samples)})
+    info: dict[str, Any] = {"objective": config.objective, "n": len(samples), "method": method}
+    if method == "atp":
+        info["screen"] = screen
+    common = dict(model=model.name, params=info)
+    result = dict(profile_up=HeadScores(sums=up * measured, counts=measured, analysis="zerotuning_gain_up", **common),
+                  profile_down=HeadScores(sums=down * measured, counts=measured.clone(), analysis="zerotuning_gain_down", **common),
+                  params={"gamma_up": config.gamma_up, "gamma_down": config.gamma_down, **info},
+                  loss_estimates={side: HeadScores.from_tensor(v, f"zerotuning_loss_estimate_{side}", **common)
+                                  for side, v in estimates.items()})
     if not group:
         return ZeroTuningResult(plan=base_plan, heads=[], gamma=1.0, direction="none", baseline=base, calibrated=base,
                                 sweep=pd.DataFrame(columns=["gamma", "objective"]), **result)

@@ -30,7 +30,12 @@ class PatchSession:
     n_heads: int
     head_dim: int
     stats: HeadStats = field(default_factory=HeadStats)
+    row_plans: list[InterventionPlan] | None = None
+    """One plan per batch row (each already combined with `plan`): rows that share a plan object
+    run together, so one batch can hold several single-head ablations × the prompts."""
+    capture: "AttributionCapture | None" = None
     _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
+    _row_groups: dict[int, list[tuple[torch.Tensor, LayerPlan | None]]] = field(default_factory=dict)
     _seen: dict[int, int] = field(default_factory=dict)
     _requests: dict[tuple[int, int], CompiledStats] = field(default_factory=dict)
 
@@ -40,6 +45,28 @@ class PatchSession:
             compiled = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
             self._compiled[layer] = None if compiled is None else compiled.to(device)
         return self._compiled[layer]
+
+    def row_groups(self, layer: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, LayerPlan | None]]:
+        """The layer's row groups: (row indices [b], the layer plan they share), rows without a
+        change in this layer together in one group. Built once per layer."""
+        assert self.row_plans is not None
+        if batch != len(self.row_plans):
+            raise PlanError(f"this forward has batch {batch}, but patched(row_plans=...) gave {len(self.row_plans)} "
+                            "plans; pass one plan per batch row")
+        if layer not in self._row_groups:
+            compiled: dict[int, LayerPlan | None] = {}
+            members: dict[int | None, list[int]] = {}
+            for row, plan in enumerate(self.row_plans):
+                if id(plan) not in compiled:
+                    lp = plan.compile_layer(layer, self.n_heads, self.head_dim)
+                    if lp is not None and any(z.shape[0] != 1 for z in lp.patches.values()):
+                        raise PlanError("a row plan's patched outputs must have batch 1 (they describe one row)")
+                    compiled[id(plan)] = None if lp is None else lp.to(device)
+                key = id(plan) if compiled[id(plan)] is not None else None
+                members.setdefault(key, []).append(row)
+            self._row_groups[layer] = [(torch.tensor(rows, device=device), None if key is None else compiled[key])
+                                       for key, rows in members.items()]
+        return self._row_groups[layer]
 
     def layer_request(self, layer: int, q_len: int, k_len: int, device: torch.device) -> CompiledStats | None:
         """The stats request resolved for a call of this shape, built once (every layer shares it)."""
@@ -82,9 +109,6 @@ def headlab_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface entry point: returns ([B, Q, H, Dv], None)."""
-    from headlab.kernels import patched_attention
-    from headlab.kernels.reference import apply_output_interventions
-
     for unsupported in ("s_aux", "sinks", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise UnsupportedArchitectureError(
@@ -109,56 +133,149 @@ def headlab_attention_forward(
         plan = session.layer_plan(layer, query.device)
         stats = session.layer_request(layer, Q, K, query.device)
         uses_positions = (plan is not None and (plan.has_bias or plan.has_var)) or (stats is not None and stats.wants_probabilities)
+        uses_positions = uses_positions or session.row_plans is not None or session.capture is not None
         if uses_positions and not positions_ok:
             raise PlanError(
                 f"layer {layer}: its sliding-window cache has dropped early tokens, so key positions no longer "
                 "match token positions; keep the input within the model's sliding window for position-based plans/stats"
             )
+    call = _Call(module, attention_mask, dropout, scaling, softcap, is_causal, causal, kwargs)
+    if session is not None and session.capture is not None:
+        return session.capture.forward(call, layer, query, key, value, session.n_heads, session.head_dim), None
+    if session is not None and session.row_plans is not None:
+        groups = session.row_groups(layer, B, query.device)
+        if len(groups) > 1:
+            out = query.new_empty(B, H, Q, value.shape[-1])
+            for rows, group_plan in groups:
+                out[rows] = call.select(rows).attend(query[rows], key[rows], value[rows], group_plan, None)[0]
+            return out.transpose(1, 2).contiguous(), None
+        plan = groups[0][1]
+    out, layer_stats = call.attend(query, key, value, plan, stats)
+    if layer_stats is not None:
+        # Token positions, also past a sliding window where cache indices stop matching them.
+        layer_stats.query_positions = stats.query_index + (session.tokens_seen(layer) - Q)
+        session.stats.add(layer, layer_stats)
+    return out.transpose(1, 2).contiguous(), None
 
-    if plan is None and stats is None and softcap is None:
-        out = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-        return out.transpose(1, 2), None
 
-    # SDPA computes every output at full speed unless the probabilities themselves change (or
-    # softcap, which SDPA lacks); the patched attention then computes only the probability stats,
-    # only on the rows asked for — e.g. the last prompt token of a retrieval-score prefill. When
-    # the stats cover many rows and the Triton kernels run, one fused pass does both for less.
-    sdpa_first = softcap is None and not (plan is not None and plan.touches_probabilities)
-    if sdpa_first and stats is not None and stats.wants_probabilities and stats.query_index.numel() * 4 >= Q:
-        from headlab.kernels import uses_triton
+@dataclass
+class _Call:
+    """The arguments of one attention call other than q, k, v: what `attend` needs to run it."""
 
-        sdpa_first = not uses_triton(query, key, value, attention_mask, stats)
-    if sdpa_first:
-        z = _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs).float()
-        rows = slice(0, Q)
+    module: torch.nn.Module
+    attention_mask: torch.Tensor | None
+    dropout: float
+    scaling: float
+    softcap: float | None
+    is_causal: bool | None
+    causal: bool
+    kwargs: dict[str, Any]
+
+    def select(self, rows: torch.Tensor) -> "_Call":
+        """The same call for a subset of the batch rows."""
+        mask = self.attention_mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[rows]
+        return replace(self, attention_mask=mask)
+
+    def differentiable(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Plain attention through autograd-capable code: SDPA, or the PyTorch reference for soft-capped logits."""
+        if self.softcap is None:
+            return self.plain(query, key, value)
+        from headlab.kernels import reference_attention
+
+        out, _ = reference_attention(query, key, value, scaling=self.scaling, is_causal=self.causal,
+                                     attention_mask=self.attention_mask, softcap=self.softcap)
+        return out
+
+    def plain(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return _plain_attention(self.module, query, key, value, self.attention_mask, self.dropout, self.scaling,
+                                self.is_causal, self.kwargs)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan | None,
+               stats: CompiledStats | None) -> tuple[torch.Tensor, LayerStats | None]:
+        """Head outputs [B, H, Q, Dv] (query dtype) under `plan`, and the layer's stats when asked."""
+        from headlab.kernels import patched_attention
+        from headlab.kernels.reference import apply_output_interventions
+
+        Q, K = query.shape[2], key.shape[2]
+        if plan is None and stats is None and self.softcap is None:
+            return self.plain(query, key, value), None
+        # SDPA computes every output at full speed unless the probabilities themselves change (or
+        # softcap, which SDPA lacks); the patched attention then computes only the probability stats,
+        # only on the rows asked for — e.g. the last prompt token of a retrieval-score prefill. When
+        # the stats cover many rows and the Triton kernels run, one fused pass does both for less.
+        sdpa_first = self.softcap is None and not (plan is not None and plan.touches_probabilities)
+        if sdpa_first and stats is not None and stats.wants_probabilities and stats.query_index.numel() * 4 >= Q:
+            from headlab.kernels import uses_triton
+
+            sdpa_first = not uses_triton(query, key, value, self.attention_mask, stats)
+        if not sdpa_first:
+            return patched_attention(query, key, value, scaling=self.scaling, is_causal=self.causal,
+                                     attention_mask=self.attention_mask, softcap=self.softcap, plan=plan, stats=stats)
+        B, H = query.shape[:2]
+        z = self.plain(query, key, value).float()
         patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
-        z = apply_output_interventions(z, plan, rows, patch)
-        out = z.to(query.dtype)
+        z = apply_output_interventions(z, plan, slice(0, Q), patch)
         layer_stats = None
         if stats is not None:
             selected = as_slice(stats.query_index)
             if stats.wants_probabilities:
                 positions = selected.start + (K - Q) if isinstance(selected, slice) else selected + (K - Q)
                 window = replace(stats, query_index=torch.arange(stats.query_index.numel()), head_outputs=False)
+                mask = self.attention_mask
                 _, layer_stats = patched_attention(
-                    query[:, :, selected], key, value, scaling=scaling, is_causal=causal,
-                    attention_mask=None if attention_mask is None else attention_mask[:, :, selected],
+                    query[:, :, selected], key, value, scaling=self.scaling, is_causal=self.causal,
+                    attention_mask=None if mask is None else mask[:, :, selected],
                     stats=window, query_positions=positions, compute_output=False,
                 )
             else:
                 layer_stats = LayerStats(query_positions=stats.query_index)
             if stats.head_outputs:
                 layer_stats.head_outputs = z[:, :, selected]
-    else:
-        out, layer_stats = patched_attention(
-            query, key, value, scaling=scaling, is_causal=causal, attention_mask=attention_mask,
-            softcap=softcap, plan=plan, stats=stats,
-        )
-    if layer_stats is not None:
-        # Token positions, also past a sliding window where cache indices stop matching them.
-        layer_stats.query_positions = stats.query_index + (session.tokens_seen(layer) - Q)
-        session.stats.add(layer, layer_stats)
-    return out.transpose(1, 2).contiguous(), None
+        return z.to(query.dtype), layer_stats
+
+
+@dataclass
+class AttributionCapture:
+    """What an attribution forward records (`headlab.attribution`): per layer, the head outputs z
+    [B, H, Q, Dv] as they enter the output projection, inside the autograd graph, and dz = z' − z
+    [B, H, Q, Dv] (fp32, no graph), z' the outputs under `ablation` computed from this forward's
+    own q, k, v — each head's change as if it alone were ablated, since a plan acts on each head
+    separately. The forward itself runs unpatched.
+
+    `direct=True` detaches every attention's q, k, v, so gradients reach a head's output only
+    through the residual stream, MLPs and norms — the paths path patching to the logits leaves
+    open (every other head frozen at its clean output).
+    """
+
+    ablation: InterventionPlan
+    direct: bool = False
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[int, torch.Tensor] = field(default_factory=dict)
+    _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
+
+    def forward(self, call: _Call, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                n_heads: int, head_dim: int) -> torch.Tensor:
+        """[B, Q, H, Dv] clean head outputs, recorded with their ablation deltas."""
+        if layer in self.outputs:
+            raise PlanError(f"layer {layer} ran twice in one attribution forward (generation or a cache?); "
+                            "attribution needs a single forward pass")
+        if self.direct:
+            query, key, value = query.detach(), key.detach(), value.detach()
+        z = call.differentiable(query, key, value)
+        if not z.requires_grad:
+            z = z.detach().clone().requires_grad_()
+        if layer not in self._compiled:
+            compiled = self.ablation.compile_layer(layer, n_heads, head_dim)
+            self._compiled[layer] = None if compiled is None else compiled.to(query.device)
+        plan = self._compiled[layer]
+        if plan is not None:
+            with torch.no_grad():
+                alt, _ = call.attend(query.detach(), key.detach(), value.detach(), plan, None)
+            self.outputs[layer] = z
+            self.deltas[layer] = alt.float() - z.detach().float()
+        return z.transpose(1, 2).contiguous()
 
 
 _registered = False

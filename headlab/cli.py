@@ -75,6 +75,10 @@ app.add_typer(intervene_app, name="intervene")
 MODEL = typer.Argument(..., help="local model directory, hub name, or zoo:<name>")
 OUT = typer.Option(Path("runs"), help="runs directory")
 RUN_ID = typer.Option(None, help="name of the run; an unfinished run of that name is resumed")
+METHOD = typer.Option("auto", help="head search: exact (every head) | atp (attribution estimate of every head, then the "
+                                     "best verified exactly) | auto (atp from 512 candidate heads up)")
+VERIFY = typer.Option(32, help="with atp: heads re-evaluated exactly (the highest estimates; path patching: each end)")
+SCREEN = typer.Option(32, help="with atp: candidates evaluated exactly (the largest estimated task-loss decrease)")
 POPE_DATA = typer.Option(None, "--data", help="POPE-format JSONL/CSV: image (file name), text (question), label")
 IMAGES = typer.Option(None, "--images", help="folder holding the dataset's images")
 TEMPLATE = typer.Option(None, "--template", help="prompt with {question} and the image placeholder (default: LLaVA-1.5's)")
@@ -190,13 +194,14 @@ def score_safety(
     keywords: Optional[list[str]] = typer.Option(None, "--keyword", help="refusal keyword (repeat); default the reference's list"),
     min_chars: Optional[int] = typer.Option(None, help="generations shorter than this count as refusals (reference: 32)"),
     max_new_tokens: int = typer.Option(32),
+    method: str = METHOD, verify: int = VERIFY,
 ) -> None:
     """Safety heads (Zhou et al. 2025): Ships per head, Sahara's head set, refusal before/after ablating it."""
     from headlab import jobs
 
     _job(jobs.score_safety, model, out, run_id, harmful=harmful, harmless=harmless, column=column, n=n, ablation=ablation,
          epsilon=epsilon, sahara_epsilon=sahara_epsilon, max_heads=max_heads, template=template,
-         keywords=keywords or None, min_chars=min_chars, max_new_tokens=max_new_tokens)
+         keywords=keywords or None, min_chars=min_chars, max_new_tokens=max_new_tokens, method=method, verify=verify)
 
 
 @score_app.command("conflict")
@@ -204,11 +209,12 @@ def score_conflict(
     model: str = MODEL, out: Path = OUT, run_id: Optional[str] = RUN_ID,
     data: Optional[str] = typer.Option(None, help="JSONL/CSV with prompt, memory_answer, context_answer, corrupted_prompt"),
     n: int = typer.Option(64, help="zoo pairs when no --data"),
+    method: str = METHOD, verify: int = VERIFY,
 ) -> None:
     """Knowledge-conflict heads: path patching each head to the logits; memory vs context heads."""
     from headlab import jobs
 
-    _job(jobs.score_conflict, model, out, run_id, data=data, n=n)
+    _job(jobs.score_conflict, model, out, run_id, data=data, n=n, method=method, verify=verify)
 
 
 @score_app.command("vision-heads")
@@ -266,12 +272,13 @@ def intervene_act(
     n: int = typer.Option(200, help="zoo samples when no --data"), calibration_fraction: float = typer.Option(0.5),
     beta: float = typer.Option(0.4), tau: float = typer.Option(0.1),
     layers: Optional[list[int]] = typer.Option(None, help="candidate layers (default 2..L-2)"), seed: int = typer.Option(0),
+    method: str = METHOD, screen: int = SCREEN,
 ) -> None:
     """ACT: search the heads whose sink calibration helps, evaluate before/after."""
     from headlab import jobs
 
     _job(jobs.intervene_act, model, out, run_id, data=data, n=n, calibration_fraction=calibration_fraction, beta=beta,
-         tau=tau, layers=layers or None, seed=seed)
+         tau=tau, layers=layers or None, seed=seed, method=method, screen=screen)
 
 
 @intervene_app.command("zerotuning")
@@ -281,12 +288,13 @@ def intervene_zerotuning(
     n: int = typer.Option(200, help="zoo samples when no --data"), calibration_fraction: float = typer.Option(0.5),
     objective: str = typer.Option("accuracy", help="accuracy (supervised) | entropy (unsupervised)"),
     layers: Optional[list[int]] = typer.Option(None, help="candidate layers (default all)"), seed: int = typer.Option(0),
+    method: str = METHOD, screen: int = SCREEN,
 ) -> None:
     """ZeroTuning: profile heads, pick the group and gamma on the calibration split, evaluate before/after."""
     from headlab import jobs
 
     _job(jobs.intervene_zerotuning, model, out, run_id, data=data, n=n, calibration_fraction=calibration_fraction,
-         objective=objective, layers=layers or None, seed=seed)
+         objective=objective, layers=layers or None, seed=seed, method=method, screen=screen)
 
 
 @intervene_app.command("ph3")
@@ -298,12 +306,13 @@ def intervene_ph3(
     k: Optional[int] = typer.Option(None, help="heads to prune (default: chosen on the calibration split)"),
     max_k: int = typer.Option(8, help="largest k tried when choosing k"),
     calibration_fraction: float = typer.Option(0.5), seed: int = typer.Option(0),
+    method: str = METHOD, verify: int = VERIFY,
 ) -> None:
     """PH3 (Jin et al. 2024): prune memory or context heads found by path patching; memory/context rates before/after."""
     from headlab import jobs
 
     _job(jobs.intervene_ph3, model, out, run_id, toward=toward, data=data, n=n, k=k, max_k=max_k,
-         calibration_fraction=calibration_fraction, seed=seed)
+         calibration_fraction=calibration_fraction, seed=seed, method=method, verify=verify)
 
 
 @app.command("app")

@@ -76,6 +76,18 @@ def _check_count(value: int, option: str, low: int = 1) -> None:
         raise HeadlabError(f"{option} must be at least {low}, got {value}")
 
 
+def _check_method(method: str, count: int, option: str) -> None:
+    """--method and its --verify / --screen count, checked before a run is opened."""
+    if method not in ("exact", "atp", "auto"):
+        raise HeadlabError(f"--method must be exact, atp or auto, got {method!r}")
+    _check_count(count, option, low=0 if option == "--verify" else 1)
+
+
+def _search_summary(params: dict[str, Any]) -> dict[str, Any]:
+    """What a run's summary says of how its heads were searched (method, exact count, estimate error)."""
+    return {k: params[k] for k in ("method", "verify", "screen", "verification", "top_token_mass") if k in params}
+
+
 def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
     """A new run, or the unfinished run `run_id` to resume (its analysis, model and params must match).
 
@@ -344,38 +356,51 @@ def _choice_splits(model: str, data: str | None, n: int, calibration_fraction: f
 
 def intervene_act(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None, n: int = 200,
                   calibration_fraction: float = 0.5, beta: float = 0.4, tau: float = 0.1, layers: list[int] | None = None,
-                  seed: int = 0, progress: bool = True) -> Path:
+                  seed: int = 0, method: str = "auto", screen: int = 32, progress: bool = True) -> Path:
     from headlab.analyses import act
 
+    _check_method(method, screen, "--screen")
     config = act.ACTConfig(beta=beta, tau=tau, layers=layers)
-    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config),
+              "method": method, "screen": screen}
     cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
     with started(out, "act", model, params, run_id) as (run, hm):
-        result = act.search(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        result = act.search(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT), method=method,
+                            screen=screen)
         evaluation = act.evaluate(hm, test, result.plan)
         run.save_plan(result.plan)
         summary = {"heads": [list(h) for h in result.heads], "calibration_accuracy_before": result.baseline_accuracy,
-                   "calibration_accuracy_after": result.calibrated_accuracy, "test": evaluation}
-        return _finish(run, summary, {"act_gain": result.gains})
+                   "calibration_accuracy_after": result.calibrated_accuracy, "test": evaluation,
+                   **_search_summary(result.params)}
+        scores = {"act_gain": result.gains}
+        if result.loss_estimate is not None:
+            scores["act_loss_estimate"] = result.loss_estimate
+        return _finish(run, summary, scores)
 
 
 def intervene_zerotuning(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
                          n: int = 200, calibration_fraction: float = 0.5, objective: str = "accuracy",
-                         layers: list[int] | None = None, seed: int = 0, progress: bool = True) -> Path:
+                         layers: list[int] | None = None, seed: int = 0, method: str = "auto", screen: int = 32,
+                         progress: bool = True) -> Path:
     from headlab.analyses import zerotuning as zt
 
+    _check_method(method, screen, "--screen")
     config = zt.ZeroTuningConfig(objective=objective, layers=layers)  # type: ignore[arg-type]
-    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config)}
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config),
+              "method": method, "screen": screen}
     cal, test = _choice_splits(model, data, n, calibration_fraction, seed)
     with started(out, "zerotuning", model, params, run_id) as (run, hm):
-        result = zt.calibrate(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        result = zt.calibrate(hm, cal, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT), method=method,
+                              screen=screen)
         evaluation = zt.evaluate(hm, test, result.plan)
         run.save_plan(result.plan)
         summary = {"heads": [list(h) for h in result.heads], "gamma": result.gamma, "direction": result.direction,
                    "calibration_objective_before": result.baseline, "calibration_objective_after": result.calibrated,
-                   "test": evaluation}
+                   "test": evaluation, **_search_summary(result.params)}
         run.save_samples(result.sweep, "gamma_sweep")
-        return _finish(run, summary, {"gain_up": result.profile_up, "gain_down": result.profile_down})
+        scores = {"gain_up": result.profile_up, "gain_down": result.profile_down}
+        scores.update({f"loss_estimate_{side}": est for side, est in result.loss_estimates.items()})
+        return _finish(run, summary, scores)
 
 
 def _zoo_task(model: str, task: str) -> bool:
@@ -393,10 +418,11 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
                  harmless: str | None = None, column: str | None = None, n: int = 48, ablation: str = "attention",
                  epsilon: float = 1e-4, sahara_epsilon: float = 1e-5, max_heads: int = 3, template: str = "{prompt}",
                  keywords: list[str] | None = None, min_chars: int | None = None, max_new_tokens: int = 32,
-                 progress: bool = True) -> Path:
+                 method: str = "auto", verify: int = 32, progress: bool = True) -> Path:
     """Ships per query and head, Sahara's safety-head set, and refusal rates before/after ablating it."""
     from headlab.analyses import safety
 
+    _check_method(method, verify, "--verify")
     zoo_model = _zoo_task(model, "refusal")
     if harmful:
         harmful_prompts = safety.build_dataset(path=harmful, column=column)
@@ -419,10 +445,11 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
     sahara_cfg = safety.SafetyConfig(ablation=ablation, epsilon=sahara_epsilon, template=template, max_heads=max_heads)  # type: ignore[arg-type]
     params = {"harmful": harmful, "harmless": harmless, "column": column, "n": n, "ablation": ablation, "epsilon": epsilon,
               "sahara_epsilon": sahara_epsilon, "max_heads": max_heads, "template": template,
-              "keywords": list(matcher.keywords), "min_chars": matcher.min_chars, "max_new_tokens": max_new_tokens}
+              "keywords": list(matcher.keywords), "min_chars": matcher.min_chars, "max_new_tokens": max_new_tokens,
+              "method": method, "verify": verify}
     with started(out, "safety", model, params, run_id) as (run, hm):
         cache = Checkpoint(run.dir / CHECKPOINT)
-        ships = safety.ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache)
+        ships = safety.ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache, method=method, verify=verify)
         found = safety.sahara(hm, harmful_prompts, sahara_cfg, progress=progress, cache=cache)
         evaluation = safety.evaluate(hm, harmful_prompts, harmless_prompts, found.heads, ships_cfg, matcher,
                                      max_new_tokens=max_new_tokens)
@@ -434,10 +461,13 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
         per_query = [{"prompt": p, "top_heads": json.dumps(ships.query_top(i, 5))} for i, p in enumerate(ships.prompts)]
         run.save_samples(pd.DataFrame(per_query), "ships_per_query")
         summary = {"harmful": len(harmful_prompts), "harmless": len(harmless_prompts or []),
-                   "top_ships": [[l, h, s] for l, h, s in ships.scores.top(10)],
-                   "sahara_heads": [list(h) for h in found.heads], "sahara_angles": found.angles, "evaluation": evaluation}
-        return _finish(run, summary, {"ships": ships.scores, "ships_top_count": ships.top_counts,
-                                      "dataset_ships": found.steps[0]})
+                   "top_ships": [[l, h, s] for l, h, s in ships.scores.top(10) if s == s],  # NaN: not verified (atp)
+                   "sahara_heads": [list(h) for h in found.heads], "sahara_angles": found.angles, "evaluation": evaluation,
+                   "ships_search": _search_summary(ships.scores.params)}
+        scores = {"ships": ships.scores, "ships_top_count": ships.top_counts, "dataset_ships": found.steps[0]}
+        if ships.estimate is not None:
+            scores["ships_estimate"] = ships.estimate
+        return _finish(run, summary, scores)
 
 
 def _conflict_samples(model: str, data: str | None, n: int):
@@ -456,23 +486,30 @@ def _conflict_samples(model: str, data: str | None, n: int):
 
 
 def score_conflict(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
-                   n: int = 64, progress: bool = True) -> Path:
+                   n: int = 64, method: str = "auto", verify: int = 32, progress: bool = True) -> Path:
     """Memory and context heads by path patching each head to the logits (PH3's first step)."""
     from headlab.analyses import conflict
 
+    _check_method(method, verify, "--verify")
     samples = _conflict_samples(model, data, n)
-    with started(out, "conflict", model, {"data": data, "n": n}, run_id) as (run, hm):
-        heads = conflict.find_heads(hm, samples, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+    params = {"data": data, "n": n, "method": method, "verify": verify}
+    with started(out, "conflict", model, params, run_id) as (run, hm):
+        heads = conflict.find_heads(hm, samples, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT), method=method,
+                                    verify=verify)
         summary = {"pairs": len(samples), "clean_logit_difference": heads.clean_ld,
                    "memory_heads": [[l, h, s] for l, h, s in heads.memory.top(5) if s > 0],
-                   "context_heads": [[l, h, s] for l, h, s in heads.context.top(5) if s > 0]}
-        return _finish(run, summary, {"conflict_effect": heads.effect, "memory_heads": heads.memory,
-                                      "context_heads": heads.context})
+                   "context_heads": [[l, h, s] for l, h, s in heads.context.top(5) if s > 0],
+                   **_search_summary(heads.effect.params)}
+        scores = {"conflict_effect": heads.effect, "memory_heads": heads.memory, "context_heads": heads.context}
+        if heads.estimate is not None:
+            scores["conflict_effect_estimate"] = heads.estimate
+        return _finish(run, summary, scores)
 
 
 def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = None, *, toward: str = "context",
                   data: str | None = None, n: int = 128, k: int | None = None, max_k: int = 8,
-                  calibration_fraction: float = 0.5, seed: int = 0, progress: bool = True) -> Path:
+                  calibration_fraction: float = 0.5, seed: int = 0, method: str = "auto", verify: int = 32,
+                  progress: bool = True) -> Path:
     """PH3: find memory/context heads on a calibration split, prune toward context or memory, evaluate on the rest."""
     from headlab.analyses import conflict, select_copy
 
@@ -480,18 +517,20 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
         raise HeadlabError(f"--toward must be 'context' or 'memory', got {toward!r}")
     _check_fraction(calibration_fraction)
     _check_count(max_k, "--max-k")
+    _check_method(method, verify, "--verify")
     if k is not None:
         _check_count(k, "--k")
     samples = _conflict_samples(model, data, n)
     cal_idx, test_idx = select_copy.split(len(samples), calibration_fraction, seed)
     cal, test = [samples[i] for i in cal_idx], [samples[i] for i in test_idx]
     params = {"toward": toward, "data": data, "n": n, "k": k, "max_k": max_k,
-              "calibration_fraction": calibration_fraction, "seed": seed}
+              "calibration_fraction": calibration_fraction, "seed": seed, "method": method, "verify": verify}
     spec = load_spec(model)
     if (k or max_k) > spec.n_layers * spec.n_heads:
         raise HeadlabError(f"--{'k' if k else 'max-k'} {k or max_k} is more than the model's {spec.n_layers * spec.n_heads} heads")
     with started(out, "ph3", model, params, run_id) as (run, hm):
-        heads = conflict.find_heads(hm, cal, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        heads = conflict.find_heads(hm, cal, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT), method=method,
+                                    verify=verify)
         result = conflict.ph3(hm, cal, heads, toward, k=k, max_k=max_k)  # type: ignore[arg-type]
         evaluation = conflict.evaluate(hm, test, result.plan)
         run.save_plan(result.plan)
@@ -499,7 +538,7 @@ def intervene_ph3(model: str, out: str | Path = "runs", run_id: str | None = Non
 
         run.save_samples(pd.DataFrame(evaluation.pop("answers")), "answers")
         summary = {"toward": toward, "k": result.k, "pruned": [list(h) for h in result.pruned],
-                   "k_selection": result.selection, "test": evaluation}
+                   "k_selection": result.selection, "test": evaluation, **_search_summary(heads.effect.params)}
         return _finish(run, summary, {"memory_heads": heads.memory, "context_heads": heads.context})
 
 

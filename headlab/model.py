@@ -6,6 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import torch
@@ -91,10 +92,16 @@ class HeadModel:
 
     # ---- patching --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def patched(self, plan: InterventionPlan | None = None, stats: StatsRequest | None = None) -> Iterator[attention.PatchSession]:
+    def patched(self, plan: InterventionPlan | None = None, stats: StatsRequest | None = None, *,
+                row_plans: Sequence[InterventionPlan] | None = None,
+                capture: attention.AttributionCapture | None = None) -> Iterator[attention.PatchSession]:
         """Apply `plan` and record `stats` in every forward run inside the context.
 
         Yields the session; after the forwards, `rec.stats` is a `HeadStats`.
+        `row_plans` (one per batch row, each added to `plan`) lets the rows of one batch run
+        different plans — several single-head ablations × the prompts in one pass; rows that share
+        a plan object run their attention together. `capture` is `headlab.attribution`'s hook
+        (an unpatched forward that records head outputs for gradients).
         """
         if self.model.config._attn_implementation != attention.ATTN_IMPLEMENTATION:
             raise HeadlabError(
@@ -111,7 +118,24 @@ class HeadModel:
         plan.validate(self.spec)
         if stats is not None:
             stats.validate(self.spec)
-        session = attention.PatchSession(plan=plan, request=stats, n_heads=self.spec.n_heads, head_dim=self.spec.head_dim)
+        rows = None
+        if row_plans is not None:
+            if stats is not None or capture is not None:
+                raise PlanError("row_plans run plans only: record stats or attributions in a separate patched() call")
+            combined: dict[int, InterventionPlan] = {}
+            for i, p in enumerate(row_plans):
+                if not isinstance(p, InterventionPlan):
+                    raise PlanError(f"row_plans[{i}] must be an InterventionPlan, got {type(p).__name__}")
+                if id(p) not in combined:
+                    p.validate(self.spec)
+                    combined[id(p)] = plan + p if not plan.is_empty() else p
+            rows = [combined[id(p)] for p in row_plans]
+        if capture is not None and (stats is not None or not plan.is_empty()):
+            raise PlanError("an attribution capture runs the clean model: no plan or stats in the same patched() call")
+        if capture is not None:
+            capture.ablation.validate(self.spec)
+        session = attention.PatchSession(plan=plan, request=stats, n_heads=self.spec.n_heads, head_dim=self.spec.head_dim,
+                                         row_plans=rows, capture=capture)
         self._active = session
         for module in self._modules:
             setattr(module, attention.SESSION_ATTR, session)

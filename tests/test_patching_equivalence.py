@@ -85,9 +85,10 @@ def test_ships_equals_eager_hooks(hm, eager, ablation):
         hook = _scale_q(eager, l, h, 1e-4) if ablation == "attention" else _scale_o_input(eager, l, h, 1e-4)
         want = _kl(base, _eager_last_logits(eager, PROMPTS, [hook]))
         torch.testing.assert_close(got.per_query[:, l, h], want, rtol=1e-3, atol=1e-7)
-    # heads not asked for stay exactly zero; at least one asked-for head matters on this model
-    assert got.per_query[:, 2, 5].abs().max() == 0
-    assert got.scores.values.max() > 1e-3
+    # heads not asked for stay exactly zero and unmeasured; at least one asked-for head matters on this model
+    assert got.per_query[:, 2, 5].abs().max() == 0 and got.scores.values[2, 5].isnan()
+    assert got.scores.counts.sum() == len(HEADS)
+    assert torch.nan_to_num(got.scores.values, nan=0.0).max() > 1e-3
 
 
 def test_ships_with_a_noop_ablation_is_zero(hm):

@@ -154,23 +154,24 @@ def test_prompt_datasets_name_the_problem(tmp_path):
 
 
 def test_safety_job_writes_a_run_and_resumes(tmp_path, monkeypatch):
-    kw = dict(n=12, max_heads=1, progress=False)
-    real = safety.last_token_outputs
+    kw = dict(n=12, max_heads=1, progress=False, method="exact")
+    real = safety.kl_divergence
     calls = []
 
     def failing(*a, **k):
-        if len(calls) == 4:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(safety, "last_token_outputs", failing)
+    monkeypatch.setattr(safety, "kl_divergence", failing)
     with pytest.raises(KeyboardInterrupt):
         jobs.score_safety(MODEL, tmp_path, "s1", **kw)
     assert read_manifest(tmp_path / "s1")["status"] == "interrupted"
-    assert len(Checkpoint(tmp_path / "s1" / jobs.CHECKPOINT)) == 3  # base pass + 3 heads
+    # 12 prompts, 32 rows a pass: 2 heads × the prompts per pass; 2 passes finished
+    assert sorted(Checkpoint(tmp_path / "s1" / jobs.CHECKPOINT)) == ["ships:L0H0", "ships:L0H1", "ships:L0H2", "ships:L0H3"]
 
-    monkeypatch.setattr(safety, "last_token_outputs", real)
+    monkeypatch.setattr(safety, "kl_divergence", real)
     run = jobs.score_safety(MODEL, tmp_path, "s1", **kw)
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["sahara_heads"]) == 1 and summary["evaluation"]["harmful"]["refusal_before"] == 1.0
