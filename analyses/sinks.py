@@ -88,7 +88,7 @@ def _text_findings(model: HeadModel, t: int, text: str, request: StatsRequest, c
     tokens = model.text_tokenizer.convert_ids_to_tokens(ids)
     with model.patched(None, request) as rec:
         with torch.no_grad():
-            out = model.model(**enc, output_hidden_states=True)
+            out = model(**enc, output_hidden_states=True)
     first = rec.stats.span_mass("first")[:, 0].mean(dim=-1).double().cpu()
     r = rec.stats.received_mean[:, 0].cpu()  # [L, H, K]
     hidden = r[..., 1:] > config.tau

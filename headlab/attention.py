@@ -19,6 +19,13 @@ from headlab.stats import CompiledStats, HeadStats, LayerStats, StatsRequest, as
 
 ATTN_IMPLEMENTATION = "headlab"
 SESSION_ATTR = "_headlab_session"
+OBSERVE_ATTR = "_headlab_observe"
+"""Set on an attention module by an integration whose hooks ask to see what happens inside the
+call (TransformerLens's hook_attn_scores / hook_pattern / hook_rot_q / hook_rot_k): a set of
+"pattern" and/or "qk". The call then leaves a dict in OBSERVED_ATTR: "scores" and "pattern"
+[B, H, Q, K] fp32 (O(N²) memory, on demand only), "q" [B, H, Q, D] and "k" [B, Hkv, Q, D] (the
+call's new keys) after the rotary embedding."""
+OBSERVED_ATTR = "_headlab_observed"
 
 
 @dataclass
@@ -151,11 +158,30 @@ def headlab_attention_forward(
             return out.transpose(1, 2).contiguous(), None
         plan = groups[0][1]
     out, layer_stats = call.attend(query, key, value, plan, stats)
+    observe = getattr(module, OBSERVE_ATTR, None)
+    if observe:
+        _observe(module, observe, query, key, attention_mask, scaling, softcap, causal, plan)
     if layer_stats is not None:
         # Token positions, also past a sliding window where cache indices stop matching them.
         layer_stats.query_positions = stats.query_index + (session.tokens_seen(layer) - Q)
         session.stats.add(layer, layer_stats)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _observe(module: torch.nn.Module, what: set[str], query: torch.Tensor, key: torch.Tensor,
+             attention_mask: torch.Tensor | None, scaling: float, softcap: float | None, causal: bool,
+             plan: LayerPlan | None) -> None:
+    """Leave what an integration's hooks asked to see in the module's OBSERVED_ATTR (see OBSERVE_ATTR)."""
+    observed: dict[str, torch.Tensor] = {}
+    if "qk" in what:
+        observed["q"], observed["k"] = query, key[:, :, key.shape[2] - query.shape[2]:]
+    if "pattern" in what:
+        from headlab.kernels.reference import attention_pattern
+
+        with torch.no_grad():
+            observed["scores"], observed["pattern"] = attention_pattern(
+                query, key, scaling=scaling, is_causal=causal, attention_mask=attention_mask, softcap=softcap, plan=plan)
+    setattr(module, OBSERVED_ATTR, observed)
 
 
 @dataclass

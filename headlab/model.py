@@ -225,7 +225,7 @@ def _model_class(config: Any) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path,
+    name_or_path: str | Path | Any,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -239,8 +239,12 @@ def load_model(
 
     Weights load from safetensors only; `trust_remote_code` stays off unless asked.
     `attn_implementation` defaults to "headlab" (the patched attention); "eager" or "sdpa" load
-    the model for comparison, without patching.
+    the model for comparison, without patching. A TransformerLens `TransformerBridge` or an
+    nnsight `LanguageModel` is taken as it is (same weights): its attention is routed through
+    headlab (`headlab.integrations`).
     """
+    if not isinstance(name_or_path, (str, Path)):
+        return _from_object(name_or_path)
     attention.register()
     source, is_local = _resolve_source(name_or_path)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -264,6 +268,19 @@ def load_model(
     head_model = HeadModel(model=model, tokenizer=tokenizer, spec=spec, name=str(name_or_path), revision=revision)
     log.info("loaded %s: attention %s", name_or_path, attn_implementation)
     return head_model
+
+
+def _from_object(obj: Any) -> HeadModel:
+    """A HeadModel over a model object another tool already loaded (TransformerLens, nnsight)."""
+    from headlab.integrations import nnsight as nns
+    from headlab.integrations import transformer_lens as tl
+
+    if tl.is_bridge(obj):
+        return tl.from_bridge(obj)
+    if nns.is_nnsight_model(obj):
+        return nns.from_nnsight(obj)
+    raise HeadlabError(f"load_model takes a hub name, a local path, zoo:<name>, a TransformerLens TransformerBridge or an "
+                       f"nnsight LanguageModel; got {type(obj).__name__}")
 
 
 def _load_config(source: str, is_local: bool, common: dict[str, Any]) -> Any:

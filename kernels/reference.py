@@ -115,6 +115,46 @@ def _probabilities(
     return p.div_(denom), allowed
 
 
+def attention_pattern(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scaling: float,
+    is_causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    plan: LayerPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole attention matrix of one call, as the patched attention weighs it: (scores
+    [B, H, Q, K] fp32 — pre-softmax logits with the plan's logit scale and key bias, masked keys
+    −inf — and pattern [B, H, Q, K] fp32 — the probabilities after ACT / VAR). O(B·H·Q·K) memory:
+    for the integrations' pattern hooks (TransformerLens `hook_attn_scores` / `hook_pattern`),
+    computed only when one is asked for."""
+    B, H, Q, _ = query.shape
+    K = key.shape[2]
+    device = query.device
+    key_t = key.float().transpose(-1, -2)
+    q_pos = torch.arange(Q, device=device) + (K - Q)
+    plan = plan_for_call(plan, K, device)
+    rows = slice(0, Q)
+    scores = _logits(query, key_t, rows, scaling, softcap, plan.logit_scale if plan is not None and plan.has_logit_scale else None)
+    allowed, additive = _mask_block(attention_mask, is_causal, rows, q_pos, K, (B, H, Q, K))
+    if additive is not None:
+        scores = scores + additive
+    if plan is not None and plan.has_bias:
+        scores[..., plan.bias_positions] += plan.bias[None, :, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    pattern, _ = _probabilities(query, key_t, rows, scaling=scaling, softcap=softcap, attention_mask=attention_mask,
+                                is_causal=is_causal, q_pos=q_pos, plan=plan)
+    if plan is not None and plan.has_act:
+        received = pattern.sum(dim=2)
+        count = allowed.float().sum(dim=2).expand(B, H, K)
+        pattern = act_calibrate(pattern, act_sink_sets(received, count, plan), plan.act_beta)
+    if plan is not None and plan.has_var:
+        pattern = var_redistribute(pattern, plan)
+    return scores, pattern
+
+
 def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
     """ACT's sink set per (batch, head): [B, H, K] bool.
 
