@@ -18,7 +18,7 @@ from headlab.headview import head_view
 from headlab.playground import compare_plan
 
 from . import figures
-from .context import AppContext, build_mask, as_float, as_int, mask_summary, query_params, split_ref
+from .context import AppContext, as_float, as_int, build_mask, check_text, check_tokens, mask_summary, query_params, split_ref
 from .pages import PAGES, error_box, runs_rows
 from .tasks import error_message
 
@@ -88,7 +88,7 @@ def register(app: Dash, ctx: AppContext) -> None:
     def heatmap_scores(run: str | None, current: str | None):
         if not run:
             return [], None, "no run with head scores here yet: run `headlab demo` or `headlab score ...`"
-        names = list(ctx.store.scores(run))
+        names = ctx.store.score_names(run)  # every listed score; a corrupt one says so when picked
         return names, current if current in names else (names[0] if names else None), ""
 
     @app.callback(Output("heatmap-graph", "figure"), Output("heatmap-mask", "children"), Output("heatmap-playground", "href"),
@@ -99,7 +99,10 @@ def register(app: Dash, ctx: AppContext) -> None:
     def heatmap_figure(run, score, mode, k, threshold):
         if not run or not score:
             return EMPTY, "", "/playground", ""
-        scores = ctx.store.score(run, score)
+        try:
+            scores = ctx.store.score(run, score)
+        except HeadlabError as exc:  # a corrupt or half-copied file: this score only, the page goes on
+            return EMPTY, "", "/playground", f"cannot show {score!r} of run {run}: {exc}"
         mask = build_mask(scores, mode, k, threshold)
         query = {"source": f"{run}::{score}", "mode": mode, "k": k, "threshold": threshold}
         href = "/playground?" + urlencode({k: v for k, v in query.items() if v is not None})
@@ -152,7 +155,8 @@ def register(app: Dash, ctx: AppContext) -> None:
         short = _names(loaded)
         names = [short[ref] for ref in loaded]
         table = compare(list(loaded.values()), k=k, names=names)
-        rows = [{**r, "jaccard_topk": round(r["jaccard_topk"], 3), "spearman": round(r["spearman"], 3)}
+        rows = [{**r, "jaccard_topk": _shown(r["jaccard_topk"]), "spearman": _shown(r["spearman"]),
+                 "shared_topk": "—" if r["shared_topk"] is None or r["shared_topk"] != r["shared_topk"] else int(r["shared_topk"])}
                 for r in table.to_dict("records")]
         grid = figures.compare_grid(list(loaded.values()), names, scale)
         sc = EMPTY
@@ -170,29 +174,39 @@ def register(app: Dash, ctx: AppContext) -> None:
         values = per[ref["score"]][:, ref["layer"], ref["head"]].tolist()
         return dcc.Graph(figure=figures.histogram(values, ref["score"]), config={"displaylogo": False}, id="head-hist")
 
-    @app.callback(Output("head-task", "data"), Output("head-poll", "disabled"), Output("head-text", "value"),
-                  Output("head-error", "children"),
-                  Input("head-example", "value"), Input("head-compute", "n_clicks"),
-                  State("head-text", "value"), State("head-query", "value"), State("head-ref", "data"), State("head-task", "data"))
-    @guarded(4, 3)
-    def head_start(example, _clicks, text, query, ref, previous):
-        examples = ctx.store.examples(ref["run"])
+    @app.callback(Output("head-text", "value"), Input("head-example", "value"), State("head-ref", "data"),
+                  prevent_initial_call=True)
+    def head_example_text(example, ref):
+        if example in (None, "custom"):
+            return no_update
+        try:
+            examples = ctx.store.examples(ref["run"])
+            return examples[as_int(example, "example", 0, len(examples) - 1)]["text"]
+        except HeadlabError:
+            return no_update
+
+    @app.callback(Output("head-task", "data"), Output("head-poll", "disabled"), Output("head-error", "children"),
+                  Input("head-compute", "n_clicks"),
+                  State("head-example", "value"), State("head-text", "value"), State("head-query", "value"),
+                  State("head-ref", "data"), State("head-task", "data"), prevent_initial_call=True)
+    @guarded(3, 2)
+    def head_start(_clicks, example, text, query, ref, previous):
+        """Load the run's model (first time only) and compute the head view — only on request."""
         spans, image = {}, None
-        if example != "custom" and example is not None:
+        if example not in (None, "custom"):
+            examples = ctx.store.examples(ref["run"])
             chosen = examples[as_int(example, "example", 0, len(examples) - 1)]
-            if trigger.triggered_id != "head-compute" or text == chosen["text"]:
-                text, spans = chosen["text"], chosen.get("spans", {})
+            if text == chosen["text"]:
+                spans = chosen.get("spans", {})
                 image = ctx.store.example_image(ref["run"], chosen)  # vision runs: the image tokens become a span
-        elif trigger.triggered_id == "head-example":
-            return no_update, no_update, no_update, ""  # "my own text": wait for Compute
         q = as_int(query if query not in (None, "") else -1, "query position")
-        if not text or not text.strip():
-            raise HeadlabError("the input text is empty: type a text or pick an example")
+        text = check_text(text, "input text")
         ctx.tasks.cancel((previous or {}).get("id"))
         layer, head, model_ref = ref["layer"], ref["head"], ref["model"]
 
         def work(progress, should_stop):
             with ctx.models.use(model_ref, status=lambda message: progress(0.05, message)) as hm:
+                check_tokens(hm, text)
                 progress(0.3, f"two patched forwards, stats of layer {layer}")
                 v = head_view(hm, text, layer, head, query=q, spans=spans, image=image)
             return {"tokens": v.tokens, "query_position": v.query_position, "row": v.row.tolist(),
@@ -202,7 +216,7 @@ def register(app: Dash, ctx: AppContext) -> None:
                     "spans": {k: list(s) for k, s in {**spans, **v.spans}.items()}}
 
         task_id = ctx.tasks.submit("head", work)
-        return {"id": task_id}, False, text, ""
+        return {"id": task_id}, False, ""
 
     def render_head(view, mode="row"):
         return (figures.token_view(view, mode, view.get("spans")), view["top"], figures.per_query(view))
@@ -230,17 +244,32 @@ def register(app: Dash, ctx: AppContext) -> None:
             return str(exc)
 
     @app.callback(Output("pg-task", "data"), Output("pg-poll", "disabled"), Output("pg-error", "children"),
-                  Input("pg-run", "n_clicks"),
+                  Output("pg-result", "children", allow_duplicate=True), Input("pg-run", "n_clicks"),
                   State("pg-model", "value"), State("pg-source", "value"), State("pg-mode", "value"), State("pg-k", "value"),
                   State("pg-threshold", "value"), State("pg-kind", "value"), State("pg-value", "value"),
                   State("pg-max-new", "value"), State("pg-prompt", "value"), State("pg-task", "data"), prevent_initial_call=True)
-    @guarded(3, 2)
     def pg_start(_clicks, model_ref, source, mode, k, threshold, kind, value, max_new, prompt, previous):
+        ctx.tasks.cancel((previous or {}).get("id"))  # a new request: the old result and task are gone either way
+        try:
+            return (*_pg_submit(model_ref, source, mode, k, threshold, kind, value, max_new, prompt), "")
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, HeadlabError):
+                log.exception("playground request failed")
+            return no_update, True, error_message(exc), ""
+
+    def _pg_submit(model_ref, source, mode, k, threshold, kind, value, max_new, prompt):
         if not model_ref:
             raise HeadlabError("pick a model")
+        if model_ref not in ctx.models.text_models():
+            raise HeadlabError(ctx.models.why_not(model_ref) if model_ref not in ctx.models.allowed()
+                               else f"{model_ref} needs an image; the playground takes text prompts only")
         if not source:
             raise HeadlabError("pick the scores whose heads to intervene on ('heads from')")
-        mask = build_mask(ctx.load_score(source)[2], mode, k, threshold)
+        scores = ctx.load_score(source)[2]
+        if scores.model and scores.model != model_ref:
+            raise HeadlabError(f"those heads were scored on {scores.model}, not {model_ref}: head numbers do not carry "
+                               "over between models — pick that model, or scores from a run on this one")
+        mask = build_mask(scores, mode, k, threshold)
         if not len(mask):
             raise HeadlabError("the mask selects no heads: raise k or lower the threshold")
         value = as_float(value, "value")
@@ -250,12 +279,14 @@ def register(app: Dash, ctx: AppContext) -> None:
             raise HeadlabError(f"ACT's β must be in [0, 1], got {value}")
         plan = mask.to_plan(kind, value)
         max_new = as_int(max_new, "new tokens", 0, 256)
-        if not prompt or not prompt.strip():
-            raise HeadlabError("the prompt is empty: type a prompt")
-        ctx.tasks.cancel((previous or {}).get("id"))
+        prompt = check_text(prompt, "prompt")
 
         def work(progress, should_stop):
             with ctx.models.use(model_ref, status=lambda message: progress(0.0, message)) as hm:
+                if hm.spec.shape != (mask.n_layers, mask.n_heads):
+                    raise HeadlabError(f"the mask is for {mask.n_layers} × {mask.n_heads} heads, {model_ref} has "
+                                       f"{hm.spec.shape[0]} × {hm.spec.shape[1]}")
+                check_tokens(hm, prompt)
                 result = compare_plan(hm, prompt, plan, max_new_tokens=max_new, top_k=10, progress=progress,
                                       should_stop=should_stop)
             return {**result.to_dict(), "mask": mask_summary(mask), "kind": kind, "value": value}
@@ -284,6 +315,11 @@ def register(app: Dash, ctx: AppContext) -> None:
         if not task_ref:
             return "0", "", True, "", no_update
         return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_pg, 1)
+
+
+def _shown(x: float) -> Any:
+    """A table number: rounded, or "—" where it is undefined (NaN), never a blank or a made-up 1.0."""
+    return "—" if x != x else round(x, 3)
 
 
 def _names(loaded: dict[str, Any]) -> dict[str, str]:

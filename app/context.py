@@ -83,6 +83,28 @@ def build_mask(scores: HeadScores, mode: str, k: Any, threshold: Any) -> HeadMas
     return scores.to_mask(top_k=as_int(k, "top-k", 0, n))
 
 
+MAX_TEXT_CHARS = 20_000
+MAX_TOKENS = 4096
+"""What one page request may run: at most this many characters, and tokens once tokenized."""
+
+
+def check_text(text: Any, what: str) -> str:
+    """The text, non-empty and within MAX_TEXT_CHARS."""
+    if not isinstance(text, str) or not text.strip():
+        raise HeadlabError(f"the {what} is empty: type a text or pick an example")
+    if len(text) > MAX_TEXT_CHARS:
+        raise HeadlabError(f"the {what} has {len(text):,} characters; the app runs at most {MAX_TEXT_CHARS:,} "
+                           "(use the library or the CLI for longer inputs)")
+    return text
+
+
+def check_tokens(model: Any, text: str) -> None:
+    """Refuse a text longer than MAX_TOKENS tokens for `model`."""
+    n = len(model.text_tokenizer(text)["input_ids"])
+    if n > MAX_TOKENS:
+        raise HeadlabError(f"the text is {n:,} tokens; the app runs at most {MAX_TOKENS:,} per request")
+
+
 def mask_summary(mask: HeadMask) -> str:
     heads = ", ".join(f"L{l}H{h}" for l, h in mask)
     return f"{len(mask)} of {mask.n_layers * mask.n_heads} heads: {heads or '(none)'}"

@@ -16,21 +16,35 @@ from headlab.scores import HeadScores
 MASK_COLOUR = "#e4572e"
 
 
+MAX_HEIGHT = 760
+"""Tallest heatmap (px): 80 layers fit a laptop screen with the controls above them."""
+
+
 def heatmap(scores: HeadScores, mask: HeadMask | None = None, title: str | None = None) -> go.Figure:
-    """The scores' layer × head heatmap (hover: score, rank, count), the mask's heads outlined."""
+    """The scores' layer × head heatmap (hover: score, rank, count), the mask's heads outlined —
+    all outlines one trace (one path with gaps), so any mask draws at once."""
     fig = scores.plot(title)
+    xs: list[float | None] = []
+    ys: list[float | None] = []
     for layer, head in (mask or []):
-        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
-                      line={"color": MASK_COLOUR, "width": 3})
-    fig.update_layout(margin={"l": 50, "r": 20, "t": 50, "b": 40}, height=140 + 42 * scores.shape[0],
-                      yaxis={"autorange": "reversed", "dtick": 1}, xaxis={"dtick": 1}, clickmode="event")
+        xs += [head - 0.5, head + 0.5, head + 0.5, head - 0.5, head - 0.5, None]
+        ys += [layer - 0.5, layer - 0.5, layer + 0.5, layer + 0.5, layer - 0.5, None]
+    if xs:
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": MASK_COLOUR, "width": 2.5}, hoverinfo="skip",
+                                 showlegend=False, name="mask"))
+    L, H = scores.shape
+    fig.update_layout(margin={"l": 50, "r": 20, "t": 50, "b": 40}, height=min(140 + 42 * L, MAX_HEIGHT),
+                      yaxis={"autorange": "reversed", "dtick": 1 if L <= 40 else 5, "range": [L - 0.5, -0.5]},
+                      xaxis={"dtick": 1 if H <= 40 else 4, "range": [-0.5, H - 0.5]}, clickmode="event")
     return fig
 
 
-def _percentile(scores: HeadScores) -> list[list[float]]:
-    n = scores.shape[0] * scores.shape[1]
-    r = scores.ranks().double()
-    return (1.0 - r / max(n - 1, 1)).tolist()
+def _percentile(scores: HeadScores) -> list[list[float | None]]:
+    """Per head: the fraction of measured heads it beats, ties sharing their value (None: unmeasured)."""
+    v = scores.values
+    n = int((~v.isnan()).sum())
+    r = scores.tied_ranks()
+    return [[None if rank == 0 else 1.0 - (rank - 1) / max(n - 1, 1) for rank in row] for row in r.tolist()]
 
 
 def compare_grid(scores: Sequence[HeadScores], names: Sequence[str], scale: str = "rank") -> go.Figure:
@@ -38,7 +52,7 @@ def compare_grid(scores: Sequence[HeadScores], names: Sequence[str], scale: str 
     score) or "score" (raw values, one shared min/max)."""
     fig = make_subplots(rows=1, cols=len(scores), subplot_titles=list(names), horizontal_spacing=0.04)
     for i, s in enumerate(scores):
-        z = _percentile(s) if scale == "rank" else s.values.tolist()
+        z = _percentile(s) if scale == "rank" else [[None if x != x else x for x in row] for row in s.values.tolist()]
         custom = [[[v] for v in row] for row in s.values.tolist()]
         fig.add_trace(go.Heatmap(z=z, customdata=custom, coloraxis="coloraxis",
                                  hovertemplate="layer %{y} head %{x}<br>score %{customdata[0]:.4g}<br>"

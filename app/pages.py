@@ -9,7 +9,7 @@ from dash import dash_table, dcc, html
 
 from headlab.errors import HeadlabError
 
-from .context import SEP, AppContext, as_int
+from .context import MAX_TEXT_CHARS, SEP, AppContext, as_int
 
 PLAN_KINDS = [
     {"label": "prune (output × 0)", "value": "prune"},
@@ -17,7 +17,7 @@ PLAN_KINDS = [
     {"label": "ZeroTuning γ on the first token", "value": "first_token"},
     {"label": "ACT β (sink calibration)", "value": "act"},
 ]
-RUN_COLUMNS = ["open", "id", "analysis", "model", "dataset", "params", "started", "duration_s", "status", "scores"]
+RUN_COLUMNS = ["open", "id", "analysis", "model", "dataset", "params", "started", "duration_s", "status", "scores", "problem"]
 
 
 def error_box(message: str | None, id: str | None = None) -> html.Div:
@@ -50,6 +50,8 @@ def runs_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
             style_table={"overflowX": "auto"},
             style_cell={"textAlign": "left", "fontSize": 13, "maxWidth": 220, "overflow": "hidden", "textOverflow": "ellipsis"},
             style_data_conditional=[{"if": {"filter_query": '{status} = "failed"', "column_id": "status"}, "color": "#c0392b"},
+                                    {"if": {"filter_query": '{status} = "unreadable"'}, "color": "#c0392b",
+                                     "backgroundColor": "#fdecea"},
                                     {"if": {"filter_query": '{status} = "interrupted"', "column_id": "status"}, "color": "#d68910"}],
             tooltip_duration=None,
         ),
@@ -81,15 +83,16 @@ def heatmap_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
             html.Label(["threshold ", dcc.Input(id="heatmap-threshold", type="number", value=params.get("threshold", 0.1))]),
         ], className="row controls"),
         error_box(None, "heatmap-error"),
-        dcc.Graph(id="heatmap-graph", config={"displaylogo": False}),
-        html.P("Click a head to see where it attends.", className="hint"),
-        html.Div(id="heatmap-mask", className="mask"),
+        # The mask and its exports sit above the figure: with 80 layers they stay on screen.
         html.Div([
             html.Span("export mask: "),
             html.Button("JSON", id="export-json"), html.Button("safetensors", id="export-safetensors"),
             html.Button("DuoAttention TSV", id="export-duo"),
             dcc.Link("→ try this mask in the playground", id="heatmap-playground", href="/playground"),
         ], className="row export"),
+        html.Div(id="heatmap-mask", className="mask"),
+        html.P("Click a head to see where it attends. Grey: not measured.", className="hint"),
+        dcc.Graph(id="heatmap-graph", config={"displaylogo": False}),
         dcc.Download(id="export-download"),
     ])
 
@@ -111,7 +114,7 @@ def compare_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
         dcc.Graph(id="compare-grid", config={"displaylogo": False}),
         html.H3("Overlap and rank correlation"),
         dash_table.DataTable(id="compare-table", columns=[{"name": c, "id": c} for c in
-                                                          ("a", "b", "k", "shared_topk", "jaccard_topk", "spearman")],
+                                                          ("a", "b", "k", "shared_topk", "jaccard_topk", "spearman", "note")],
                              style_cell={"textAlign": "left", "fontSize": 13}),
         html.H3("One score against another, per head"),
         html.Div([html.Label(["x", dcc.Dropdown(id="compare-x", clearable=False)]),
@@ -148,7 +151,10 @@ def head_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
     for n, s in scores.items():
         rows.append({"score": n, "analysis": s.analysis, "value": f"{s[(layer, head)]:.4g}",
                      "rank": f"{int(s.ranks()[layer, head]) + 1} of {L * H}"})
-    examples = ctx.store.examples(run)
+    try:
+        examples, examples_problem = ctx.store.examples(run), ""
+    except HeadlabError as exc:  # a corrupt examples file: the page works on your own text
+        examples, examples_problem = [], f"this run's example inputs cannot be read ({exc}); type your own text"
     ex_options = [{"label": ex.get("label") or f"example {i}", "value": str(i)} for i, ex in enumerate(examples)]
     ex_options.append({"label": "my own text", "value": "custom"})
     return html.Div([
@@ -169,8 +175,10 @@ def head_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
                                                           {"label": "mean received attention", "value": "received_mean"}],
                            value="row", inline=True),
         ], className="row controls"),
-        dcc.Textarea(id="head-text", value=examples[0]["text"] if examples else "", className="prompt"),
+        error_box(examples_problem, "head-examples-problem"),
+        dcc.Textarea(id="head-text", value=examples[0]["text"] if examples else "", className="prompt", maxLength=MAX_TEXT_CHARS),
         html.Button("Compute", id="head-compute"),
+        html.Span(f" loads {manifest.get('model')} on first use", className="hint"),
         dcc.Store(id="head-task"), dcc.Interval(id="head-poll", interval=300, disabled=True),
         progress_bar("head"),
         error_box(None, "head-error"),
@@ -183,7 +191,7 @@ def head_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
 
 
 def playground_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
-    models = ctx.models.allowed()
+    models = ctx.models.text_models()
     source = params.get("source")
     run_id = ctx.load_score(source)[0] if source else None  # checks the reference names a run's scores
     model = params.get("model") or (ctx.store.manifest(run_id).get("model") if run_id else None) or (models[0] if models else None)
@@ -211,7 +219,7 @@ def playground_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
             html.Label(["new tokens ", dcc.Input(id="pg-max-new", type="number", min=0, max=256, step=1, value=12)]),
         ], className="row controls"),
         html.Div(id="pg-mask", className="mask"),
-        dcc.Textarea(id="pg-prompt", value=prompt, className="prompt", placeholder="a prompt"),
+        dcc.Textarea(id="pg-prompt", value=prompt, className="prompt", placeholder="a prompt", maxLength=MAX_TEXT_CHARS),
         html.Button("Run baseline vs patched", id="pg-run"),
         dcc.Store(id="pg-task"), dcc.Interval(id="pg-poll", interval=300, disabled=True),
         progress_bar("pg"),

@@ -322,12 +322,16 @@ def app_command(
     port: int = typer.Option(0, help="port (0: a free one)"),
     model: Optional[list[str]] = typer.Option(None, help="extra model the playground may load (repeat)"),
     device: str = typer.Option("cpu", help="where head detail and the playground run models (cpu, cuda, cuda:1)"),
+    allow_hub: bool = typer.Option(False, help="let pages load hub model names (downloads); default: zoo and local dirs only"),
+    allowed_host: Optional[list[str]] = typer.Option(None, help="extra Host header name to accept (repeat), e.g. a "
+                                                               "machine name when serving on 0.0.0.0"),
 ) -> None:
     """The head explorer in the browser: runs, heatmaps, comparison, head detail, playground, mask export."""
     try:
         from headlab.app import serve
 
-        serve(runs, host=host, port=port, models=model or None, device=device,
+        serve(runs, host=host, port=port, models=model or None, device=device, allow_hub=allow_hub,
+              allowed_hosts=allowed_host or None,
               ready=lambda url: typer.echo(f"headlab app: {runs} at {url} (Ctrl-C stops)"))
     except ModuleNotFoundError as exc:
         _fail(HeadlabError(f"the app needs {exc.name}: pip install 'headlab[app]'"))

@@ -6,7 +6,10 @@
     compare([retrieval, sinks, select_copy], k=10)   # pairwise table (a pandas DataFrame)
 
 Heads a score left unmeasured (NaN) are left out of the rank correlation, and never enter a
-top-k set. Scores of models of different shapes cannot be compared (a HeadlabError says so).
+top-k set. Heads tied with the k-th best all enter its top-k set (so the set may hold more than k:
+order among equal scores means nothing); a score that is the same for every measured head ranks
+nothing, and comparisons with it are NaN. Scores of models of different shapes cannot be compared
+(a HeadlabError says so).
 """
 
 from __future__ import annotations
@@ -28,15 +31,29 @@ def _check_pair(a: HeadScores, b: HeadScores) -> None:
 
 
 def top_set(scores: HeadScores, k: int) -> set[tuple[int, int]]:
-    """The k best measured heads as (layer, head) pairs (fewer when fewer were measured)."""
+    """The k best measured heads as (layer, head) pairs, with every head tied with the k-th
+    (fewer when fewer were measured)."""
     if k < 1:
         raise HeadlabError(f"k must be >= 1, got {k}")
-    return {(layer, head) for layer, head, value in scores.top(k) if not math.isnan(value)}
+    best = [value for _, _, value in scores.top(k) if not math.isnan(value)]
+    if not best:
+        return set()
+    v = scores.values
+    return {(int(l), int(h)) for l, h in (v >= best[-1]).nonzero().tolist()}
+
+
+def is_constant(scores: HeadScores) -> bool:
+    """True when every measured head has the same score (nothing to rank)."""
+    v = scores.values[~torch.isnan(scores.values)]
+    return v.numel() > 0 and bool((v == v[0]).all())
 
 
 def jaccard_topk(a: HeadScores, b: HeadScores, k: int = 10) -> float:
-    """Jaccard index of the two top-k head sets, in [0, 1] (NaN when neither measured a head)."""
+    """Jaccard index of the two top-k head sets, in [0, 1] (NaN when neither measured a head, or
+    when either score is constant: its top-k would be an arbitrary pick)."""
     _check_pair(a, b)
+    if is_constant(a) or is_constant(b):
+        return float("nan")
     sa, sb = top_set(a, k), top_set(b, k)
     union = sa | sb
     return len(sa & sb) / len(union) if union else float("nan")
@@ -81,9 +98,11 @@ def compare(scores: Sequence[HeadScores], k: int = 10, names: Sequence[str] | No
     rows = []
     for i, j in combinations(range(len(scores)), 2):
         a, b = scores[i], scores[j]
+        constant = [n for n, s in ((names[i], a), (names[j], b)) if is_constant(s)]
         rows.append({"a": names[i], "b": names[j], "k": k, "jaccard_topk": jaccard_topk(a, b, k),
-                     "shared_topk": len(top_set(a, k) & top_set(b, k)), "spearman": spearman(a, b)})
+                     "shared_topk": None if constant else len(top_set(a, k) & top_set(b, k)), "spearman": spearman(a, b),
+                     "note": f"{' and '.join(constant)} is the same for every head: nothing to rank" if constant else ""})
     return pd.DataFrame(rows)
 
 
-__all__ = ["compare", "jaccard_topk", "spearman", "top_set"]
+__all__ = ["compare", "is_constant", "jaccard_topk", "spearman", "top_set"]

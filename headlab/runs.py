@@ -293,15 +293,22 @@ class RunStore:
         return [m["id"] for m in self.list()]
 
     def list(self) -> list[dict[str, Any]]:
-        """Manifests of every readable run, newest first (unreadable directories are skipped)."""
+        """Manifests of every run, newest first. A run whose manifest cannot be read is listed
+        too, flagged — status "unreadable" and `problem` saying why — so one bad directory is one
+        flagged row, never a broken page."""
         out = []
         for child in sorted(self.root.iterdir()):
             if not RUN_ID_PATTERN.match(child.name) or not (child / MANIFEST).is_file():
                 continue
             try:
+                self.run_dir(child.name)
+            except HeadlabError:
+                continue  # a link out of the runs directory is not a run here at all
+            try:
                 m = self.manifest(child.name)
-            except (HeadlabError, json.JSONDecodeError, OSError):
-                continue
+            except (HeadlabError, json.JSONDecodeError, OSError) as exc:
+                m = {"analysis": "", "model": "", "status": "unreadable", "started": "",
+                     "problem": str(exc).replace(str(self.root), "<runs>")}
             m["id"] = child.name
             out.append(m)
         return sorted(out, key=lambda m: m.get("started", ""), reverse=True)
@@ -319,7 +326,7 @@ class RunStore:
                 "params": json.dumps(shown, separators=(",", ":"), default=str)[:200],
                 "started": (m.get("started") or "").replace("T", " ").replace("+00:00", " UTC"),
                 "duration_s": m.get("duration_s"), "status": m.get("status", "?"),
-                "scores": ", ".join(self._score_files(m)),
+                "scores": ", ".join(self._score_files(m)), "problem": m.get("problem", ""),
             })
         return rows
 
@@ -331,8 +338,12 @@ class RunStore:
                 if isinstance(v, str) and v.endswith(".safetensors") and k != "per_sample"
                 and not k.startswith(("plan", "tensors:"))}
 
+    def score_names(self, run_id: str) -> list[str]:
+        """Names of the HeadScores the run's manifest lists (their files are not opened)."""
+        return list(self._score_files(self.manifest(run_id)))
+
     def scores(self, run_id: str) -> dict[str, HeadScores]:
-        """Every HeadScores the run saved, by name (a run that saved none gives {})."""
+        """Every readable HeadScores the run saved, by name (a run that saved none gives {})."""
         out = {}
         for name, rel in self._score_files(self.manifest(run_id)).items():
             try:

@@ -72,14 +72,27 @@ class HeadScores:
         ranks[order] = torch.arange(order.numel())
         return ranks.view(self.shape)
 
+    def tied_ranks(self) -> torch.Tensor:
+        """[n_layers, n_heads] 1-based rank of each head as a reader counts it: tied heads share the
+        best rank of their group ("1, 2, 2, 4"); unmeasured heads (NaN) get 0."""
+        v = self.values
+        flat = v.flatten()
+        measured = ~torch.isnan(flat)
+        out = torch.zeros_like(flat, dtype=torch.long)
+        if measured.any():
+            vals = flat[measured]
+            out[measured] = 1 + (vals[None, :] > vals[:, None]).sum(1)
+        return out.view(self.shape)
+
     def to_mask(self, *, threshold: float | None = None, top_k: int | None = None) -> HeadMask:
-        """Heads with score > threshold, or the top_k heads; weights are the scores."""
+        """Heads with score > threshold, or the top_k heads (unmeasured heads never: fewer when
+        fewer were measured); weights are the scores."""
         if (threshold is None) == (top_k is None):
             raise HeadlabError("to_mask needs exactly one of threshold=... or top_k=...")
         if top_k is not None:
             if top_k < 0:
                 raise HeadlabError(f"top_k must be >= 0, got {top_k}")
-            chosen = {(l, h): s for l, h, s in self.top(top_k)}
+            chosen = {(l, h): s for l, h, s in self.top(top_k) if s == s}  # NaN: unmeasured
         else:
             v = self.values
             chosen = {(l, h): float(v[l, h]) for l, h in (v > threshold).nonzero().tolist()}
@@ -114,16 +127,31 @@ class HeadScores:
         })
 
     def plot(self, title: str | None = None) -> Any:
-        """plotly heatmap, layer (y) × head (x); hover shows score, rank and count."""
+        """plotly heatmap, layer (y) × head (x), coloured by the score itself (equal scores, equal
+        colours): a diverging scale centred on 0 when the scores take both signs; unmeasured heads
+        (no count) left grey and hovered as such; hover shows score, rank (ties share it, 1 = best)
+        and count."""
         import plotly.graph_objects as go
 
-        v, r, c = self.values.tolist(), self.ranks().tolist(), self.counts.tolist()
-        custom = [[[r[l][h], c[l][h]] for h in range(self.shape[1])] for l in range(self.shape[0])]
+        v = self.values
+        finite = v[~torch.isnan(v)]
+        signed = finite.numel() > 0 and float(finite.min()) < 0 < float(finite.max())
+        z = [[None if x != x else x for x in row] for row in v.tolist()]
+        r, c = self.tied_ranks().tolist(), self.counts.tolist()
+        n = int((~torch.isnan(v)).sum())
+        custom = [[[f"{r[l][h]} of {n}" if r[l][h] else "not measured", c[l][h]] for h in range(self.shape[1])]
+                  for l in range(self.shape[0])]
+        colours = {"colorscale": "RdBu_r", "zmid": 0.0} if signed else {"colorscale": "Viridis"}
         fig = go.Figure(go.Heatmap(
-            z=v, x=list(range(self.shape[1])), y=list(range(self.shape[0])), customdata=custom, colorscale="Viridis",
+            z=z, x=list(range(self.shape[1])), y=list(range(self.shape[0])), customdata=custom, hoverongaps=True,
+            colorbar={"title": {"text": self.analysis}},
             hovertemplate="layer %{y} head %{x}<br>score %{z:.4g}<br>rank %{customdata[0]}<br>count %{customdata[1]}<extra></extra>",
+            **colours,
         ))
-        fig.update_layout(title=title or f"{self.analysis} — {self.model}", xaxis_title="head", yaxis_title="layer")
+        if finite.numel() and float(finite.max()) == float(finite.min()):
+            title = (title or f"{self.analysis} — {self.model}") + f" (every measured head scores {float(finite.max()):.4g})"
+        fig.update_layout(title=title or f"{self.analysis} — {self.model}", xaxis_title="head", yaxis_title="layer",
+                          plot_bgcolor="#d9d9d9")
         return fig
 
     def _repr_html_(self) -> str:

@@ -182,6 +182,15 @@ def test_runs_page_lists_filters_and_picks_up_new_runs(server, browser, store, r
 
 
 # ---- heatmap, mask, head detail --------------------------------------------------------------
+def outlines(driver) -> int:
+    """How many heads the heatmap outlines (the mask is one trace: one closed path per head)."""
+    return driver.execute_script(
+        "const g = document.querySelector('#heatmap-graph .js-plotly-plot');"
+        "if (!g || !g.data) return -1;"
+        "const m = g.data.filter(t => t.name === 'mask');"
+        "return m.length ? m[0].x.filter(v => v === null).length : 0;")
+
+
 def click_cell(driver, layer: int, head: int, n_layers: int, n_heads: int) -> None:
     drag = driver.find_element(By.CSS_SELECTOR, "#heatmap-graph .nsewdrag")
     w, h = drag.size["width"], drag.size["height"]
@@ -201,7 +210,7 @@ def test_heatmap_mask_and_click_to_head_detail(server, browser, store, model, tm
     assert text_of(browser, "heatmap-mask").startswith("4 of 32 heads")
     wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap-graph .heatmaplayer .hm")) == 1, "the heatmap")
     # each masked head is outlined on the heatmap
-    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap-graph .shapelayer path")) == 4, "4 outlines")
+    wait_for(browser, lambda d: outlines(d) == 4, "4 outlines")
     shot(browser, tmp_path, "heatmap")
 
     # threshold mode gives the library's threshold mask
@@ -217,7 +226,7 @@ def test_heatmap_mask_and_click_to_head_detail(server, browser, store, model, tm
     ActionChains(browser).move_to_element_with_offset(drag, int((head + 0.5) / 8 * w - w / 2),
                                                       int((layer + 0.5) / 4 * h - h / 2)).perform()
     hover = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#heatmap-graph .hoverlayer").text, "the hover label")
-    assert f"layer {layer} head {head}" in hover and "rank 0" in hover
+    assert f"layer {layer} head {head}" in hover and "rank 1 of 32" in hover  # 1-based, as the head page says
     assert float(re.search(r"score ([-0-9.e]+)", hover).group(1)) == pytest.approx(value, rel=1e-3)
     assert f"count {int(scores.counts[layer, head])}" in hover
     click_cell(browser, layer, head, *scores.shape)
@@ -225,6 +234,9 @@ def test_heatmap_mask_and_click_to_head_detail(server, browser, store, model, tm
     query = parse_qs(urlparse(browser.current_url).query)
     assert (int(query["layer"][0]), int(query["head"][0])) == (layer, head)
     wait_for(browser, lambda d: f"Head L{layer}H{head}" in page_text(d), "the head title")
+    assert "loads zoo:tasks-llama on first use" in page_text(browser)  # nothing loads before asking
+    assert not browser.find_elements(By.ID, "head-token-view")
+    browser.find_element(By.ID, "head-compute").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "head-token-view"), "the token view")
     wait_for(browser, lambda d: text_of(d, "head-progress-text") == "done", "the head computation")
 
@@ -261,7 +273,7 @@ def test_export_mask_files(server, browser, store, downloads):
     browser.get(server + "/heatmap?" + urlencode({"run": run, "score": "first_token_mass", "k": 3}))
     wait_for(browser, lambda d: text_of(d, "heatmap-mask").startswith("3 of 32"), "the mask")
     # the figure draws after the mask text and moves the buttons down: click once it is in place
-    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap-graph .shapelayer path")) == 3, "3 outlines")
+    wait_for(browser, lambda d: outlines(d) == 3, "3 outlines")
     stem = f"mask-{run}-first_token_mass"
     for button, suffix in (("export-json", ".json"), ("export-safetensors", ".safetensors"), ("export-duo", ".tsv")):
         browser.find_element(By.ID, button).click()
@@ -367,6 +379,7 @@ def test_a_busy_model_does_not_block_the_page(served, browser, store):
 def test_head_detail_of_a_vision_run_marks_the_image(server, browser, store, tmp_path):
     run = run_of(store, "vision_heads")
     browser.get(server + "/head?" + urlencode({"run": run, "score": "vhd", "layer": 2, "head": 1}))
+    wait_for(browser, lambda d: d.find_elements(By.ID, "head-compute"), "the compute button").__getitem__(0).click()
     wait_for(browser, lambda d: text_of(d, "head-progress-text") == "done", "the head view")
     tokens = browser.find_elements(By.CSS_SELECTOR, "#head-token-view .tok")
     image = [t for t in tokens if "tok-span" in t.get_attribute("class")]
@@ -399,6 +412,7 @@ def test_heatmap_bad_k_and_custom_text(server, browser, store):
     wait_for(browser, lambda d: "top-k must be in 0..32" in text_of(d, "heatmap-error"), "the k error")
 
     browser.get(server + "/head?" + urlencode({"run": run, "layer": 0, "head": 0}))
+    wait_for(browser, lambda d: d.find_elements(By.ID, "head-compute"), "the compute button").__getitem__(0).click()
     wait_for(browser, lambda d: text_of(d, "head-progress-text") == "done", "the first view")
     set_input(browser, "head-text", "   ")
     browser.find_element(By.ID, "head-example").click()

@@ -11,7 +11,7 @@ import torch
 
 import headlab
 from headlab import StatsRequest, attention, zoo
-from headlab.analyses import patterns, retrieval, safety, sinks
+from headlab.analyses import code_tasks, conflict, patterns, probes, retrieval, safety, select_copy, sinks
 from headlab.errors import HeadlabError, PlanError, UnsupportedArchitectureError
 from headlab.plan import InterventionPlan
 from headlab.zoo import corpus, tasks
@@ -253,13 +253,17 @@ def _texts(model, name):
 
 @pytest.mark.parametrize("name", ZOO_TEXT)
 def test_every_analysis_scores_the_same_on_every_route(name):
-    """sinks, patterns, Ships and retrieval: identical HeadScores through Hugging Face, the
-    TransformerLens bridge and nnsight (fp32, 1e-5)."""
+    """sinks, patterns, Ships, retrieval, select-and-copy, path patching (conflict) and probes:
+    identical HeadScores through Hugging Face, the TransformerLens bridge and nnsight (fp32, 1e-5)."""
     routes = _routes(name)
     hf = routes["hf"]
     texts = _texts(hf, name)
     heads = [(0, 0), (1, 1), (hf.spec.n_layers - 1, hf.spec.n_heads - 1)]
-    needles = retrieval.zoo_dataset(lengths=(48,), depths=(0.5,), per_cell=2) if name != "pycode-llama" else None
+    code = name == "pycode-llama"
+    needles = retrieval.zoo_dataset(lengths=(48,), depths=(0.5,), per_cell=2) if not code else None
+    mcqa = select_copy.zoo_dataset(8) if not code else None
+    pairs = code_tasks.copy_pairs(hf.text_tokenizer, n=4, length=48) if code else conflict.zoo_dataset(4)
+    labelled = probes.build_dataset(samples=[(t, i % 2) for i, t in enumerate(texts * 4)])
 
     def run(model):
         out = {"first_mass": sinks.score(model, texts, progress=False).first_token_mass,
@@ -267,6 +271,9 @@ def test_every_analysis_scores_the_same_on_every_route(name):
                "ships": safety.ships(model, texts, heads=heads, progress=False).scores}
         if needles is not None:
             out["retrieval"] = retrieval.score(model, needles, progress=False).scores
+            out["select_copy"] = select_copy.score(model, mcqa).qk_accuracy
+        out["conflict"] = conflict.find_heads(model, pairs, progress=False).effect
+        out["probe_log_likelihood"] = probes.score(model, labelled, probes.ProbeConfig(folds=2), progress=False).log_likelihood
         return out
 
     got = {route: run(model) for route, model in routes.items()}

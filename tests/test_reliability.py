@@ -267,7 +267,11 @@ def test_checkpoint_and_runstore_survive_garbage(tmp_path):
     for name, content in (("a", BINARY), ("b", b"[1]"), ("c", b'{"format": "headlab.run/1", "id": "c"}')):
         _bad(root / name, "manifest.json", content) if (root / name).mkdir(parents=True) is None else None
     store = RunStore(root)
-    assert [m["id"] for m in store.list()] == ["c"]
+    listed = {m["id"]: m for m in store.list()}
+    assert sorted(listed) == ["a", "b", "c"]  # bad runs are listed, flagged, never a crash
+    assert listed["c"].get("problem") is None
+    assert listed["a"]["status"] == listed["b"]["status"] == "unreadable"
+    assert "not UTF-8 text" in listed["a"]["problem"] and "not an object" in listed["b"]["problem"]
     with pytest.raises(HeadlabError, match="not UTF-8 text"):
         store.manifest("a")
 
