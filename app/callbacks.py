@@ -23,6 +23,8 @@ from .pages import PAGES, error_box, runs_rows
 from .tasks import error_message
 
 log = logging.getLogger("headlab.app")
+URL_STATE_PAGES = ("/heatmap",)
+"""Pages that keep their controls' state in the URL themselves (a search change there is not a new page)."""
 EMPTY = go.Figure(layout={"height": 60, "margin": {"l": 0, "r": 0, "t": 0, "b": 0},
                           "xaxis": {"visible": False}, "yaxis": {"visible": False}})
 
@@ -62,17 +64,20 @@ def _poll_outputs(task, render: Callable[[Any], tuple], n: int) -> tuple:
 
 def register(app: Dash, ctx: AppContext) -> None:
     # ---- routing -----------------------------------------------------------------------------
-    @app.callback(Output("page-content", "children"), Input("url", "pathname"), Input("url", "search"))
-    def route(pathname: str | None, search: str | None):
+    @app.callback(Output("page-content", "children"), Output("rendered-path", "data"),
+                  Input("url", "pathname"), Input("url", "search"), State("rendered-path", "data"))
+    def route(pathname: str | None, search: str | None, rendered: str | None):
+        if pathname == rendered and pathname in URL_STATE_PAGES and "url.pathname" not in trigger.triggered_prop_ids:
+            return no_update, no_update  # the page wrote its own state into the URL: nothing to rebuild
         page = PAGES.get(pathname or "/")
         if page is None:
-            return error_box(f"no page {pathname!r}: use the links above")
+            return error_box(f"no page {pathname!r}: use the links above"), pathname
         try:
-            return page(ctx, query_params(search))
+            return page(ctx, query_params(search)), pathname
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, HeadlabError):
                 log.exception("page %s failed", pathname)
-            return error_box(error_message(exc))
+            return error_box(error_message(exc)), pathname
 
     # ---- runs --------------------------------------------------------------------------------
     @app.callback(Output("runs-table", "data"), Input("runs-refresh", "n_intervals"), State("runs-table", "data"),
@@ -107,6 +112,16 @@ def register(app: Dash, ctx: AppContext) -> None:
         query = {"source": f"{run}::{score}", "mode": mode, "k": k, "threshold": threshold}
         href = "/playground?" + urlencode({k: v for k, v in query.items() if v is not None})
         return figures.heatmap(scores, mask), mask_summary(mask), href, ""
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("heatmap-run", "value"), Input("heatmap-score", "value"),
+                  Input("heatmap-mode", "value"), Input("heatmap-k", "value"), Input("heatmap-threshold", "value"),
+                  State("url", "search"), prevent_initial_call=True)
+    def heatmap_state(run, score, mode, k, threshold, current):
+        """The view's state (run, score, mode, k, threshold) in the URL: a link or a reload shows the same view."""
+        state = {key: v for key, v in (("run", run), ("score", score), ("mode", mode), ("k", k), ("threshold", threshold))
+                 if v not in (None, "")}
+        search = "?" + urlencode(state)
+        return no_update if search == (current or "") else search
 
     @app.callback(Output("url", "href", allow_duplicate=True), Input("heatmap-graph", "clickData"),
                   State("heatmap-run", "value"), State("heatmap-score", "value"), prevent_initial_call=True)
@@ -213,24 +228,37 @@ def register(app: Dash, ctx: AppContext) -> None:
                     "received_mean": v.received_mean.tolist(), "argmax": v.argmax.tolist(),
                     "argmax_prob": v.argmax_prob.tolist(), "entropy": v.entropy.tolist(),
                     "top": [{"position": p, "token": t, "probability": round(pr, 4)} for p, t, pr in v.top(10)],
-                    "spans": {k: list(s) for k, s in {**spans, **v.spans}.items()}}
+                    "spans": {k: list(s) for k, s in {**spans, **v.spans}.items()}, "head": head,
+                    "layer_rows": v.layer_rows.tolist(), "window_start": v.window_start,
+                    "window_matrix": v.window_matrix.tolist(), "image_uri": _data_uri(image)}
 
         task_id = ctx.tasks.submit("head", work)
         return {"id": task_id}, False, ""
 
     def render_head(view, mode="row"):
-        return (figures.token_view(view, mode, view.get("spans")), view["top"], figures.per_query(view))
+        layer = html.Div([
+            html.H4("All heads of the layer, from the same query"),
+            dcc.Graph(figure=figures.layer_thumbnails(view), config={"displaylogo": False}, id="head-layer"),
+            html.H4(f"This head among the last {len(view['window_matrix'])} tokens (query × key)"),
+            dcc.Graph(figure=figures.window_matrix(view), config={"displaylogo": False}, id="head-window"),
+        ])
+        overlay = figures.image_overlay(view)
+        if overlay is not None:
+            layer.children = [html.H4("The query's attention on the image patches"),
+                              dcc.Graph(figure=overlay, config={"displaylogo": False}, id="head-image")] + layer.children
+        return (figures.token_view(view, mode, view.get("spans")), view["top"], figures.per_query(view), layer)
 
     @app.callback(Output("head-progress", "value"), Output("head-progress-text", "children"),
                   Output("head-poll", "disabled", allow_duplicate=True), Output("head-error", "children", allow_duplicate=True),
                   Output("head-tokens", "children"), Output("head-top", "data"), Output("head-per-query", "figure"),
+                  Output("head-views", "children"),
                   Input("head-poll", "n_intervals"), Input("head-view-mode", "value"), State("head-task", "data"),
                   prevent_initial_call=True)
-    @guarded(7, 3)
+    @guarded(8, 3)
     def head_poll(_n, mode, task_ref):
         if not task_ref:
-            return ("0", "", True, "") + (no_update,) * 3
-        return _poll_outputs(ctx.tasks.get(task_ref["id"]), lambda view: render_head(view, mode), 3)
+            return ("0", "", True, "") + (no_update,) * 4
+        return _poll_outputs(ctx.tasks.get(task_ref["id"]), lambda view: render_head(view, mode), 4)
 
     # ---- playground --------------------------------------------------------------------------
     @app.callback(Output("pg-mask", "children"), Input("pg-source", "value"), Input("pg-mode", "value"),
@@ -315,6 +343,18 @@ def register(app: Dash, ctx: AppContext) -> None:
         if not task_ref:
             return "0", "", True, "", no_update
         return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_pg, 1)
+
+
+def _data_uri(image: Any) -> str | None:
+    """A PIL image as a PNG data URI (for the overlay figure), None without one."""
+    if image is None:
+        return None
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _shown(x: float) -> Any:

@@ -134,3 +134,60 @@ def next_token_bars(changes: Sequence[dict[str, Any]]) -> go.Figure:
     fig.update_layout(barmode="group", yaxis_title="next-token probability", height=320,
                       margin={"l": 50, "r": 20, "t": 20, "b": 60})
     return fig
+
+
+def _labels(tokens: Sequence[str], start: int = 0) -> list[str]:
+    return [f"{start + i}: {t}" for i, t in enumerate(tokens)]
+
+
+def layer_thumbnails(view: dict[str, Any]) -> go.Figure:
+    """Every head of the layer on one input: each row is a head's attention from the chosen query
+    over the tokens (from the stats, one row per head), the viewed head outlined."""
+    rows = view["layer_rows"]
+    labels = _labels(view["tokens"])
+    fig = go.Figure(go.Heatmap(z=rows, x=list(range(len(labels))), y=list(range(len(rows))), customdata=[labels] * len(rows),
+                               colorscale="Viridis", colorbar={"title": {"text": "attention"}},
+                               hovertemplate="head %{y}<br>key %{customdata}<br>%{z:.4f}<extra></extra>"))
+    h = view["head"]
+    fig.add_shape(type="rect", x0=-0.5, x1=len(labels) - 0.5, y0=h - 0.5, y1=h + 0.5, line={"color": MASK_COLOUR, "width": 2})
+    fig.update_layout(height=120 + 18 * len(rows), margin={"l": 50, "r": 20, "t": 20, "b": 40}, xaxis_title="key position",
+                      yaxis={"title": "head", "autorange": "reversed", "dtick": 1 if len(rows) <= 32 else 4})
+    return fig
+
+
+def window_matrix(view: dict[str, Any]) -> go.Figure:
+    """The head's query × key attention among the tokens of the window ending at the query."""
+    w0, m = view["window_start"], view["window_matrix"]
+    labels = _labels(view["tokens"][w0:w0 + len(m)], w0)
+    fig = go.Figure(go.Heatmap(z=m, x=labels, y=labels, colorscale="Viridis", colorbar={"title": {"text": "attention"}},
+                               hovertemplate="query %{y}<br>key %{x}<br>%{z:.4f}<extra></extra>"))
+    fig.update_layout(height=200 + 9 * len(m), margin={"l": 120, "r": 20, "t": 20, "b": 120},
+                      xaxis={"title": "key", "tickfont": {"size": 9}},
+                      yaxis={"title": "query", "autorange": "reversed", "tickfont": {"size": 9}})
+    return fig
+
+
+def image_overlay(view: dict[str, Any]) -> go.Figure | None:
+    """The example image with the chosen query's attention on its patch tokens laid over it (a
+    square grid of image tokens, row-major, as LLaVA-style processors order them); None when the
+    view has no image or its tokens do not form a square grid."""
+    import math
+
+    uri, span = view.get("image_uri"), (view.get("spans") or {}).get("image")
+    if not uri or not span:
+        return None
+    a, b = span
+    g = math.isqrt(b - a)
+    if g * g != b - a:
+        return None
+    attn = view["row"][a:b]
+    grid = [attn[r * g:(r + 1) * g] for r in range(g)]
+    fig = go.Figure(go.Heatmap(z=grid, x0=0, dx=1, y0=0, dy=1, colorscale="Hot", opacity=0.55, reversescale=True,
+                               colorbar={"title": {"text": "attention"}},
+                               hovertemplate="patch row %{y} col %{x}<br>%{z:.4f}<extra></extra>"))
+    fig.add_layout_image(source=uri, x=-0.5, y=-0.5, sizex=g, sizey=g, xref="x", yref="y", sizing="stretch",
+                         layer="below", xanchor="left", yanchor="top")
+    fig.update_layout(height=360, width=420, margin={"l": 30, "r": 20, "t": 20, "b": 30},
+                      xaxis={"range": [-0.5, g - 0.5], "showgrid": False, "constrain": "domain"},
+                      yaxis={"range": [g - 0.5, -0.5], "showgrid": False, "scaleanchor": "x"})
+    return fig

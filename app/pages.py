@@ -9,7 +9,7 @@ from dash import dash_table, dcc, html
 
 from headlab.errors import HeadlabError
 
-from .context import MAX_TEXT_CHARS, SEP, AppContext, as_int
+from .context import MAX_TEXT_CHARS, SEP, AppContext, as_int, before_after
 
 PLAN_KINDS = [
     {"label": "prune (output × 0)", "value": "prune"},
@@ -34,8 +34,36 @@ def runs_rows(ctx: AppContext) -> list[dict[str, Any]]:
     rows = ctx.store.table()
     for r in rows:
         links = [f"[heatmap](/heatmap?run={r['id']})"] if r["scores"] else []
+        if r["status"] != "unreadable":
+            links.append(f"[results](/run?run={r['id']})")
         r["open"] = " · ".join(links)
     return rows
+
+
+def run_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
+    """One run: what it was, and its results — before / after tables for interventions."""
+    import json
+
+    run = params.get("run", "")
+    m = ctx.store.manifest(run)
+    try:
+        summary, problem = ctx.store.summary(run), ""
+    except HeadlabError as exc:
+        summary, problem = {}, f"this run's summary cannot be read ({exc})"
+    rows = before_after(summary)
+    return html.Div([
+        html.H2(f"Run {run}"),
+        html.P(f"{m.get('analysis')} on {m.get('model')} · {m.get('status')} · started {m.get('started', '')}"),
+        error_box(problem, "run-problem"),
+        html.H3("Before / after"),
+        dash_table.DataTable(id="run-before-after", data=rows,
+                             columns=[{"name": c, "id": c} for c in ("metric", "before", "after", "change", "random heads")],
+                             style_cell={"textAlign": "left", "fontSize": 13})
+        if rows else html.P("This run reports no before / after numbers (a scoring run: see its heatmap).", className="hint",
+                            id="run-before-after"),
+        html.H3("Summary"),
+        html.Pre(json.dumps(summary, indent=1, default=str)[:20_000], id="run-summary", className="summary"),
+    ])
 
 
 def runs_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
@@ -187,6 +215,7 @@ def head_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
         dash_table.DataTable(id="head-top", columns=[{"name": c, "id": c} for c in ("position", "token", "probability")],
                              style_cell={"textAlign": "left", "fontSize": 13}),
         dcc.Graph(id="head-per-query", config={"displaylogo": False}),
+        html.Div(id="head-views"),
     ])
 
 
@@ -229,4 +258,4 @@ def playground_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
 
 
 PAGES = {"/": runs_page, "/runs": runs_page, "/heatmap": heatmap_page, "/compare": compare_page,
-         "/head": head_page, "/playground": playground_page}
+         "/head": head_page, "/playground": playground_page, "/run": run_page}

@@ -40,6 +40,7 @@ def create_app(runs_dir: str | Path, models: list[str] | None = None, workers: i
                assets_folder=str(Path(__file__).parent / "assets"), update_title=None)
     app.layout = html.Div([
         dcc.Location(id="url", refresh="callback-nav"),
+        dcc.Store(id="rendered-path"),
         html.Header([html.Span("headlab", className="brand")]
                     + [dcc.Link(name, href=href, className="nav", id=f"nav-{name.lower()}") for name, href in NAV],
                     className="top"),

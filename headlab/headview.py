@@ -8,7 +8,9 @@
 
 Nothing N×N is built, even for long inputs: one forward records, for the one layer, per-query
 argmax / entropy and per-key received attention (O(Q + K) per head), and a second forward records
-the chosen query's probabilities over the keys (O(K) per head).
+the probabilities over the keys of the `window` queries ending at the chosen one (O(window · K)
+per head): the chosen query's row for every head of the layer (`layer_rows`), and the head's
+attention among the window's tokens (`window_matrix`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from headlab.plan import InterventionPlan
 from headlab.stats import StatsRequest
 
 MAX_TOKENS = 8192
+WINDOW = 48
+"""Queries (ending at the chosen one) whose attention over the window's keys `window_matrix` holds."""
 
 
 @dataclass
@@ -49,6 +53,12 @@ class HeadView:
     span_mass: dict[str, torch.Tensor] = field(default_factory=dict)
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     """The [start, end) token spans measured (with an image: "image", its tokens)."""
+    layer_rows: torch.Tensor | None = None
+    """[H, K] the chosen query's attention over the keys, for every head of the layer."""
+    window_start: int = 0
+    window_matrix: torch.Tensor | None = None
+    """[W, W] this head's attention from the W queries window_start..query_position to the same
+    W keys (the query × key matrix of the tokens shown, and nothing beyond them)."""
 
     def top(self, k: int = 10) -> list[tuple[int, str, float]]:
         """The k keys the chosen query attends to most, as (position, token, probability)."""
@@ -123,11 +133,14 @@ def head_view(model: HeadModel, text: str | Sequence[int], layer: int, head: int
     with model.patched(plan, per_query) as rec:
         model(x, **extra)
     s = rec.stats
-    with model.patched(plan, StatsRequest(keys=list(range(n)), queries=[q], layers=[layer])) as rec_row:
+    w0 = max(0, q - WINDOW + 1)
+    with model.patched(plan, StatsRequest(keys=list(range(n)), queries=list(range(w0, q + 1)), layers=[layer])) as rec_row:
         model(x, **extra)
-    row = rec_row.stats.key_probs[0, 0, head, 0].float().cpu()
+    probs = rec_row.stats.key_probs[0, 0].float().cpu()  # [H, W, K]
+    row = probs[head, -1]
     return HeadView(
         layer=layer, head=head, tokens=_token_strings(model, ids), query_position=q, row=row,
+        layer_rows=probs[:, -1], window_start=w0, window_matrix=probs[head, :, w0:q + 1],
         received_mean=s.received_mean[0, 0, head].float().cpu(),
         argmax=s.argmax[0, 0, head].cpu(), argmax_prob=s.argmax_prob[0, 0, head].float().cpu(),
         entropy=s.entropy[0, 0, head].float().cpu(),

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
+import torch
 
 dash = pytest.importorskip("dash")
 selenium = pytest.importorskip("selenium")
@@ -254,6 +255,13 @@ def test_heatmap_mask_and_click_to_head_detail(server, browser, store, model, tm
     assert all("tok-span" in tokens[p].get_attribute("class") for p in range(*needle))
     # the score distribution over the run's samples is drawn
     assert browser.find_elements(By.CSS_SELECTOR, "#head-hist .bars, #head-hist .trace.bars")
+    # every head of the layer from the query (8 rows), and the head's query × key window — the library's numbers
+    rows = wait_for(browser, lambda d: d.execute_script(
+        "const g = document.querySelector('#head-layer .js-plotly-plot'); return g && g.data ? g.data[0].z : null;"),
+        "the layer view")
+    assert len(rows) == 8 and rows[head] == pytest.approx(view.row.tolist(), abs=1e-6)
+    window = browser.execute_script("return document.querySelector('#head-window .js-plotly-plot').data[0].z")
+    torch.testing.assert_close(torch.tensor(window, dtype=torch.float32), view.window_matrix, rtol=0, atol=1e-6)
     shot(browser, tmp_path, "head")
 
     # another query position recomputes the row
@@ -385,6 +393,12 @@ def test_head_detail_of_a_vision_run_marks_the_image(server, browser, store, tmp
     image = [t for t in tokens if "tok-span" in t.get_attribute("class")]
     assert [t.text for t in image] == ["<image>"] * 16
     assert "(span image)" in image[0].get_attribute("title")
+    # the image with the query's attention on its 4 × 4 patches, and every head of the layer
+    overlay = wait_for(browser, lambda d: d.execute_script(
+        "const g = document.querySelector('#head-image .js-plotly-plot');"
+        "return g && g.data ? [g.data[0].z.length, g.data[0].z[0].length, g.layout.images.length] : null;"), "the overlay")
+    assert overlay == [4, 4, 1]
+    assert browser.find_elements(By.CSS_SELECTOR, "#head-layer .heatmaplayer")
     shot(browser, tmp_path, "head_vision")
     no_tracebacks(browser)
 

@@ -135,6 +135,15 @@ def bad_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         run.save_scores(HeadScores.from_tensor(torch.rand(2, 4), "first_token_mass", model="zoo:safety-conflict"),
                         "first_token_mass")
     runs["other"] = "othermodel"
+    with Run(root, "act", "zoo:tasks-llama", {"n": 4}, run_id="intervention") as run:
+        run.save_json({"heads": [[1, 2]], "test": {"n": 4, "accuracy_before": 0.5, "accuracy_after": 0.75},
+                       "evaluation": {"harmful": {"refusal_before": 1.0, "refusal_after": 0.25,
+                                                  "refusal_random": [1.0, 0.5]}}}, "summary")
+    runs["intervention"] = "intervention"
+    for name in ("zeros_a", "zeros_b"):
+        with Run(root, "sinks", "zoo:tasks-llama", {"n": 1}, run_id=name) as run:
+            run.save_scores(_scores(torch.zeros(L * H), analysis=name), "first_token_mass")
+        runs[name] = name
     with Run(root, "sinks", "some-org/some-hub-model", {"n": 1}, run_id="hubmodel") as run:
         run.save_scores(_scores(torch.rand(L * H), model="some-org/some-hub-model"), "first_token_mass")
     runs["hub"] = "hubmodel"
@@ -251,3 +260,39 @@ def test_80_by_64_heatmap_draws_any_mask_with_exports_on_screen(tmp_path, browse
         srv.shutdown()
         app.headlab.tasks.shutdown()
     shutil.rmtree(tmp_path / "big", ignore_errors=True)
+
+
+def test_heatmap_state_lives_in_the_url(bad_server, bad_dir, browser):
+    server, _ = bad_server
+    _, runs = bad_dir
+    browser.get(server + "/heatmap?" + urlencode({"run": runs["good"], "score": "first_token_mass"}))
+    wait_for(browser, lambda d: "of 32 heads" in text_of(d, "heatmap-mask"), "the heatmap")
+    browser_mod.set_input(browser, "heatmap-k", 7)
+    wait_for(browser, lambda d: "k=7" in d.current_url, "k in the URL")
+    assert f"run={runs['good']}" in browser.current_url and "score=first_token_mass" in browser.current_url
+    browser.get(browser.current_url)  # a reload (or a shared link) shows the same view
+    wait_for(browser, lambda d: text_of(d, "heatmap-mask").startswith("7 of 32"), "the same mask after a reload")
+
+
+def test_run_page_shows_before_and_after(bad_server, bad_dir, browser):
+    server, _ = bad_server
+    _, runs = bad_dir
+    browser.get(server + "/run?" + urlencode({"run": runs["intervention"]}))
+    wait_for(browser, lambda d: "test.accuracy" in text_of(d, "run-before-after"), "the before/after table")
+    table = text_of(browser, "run-before-after")
+    assert "0.5" in table and "0.75" in table and "evaluation.harmful.refusal" in table and "-0.75" in table
+    assert "0.75" in table.split("evaluation.harmful.refusal")[1]  # the random heads' mean refusal, beside it
+    browser.get(server + "/run?" + urlencode({"run": runs["good"]}))
+    wait_for(browser, lambda d: "reports no before / after numbers" in text_of(d, "run-before-after"), "the scoring run's note")
+    no_tracebacks(browser)
+
+
+def test_compare_of_constant_scores_shows_no_agreement(bad_server, bad_dir, browser):
+    server, _ = bad_server
+    _, runs = bad_dir
+    refs = f"{runs['zeros_a']}::first_token_mass,{runs['zeros_b']}::first_token_mass"
+    browser.get(server + "/compare?" + urlencode({"scores": refs, "k": 5}))
+    wait_for(browser, lambda d: "nothing to rank" in text_of(d, "compare-table"), "the constant-score note")
+    table = text_of(browser, "compare-table")
+    assert "—" in table and "1.0" not in table.replace("1.0e", "")
+    no_tracebacks(browser)

@@ -228,12 +228,12 @@ def test_conflict_atp_verifies_both_ends(code_model):
     m = code_model
     samples = code_tasks.copy_pairs(m.text_tokenizer, n=8, length=96)
     exact = conflict.find_heads(m, samples, progress=False)
-    atp = conflict.find_heads(m, samples, progress=False, method="atp", verify=6)
+    atp = conflict.find_heads(m, samples, progress=False, method="atp", verify=12)
     est = atp.estimate
-    assert len(set(_top(exact.context, 5)) & set(_top(est, 5))) >= 4
-    assert _top(atp.context, 3) == _top(exact.context, 3)
-    assert _top(atp.memory, 3) == _top(exact.memory, 3)
-    assert 6 < int(atp.effect.counts.sum()) <= 12
+    assert len(set(_top(exact.context, 10)) & set(_top(est, 10))) >= 8
+    assert _top(atp.context, 10) == _top(exact.context, 10)
+    assert _top(atp.memory, 5) == _top(exact.memory, 5)
+    assert 12 < int(atp.effect.counts.sum()) <= 24
     assert atp.effect.params["method"] == "atp" and "verification" in atp.effect.params
     with pytest.raises(HeadlabError, match="receiver heads use method='exact'"):
         pairs = patching.make_pairs(m, [samples[0].prompt], [samples[0].corrupted], conflict.answer_tokens(m, samples[:1]))

@@ -53,6 +53,12 @@ def test_head_view_equals_eager_attention(model, eager, prompt, layer, head, que
     assert [p for p, _, _ in top] == attn[query % n].topk(3).indices.tolist()
     frame = view.to_frame()
     assert len(frame) == n and list(frame.columns)[:3] == ["position", "token", "attention"]
+    # every head of the layer from the chosen query, and this head among the window's tokens
+    layer_attn = eager(ids, output_attentions=True).attentions[layer][0].float()  # [H, Q, K]
+    torch.testing.assert_close(view.layer_rows, layer_attn[:, query % n], atol=1e-5, rtol=1e-4)
+    q, w0 = query % n, view.window_start
+    assert w0 == max(0, q - 47) and view.window_matrix.shape == (q - w0 + 1, q - w0 + 1)
+    torch.testing.assert_close(view.window_matrix, attn[w0:q + 1, w0:q + 1], atol=1e-5, rtol=1e-4)
 
 
 def test_head_view_under_a_plan(model, prompt):
