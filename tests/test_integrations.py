@@ -55,9 +55,12 @@ def test_bridge_runs_the_patched_attention(ids):
     values (the pruned head is exactly zero at hook_z)."""
     ref = headlab.load_model(MODEL)
     model = headlab.load_model(MODEL)
+    keys = set(model.model.state_dict())
     bridge = tli.to_bridge(model)
     assert tli.to_bridge(model) is bridge
     assert model.model.config._attn_implementation == attention.ATTN_IMPLEMENTATION
+    assert not any(k.startswith(tli.BRIDGE_ATTR) for k in model.model.state_dict())  # the bridge is no submodule
+    assert len(keys) > 0
     torch.testing.assert_close(bridge(ids), ref(input_ids=ids).logits, rtol=0, atol=1e-5)
     with ref.patched(PLAN):
         want = ref(input_ids=ids).logits

@@ -131,7 +131,8 @@ def _install(bridge: Any, model: HeadModel) -> None:
         # GeneralizedComponent.__setattr__ passes attributes through to the wrapped module: bypass it.
         object.__setattr__(component, "forward", types.MethodType(_headlab_attention_forward, component))
     _use_headlab_attention(model.model)
-    setattr(model.model, BRIDGE_ATTR, bridge)
+    # Not a submodule: the bridge holds the model, so registering it would loop state_dict() / save_pretrained.
+    object.__setattr__(model.model, BRIDGE_ATTR, bridge)
 
 
 def to_bridge(model: HeadModel, **boot_kwargs: Any) -> Any:
