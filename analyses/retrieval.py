@@ -325,6 +325,19 @@ def score(model: HeadModel, samples: Sequence[NeedleSample], config: RetrievalCo
     return RetrievalResult(scores=scores, samples=pd.DataFrame(rows), per_sample=torch.stack(per_sample), accepted=accepted)
 
 
+def shard(ref: str, samples: Sequence[NeedleSample], config: RetrievalConfig, keys: list[str]) -> dict[str, Any]:
+    """A Ray shard of `score` (`headlab.distributed`): keys are sample indices; each value is what
+    `score` checkpoints for that sample, computed on the worker's copy of model `ref`."""
+    from headlab.distributed import worker_model
+
+    model = worker_model(ref)
+    out = {}
+    for k in keys:
+        per, record = sample_scores(model, samples[int(k)], config, None)
+        out[k] = {"scores": per.tolist(), "record": record}
+    return out
+
+
 def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None = None, max_new_tokens: int = 16) -> str:
     """The model's greedy continuation of `prompt` up to <eos> / newline, under `plan`."""
     tok = model.text_tokenizer

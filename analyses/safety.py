@@ -264,6 +264,23 @@ def ships(model: HeadModel, prompts: Sequence[str], config: SafetyConfig = Safet
                        prompts=list(prompts), method=method, exact=exact, estimate=estimate, verification=verification)
 
 
+def ships_keys(heads: Sequence[Head]) -> list[str]:
+    """The checkpoint key of each head's Ships (what `ships` and `ships_shard` store)."""
+    return [f"ships:L{l}H{h}" for l, h in heads]
+
+
+def ships_shard(ref: str, prompts: Sequence[str], config: SafetyConfig, keys: list[str]) -> dict[str, Any]:
+    """A Ray shard of `ships` (`headlab.distributed`): keys are `ships_keys`; each value is that
+    head's Ships on every prompt, computed exactly on the worker's copy of model `ref`."""
+    from headlab.distributed import worker_model
+
+    model = worker_model(ref)
+    heads = [(int(k.split(":L")[1].split("H")[0]), int(k.split("H")[-1])) for k in keys]
+    rows = encode(model, render(model, build_dataset(prompts=prompts), config))
+    base = last_token_outputs(model, rows, None, config.batch_size)
+    return {f"ships:L{l}H{h}": values for (l, h), values in _exact_ships(model, rows, base, heads, config, None, False)}
+
+
 def _exact_ships(model: HeadModel, rows: list[list[int]], base: torch.Tensor, heads: Sequence[Head], config: SafetyConfig,
                  cache: MutableMapping[str, Any] | None, progress: bool) -> Iterator[tuple[Head, list[float]]]:
     """(head, Ships on every prompt) for each head, exactly: batches of several single-head

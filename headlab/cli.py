@@ -77,6 +77,10 @@ OUT = typer.Option(Path("runs"), help="runs directory")
 RUN_ID = typer.Option(None, help="name of the run; an unfinished run of that name is resumed")
 METHOD = typer.Option("auto", help="head search: exact (every head) | atp (attribution estimate of every head, then the "
                                      "best verified exactly) | auto (atp from 512 candidate heads up)")
+RAY = typer.Option(None, help="run the per-item work as Ray tasks: local (a cluster on this machine), auto (the "
+                                  "running cluster) or ray://HOST:10001; scores equal the unsharded run's")
+SHARDS = typer.Option(4, help="with --ray: how many tasks to split the work into")
+RAY_GPUS = typer.Option(0.0, help="with --ray: GPUs per task (1: one task per GPU)")
 VERIFY = typer.Option(32, help="with atp: heads re-evaluated exactly (the highest estimates; path patching: each end)")
 SCREEN = typer.Option(32, help="with atp: candidates evaluated exactly (the largest estimated task-loss decrease)")
 POPE_DATA = typer.Option(None, "--data", help="POPE-format JSONL/CSV: image (file name), text (question), label")
@@ -108,12 +112,14 @@ def score_retrieval(
     max_new_tokens: int = typer.Option(16),
     accept: str = typer.Option("recall", help="recall: average the samples whose answer recalls > 50% of the needle's "
                                               "answer words (the reference) | all: every sample"),
+    ray: Optional[str] = RAY, shards: int = SHARDS, ray_gpus: float = RAY_GPUS,
 ) -> None:
     """Retrieval heads (Wu et al. 2024): copy score during greedy decoding of the needle."""
     from headlab import jobs
 
     _job(jobs.score_retrieval, model, out, run_id, needles=needles, haystack=haystack, lengths=lengths, depths=depths,
-         teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)
+         teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept, ray=ray, shards=shards,
+         ray_gpus=ray_gpus)
 
 
 @score_app.command("sinks")
@@ -195,13 +201,15 @@ def score_safety(
     min_chars: Optional[int] = typer.Option(None, help="generations shorter than this count as refusals (reference: 32)"),
     max_new_tokens: int = typer.Option(32),
     method: str = METHOD, verify: int = VERIFY,
+    ray: Optional[str] = RAY, shards: int = SHARDS, ray_gpus: float = RAY_GPUS,
 ) -> None:
     """Safety heads (Zhou et al. 2025): Ships per head, Sahara's head set, refusal before/after ablating it."""
     from headlab import jobs
 
     _job(jobs.score_safety, model, out, run_id, harmful=harmful, harmless=harmless, column=column, n=n, ablation=ablation,
          epsilon=epsilon, sahara_epsilon=sahara_epsilon, max_heads=max_heads, template=template,
-         keywords=keywords or None, min_chars=min_chars, max_new_tokens=max_new_tokens, method=method, verify=verify)
+         keywords=keywords or None, min_chars=min_chars, max_new_tokens=max_new_tokens, method=method, verify=verify,
+         ray=ray, shards=shards, ray_gpus=ray_gpus)
 
 
 @score_app.command("conflict")

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from headlab.attribution import resolve_method
 from headlab.checkpoint import Checkpoint
 from headlab.errors import HeadlabError, RunLockedError
 from headlab.model import HeadModel, load_model, load_spec
@@ -81,6 +82,24 @@ def _check_method(method: str, count: int, option: str) -> None:
     if method not in ("exact", "atp", "auto"):
         raise HeadlabError(f"--method must be exact, atp or auto, got {method!r}")
     _check_count(count, option, low=0 if option == "--verify" else 1)
+
+
+def _shard_on_ray(cache: Any, keys: list[str], work: Any, ray: str | None, shards: int, ray_gpus: float,
+                  progress: bool) -> None:
+    """With --ray: compute the items of `keys` on Ray tasks into the run's checkpoint first."""
+    if ray is None:
+        return
+    from headlab.distributed import fill_on_ray
+
+    fill_on_ray(cache, keys, work, shards=shards, address=ray, gpus_per_task=ray_gpus, progress=progress)
+
+
+def _check_ray(ray: str | None, shards: int) -> None:
+    if ray is not None:
+        if not ray.strip():
+            raise HeadlabError("--ray needs an address: local (a cluster on this machine), auto (the running one) or "
+                               "ray://HOST:10001")
+        _check_count(shards, "--shards")
 
 
 def _search_summary(params: dict[str, Any]) -> dict[str, Any]:
@@ -150,9 +169,10 @@ def _finish(run: Run, summary: dict, scores: dict, frame: Any = None) -> Path:
 def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = None, *, needles: str | None = None,
                     haystack: str | None = None, lengths: list[int] | None = None, depths: list[float] | None = None,
                     teacher_forced: bool = False, max_new_tokens: int = 16, accept: str = "recall",
-                    progress: bool = True) -> Path:
+                    ray: str | None = None, shards: int = 4, ray_gpus: float = 0, progress: bool = True) -> Path:
     from headlab.analyses import retrieval
 
+    _check_ray(ray, shards)
     config = retrieval.RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)  # type: ignore[arg-type]
     params = {"needles": needles, "haystack": haystack, "lengths": lengths, "depths": depths,
               "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens, "accept": accept}
@@ -172,7 +192,12 @@ def score_retrieval(model: str, out: str | Path = "runs", run_id: str | None = N
     else:
         raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
     with started(out, "retrieval", model, params, run_id) as (run, hm):
-        result = retrieval.score(hm, samples, config, progress=progress, cache=Checkpoint(run.dir / CHECKPOINT))
+        cache = Checkpoint(run.dir / CHECKPOINT)
+        from headlab.distributed import shard_work
+
+        _shard_on_ray(cache, [str(i) for i in range(len(samples))], shard_work(retrieval.shard, model, samples, config),
+                      ray, shards, ray_gpus, progress)
+        result = retrieval.score(hm, samples, config, progress=progress, cache=cache)
         heads = [[l, h, s] for l, h, s in result.scores.top(10)] if result.accepted else []
         summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()),
                    "accept": accept, "accepted_samples": len(result.accepted), "accepted": result.accepted,
@@ -418,11 +443,14 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
                  harmless: str | None = None, column: str | None = None, n: int = 48, ablation: str = "attention",
                  epsilon: float = 1e-4, sahara_epsilon: float = 1e-5, max_heads: int = 3, template: str = "{prompt}",
                  keywords: list[str] | None = None, min_chars: int | None = None, max_new_tokens: int = 32,
-                 method: str = "auto", verify: int = 32, progress: bool = True) -> Path:
-    """Ships per query and head, Sahara's safety-head set, and refusal rates before/after ablating it."""
+                 method: str = "auto", verify: int = 32, ray: str | None = None, shards: int = 4, ray_gpus: float = 0,
+                 progress: bool = True) -> Path:
+    """Ships per query and head, Sahara's safety-head set, and refusal rates before/after ablating it.
+    With `ray`, exhaustive Ships runs as `shards` Ray tasks over the heads."""
     from headlab.analyses import safety
 
     _check_method(method, verify, "--verify")
+    _check_ray(ray, shards)
     zoo_model = _zoo_task(model, "refusal")
     if harmful:
         harmful_prompts = safety.build_dataset(path=harmful, column=column)
@@ -449,6 +477,13 @@ def score_safety(model: str, out: str | Path = "runs", run_id: str | None = None
               "method": method, "verify": verify}
     with started(out, "safety", model, params, run_id) as (run, hm):
         cache = Checkpoint(run.dir / CHECKPOINT)
+        L, H = hm.spec.shape
+        if ray is not None and resolve_method(method, L * H) == "exact":
+            from headlab.distributed import shard_work
+
+            heads = [(l, h) for l in range(L) for h in range(H)]
+            _shard_on_ray(cache, safety.ships_keys(heads), shard_work(safety.ships_shard, model, harmful_prompts, ships_cfg),
+                          ray, shards, ray_gpus, progress)
         ships = safety.ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache, method=method, verify=verify)
         found = safety.sahara(hm, harmful_prompts, sahara_cfg, progress=progress, cache=cache)
         evaluation = safety.evaluate(hm, harmful_prompts, harmless_prompts, found.heads, ships_cfg, matcher,

@@ -65,6 +65,13 @@ class HeadModel:
         return next(self.model.parameters()).device
 
     @property
+    def multi_device(self) -> bool:
+        """True when the model's layers sit on several devices (loaded with a `device_map`)."""
+        if not hasattr(self, "_multi_device"):
+            self._multi_device = len({p.device for p in self.model.parameters()}) > 1
+        return self._multi_device
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -136,6 +143,8 @@ class HeadModel:
             capture.ablation.validate(self.spec)
         session = attention.PatchSession(plan=plan, request=stats, n_heads=self.spec.n_heads, head_dim=self.spec.head_dim,
                                          row_plans=rows, capture=capture)
+        if self.multi_device:
+            session.stats.home = self.device  # a model split over GPUs: stats gathered on its first device
         self._active = session
         for module in self._modules:
             setattr(module, attention.SESSION_ATTR, session)
@@ -239,7 +248,9 @@ def load_model(
 
     Weights load from safetensors only; `trust_remote_code` stays off unless asked.
     `attn_implementation` defaults to "headlab" (the patched attention); "eager" or "sdpa" load
-    the model for comparison, without patching. A TransformerLens `TransformerBridge` or an
+    the model for comparison, without patching. `device_map=` (accelerate, e.g. "auto" or
+    {"model.layers.0": 0, ...}) splits a model over GPUs instead of `device`: each layer's patched
+    attention runs on its own GPU, plans apply there, and stats are gathered on the first. A TransformerLens `TransformerBridge` or an
     nnsight `LanguageModel` is taken as it is (same weights): its attention is routed through
     headlab (`headlab.integrations`).
     """
@@ -263,7 +274,9 @@ def load_model(
         raise
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load weights of {source}: {exc} (headlab loads safetensors only)") from exc
-    model.to(device).eval()
+    if from_pretrained_kwargs.get("device_map") is None:
+        model.to(device)
+    model.eval()  # with a device_map (accelerate) the layers stay where it put them: each runs the patched attention there
     tokenizer = _load_tokenizer(source, spec, common) if load_tokenizer else None
     head_model = HeadModel(model=model, tokenizer=tokenizer, spec=spec, name=str(name_or_path), revision=revision)
     log.info("loaded %s: attention %s", name_or_path, attn_implementation)

@@ -12,7 +12,7 @@ decode step in `generate()`. Span and argmax positions are key indices (position
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -246,6 +246,20 @@ class LayerStats:
 
 
 
+def _to_device(stats: LayerStats, device: torch.device) -> LayerStats:
+    """The layer's stats on `device` (query positions stay on the CPU); unchanged when already there."""
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x if x.device == device else x.to(device, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    moved = {f.name: (getattr(stats, f.name) if f.name == "query_positions" else move(getattr(stats, f.name)))
+             for f in fields(stats)}
+    return LayerStats(**moved)
+
+
 class HeadStats:
     """Stats recorded inside one `patched(...)` context, per layer and per forward call.
 
@@ -258,7 +272,13 @@ class HeadStats:
     def __init__(self) -> None:
         self._calls: dict[int, list[LayerStats]] = {}
 
+    home: torch.device | None = None
+    """Where stats are gathered (the model's first device): layers of a model split over several
+    GPUs (`device_map`) send theirs here, so the getters stack one device's tensors."""
+
     def add(self, layer: int, stats: LayerStats) -> None:
+        if self.home is not None:
+            stats = _to_device(stats, self.home)
         self._calls.setdefault(layer, []).append(stats)
 
     @property
