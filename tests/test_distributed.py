@@ -89,3 +89,21 @@ def test_bad_ray_options_are_refused(tmp_path):
     with pytest.raises(HeadlabError, match="--ray needs an address"):
         jobs.score_retrieval("zoo:tasks-llama", tmp_path, ray=" ", progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_load_model_with_a_device_map_keeps_its_placement():
+    """device_map= goes to accelerate and the model is not moved afterwards; on one device it equals
+    a plain load, plans and stats included (the 2-GPU split is checked on GPUs:
+    benchmarks/results/multi_gpu_check_h200x2.json)."""
+    from headlab import InterventionPlan, StatsRequest, load_model
+
+    plain = load_model("zoo:tasks-llama")
+    mapped = load_model("zoo:tasks-llama", device_map={"": "cpu"})
+    assert not mapped.multi_device
+    ids = plain.tokenize("the code of k1 is")["input_ids"]
+    plan = InterventionPlan().prune_heads([(2, 1)])
+    with plain.patched(plan, StatsRequest(entropy=True)) as a:
+        want = plain(input_ids=ids).logits
+    with mapped.patched(plan, StatsRequest(entropy=True)) as b:
+        got = mapped(input_ids=ids).logits
+    assert torch.equal(want, got) and torch.equal(a.stats.entropy, b.stats.entropy)
