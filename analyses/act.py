@@ -124,7 +124,7 @@ def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACT
     if method == "exact":
         measured = torch.ones(L, H, dtype=torch.float64)  # heads outside the candidates: 0 gain, as before
     result = ACTResult(plan=plan, heads=kept, baseline_accuracy=base, calibrated_accuracy=together,
-                       gains=HeadScores(sums=gains * measured, counts=measured, analysis="act_gain", model=model.name, params=params),
+                       gains=HeadScores.from_tensor(gains, "act_gain", counts=measured, model=model.name, params=params),
                        searched=todo, params=params)
     if estimate is not None:
         result.loss_estimate = HeadScores.from_tensor(estimate, "act_loss_estimate", model=model.name, params=params)

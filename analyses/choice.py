@@ -12,7 +12,7 @@ batched with right padding, so key 0 is every row's first token (ZeroTuning scal
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,21 +100,32 @@ def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequenc
     return list(_encode(model.text_tokenizer, prompt, tuple(continuations))[1])
 
 
-def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
-                  batch_size: int = 32) -> list[torch.Tensor]:
-    """Per sample, the next-token logits [C] of its choices' first tokens, under `plan`."""
+def _batches(model: HeadModel, samples: Sequence[ChoiceSample], batch_size: int) -> Iterator[tuple[int, Any, list, Any, Any]]:
+    """(first index, samples, their (prompt ids, choice ids), input_ids [B, T], attention_mask [B, T])
+    per batch, right-padded: each prompt's last token sits at len(prompt ids) − 1."""
     from headlab.analyses.generate import right_padded
 
     tok = model.text_tokenizer
-    out: list[torch.Tensor] = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         encoded = [_encode(tok, s.prompt, s.choices) for s in chunk]
         ids, mask, _ = right_padded(model, [prompt_ids for prompt_ids, _ in encoded])
+        yield i, chunk, encoded, ids, mask
+
+
+def _picked(logits: torch.Tensor, encoded: list) -> list[torch.Tensor]:
+    """Per row, the next-token logits [C] of its choices' first tokens (fp32)."""
+    return [logits[j, len(prompt_ids) - 1, list(choice_ids)].float() for j, (prompt_ids, choice_ids) in enumerate(encoded)]
+
+
+def choice_logits(model: HeadModel, samples: Sequence[ChoiceSample], plan: InterventionPlan | None = None,
+                  batch_size: int = 32) -> list[torch.Tensor]:
+    """Per sample, the next-token logits [C] of its choices' first tokens, under `plan`."""
+    out: list[torch.Tensor] = []
+    for _, _, encoded, ids, mask in _batches(model, samples, batch_size):
         with model.patched(plan):
-            logits = model(ids, attention_mask=mask).logits.float()
-        for j, (prompt_ids, choice_ids) in enumerate(encoded):
-            out.append(logits[j, len(prompt_ids) - 1, list(choice_ids)].cpu())
+            logits = model(ids, attention_mask=mask).logits
+        out += [row.cpu() for row in _picked(logits, encoded)]
     return out
 
 
@@ -146,23 +157,13 @@ def loss_attribution(model: HeadModel, samples: Sequence[ChoiceSample], ablation
     `ablation` (applied to that head alone) changes each sample's task loss — the cross-entropy of
     the right choice among the choices' first-token logits. Negative: the change helps. The screen
     of ACT's and ZeroTuning's head searches (accuracy has no gradient; this loss does)."""
-    from headlab.analyses.generate import right_padded
     from headlab.attribution import attribute
 
-    tok = model.text_tokenizer
     L, H = model.spec.shape
     out = torch.zeros(len(samples), L, H, dtype=torch.float64)
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        encoded = [_encode(tok, s.prompt, s.choices) for s in chunk]
-        ids, mask, _ = right_padded(model, [prompt_ids for prompt_ids, _ in encoded])
-
+    for i, chunk, encoded, ids, mask in _batches(model, samples, batch_size):
         def loss(result: Any, encoded=encoded, chunk=chunk) -> torch.Tensor:
-            rows = []
-            for j, ((prompt_ids, choice_ids), s) in enumerate(zip(encoded, chunk)):
-                logits = result.logits[j, len(prompt_ids) - 1, list(choice_ids)].float()
-                rows.append(-torch.log_softmax(logits, -1)[s.answer])
-            return torch.stack(rows)
+            return torch.stack([-torch.log_softmax(row, -1)[s.answer] for row, s in zip(_picked(result.logits, encoded), chunk)])
 
         out[i : i + len(chunk)] = attribute(model, {"input_ids": ids, "attention_mask": mask}, loss, ablation).values[0]
     return out

@@ -138,7 +138,7 @@ def find_heads(model: HeadModel, samples: Sequence[ConflictSample], batch_size: 
               **{k: v for k, v in result.effect.params.items() if k in ("method", "verify", "verification")}}
 
     def scores(values: torch.Tensor, name: str) -> HeadScores:
-        return HeadScores(sums=values * measured, counts=measured.clone(), analysis=name, model=model.name, params=params)
+        return HeadScores.from_tensor(values, name, counts=measured, model=model.name, params=params)
 
     return ConflictHeads(
         effect=scores(eff, "conflict_effect"), memory=scores(-eff, "memory_heads"), context=scores(eff, "context_heads"),

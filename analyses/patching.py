@@ -233,6 +233,6 @@ def scan(model: HeadModel, pairs: PatchingPairs, metric: Metric, senders: Sequen
             exact=[float(per_pair[:, h[0], h[1]].mean()) for h in todo]).summary()
         params["verification"] = verification
     measured = exact.double()
-    effect = HeadScores(sums=per_pair.mean(0) * measured, counts=measured, analysis=name, model=model.name, params=params)
+    effect = HeadScores.from_tensor(per_pair.mean(0), name, counts=measured, model=model.name, params=params)
     return PatchingResult(effect=effect, per_pair=per_pair, clean_metric=torch.cat(clean), method=method, exact=exact,
                           estimate=estimate, verification=verification)

@@ -258,7 +258,7 @@ def ships(model: HeadModel, prompts: Sequence[str], config: SafetyConfig = Safet
     for row in per_query.flatten(1):
         counts.view(-1)[row.topk(k).indices] += 1
     measured = exact.double()
-    scores = HeadScores(sums=per_query.mean(0) * measured, counts=measured, analysis="ships", model=model.name, params=params)
+    scores = HeadScores.from_tensor(per_query.mean(0), "ships", counts=measured, model=model.name, params=params)
     return ShipsResult(scores=scores, per_query=per_query,
                        top_counts=HeadScores.from_tensor(counts, "ships_top_count", model=model.name, params={**params, "top": k}),
                        prompts=list(prompts), method=method, exact=exact, estimate=estimate, verification=verification)

@@ -147,8 +147,8 @@ def calibrate(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: 
     if method == "atp":
         info["screen"] = screen
     common = dict(model=model.name, params=info)
-    result = dict(profile_up=HeadScores(sums=up * measured, counts=measured, analysis="zerotuning_gain_up", **common),
-                  profile_down=HeadScores(sums=down * measured, counts=measured.clone(), analysis="zerotuning_gain_down", **common),
+    result = dict(profile_up=HeadScores.from_tensor(up, "zerotuning_gain_up", counts=measured, **common),
+                  profile_down=HeadScores.from_tensor(down, "zerotuning_gain_down", counts=measured, **common),
                   params={"gamma_up": config.gamma_up, "gamma_down": config.gamma_down, **info},
                   loss_estimates={side: HeadScores.from_tensor(v, f"zerotuning_loss_estimate_{side}", **common)
                                   for side, v in estimates.items()})

@@ -19,7 +19,6 @@ into prompts; the weights are random, so what the heads do means nothing — onl
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -29,16 +28,7 @@ from headlab import attribution
 from headlab.analyses import safety
 from headlab.zoo import corpus
 from record import emit, header
-from retrieval_bench import llama3_8b_shaped
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30, out
+from retrieval_bench import llama3_8b_shaped, timed
 
 
 def main() -> None:

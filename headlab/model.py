@@ -283,6 +283,38 @@ def load_model(
     return head_model
 
 
+def use_headlab_attention(hf_model: torch.nn.Module) -> None:
+    """Route every attention module of an already loaded model through the "headlab" attention
+    function: its config, a nested text config, and any per-layer config copy (TransformerLens
+    stamps those "eager")."""
+    attention.register()
+    hf_model.config._attn_implementation = attention.ATTN_IMPLEMENTATION
+    text_config = getattr(hf_model.config, "text_config", None)
+    if text_config is not None:
+        text_config._attn_implementation = attention.ATTN_IMPLEMENTATION
+    for module in attention_modules(hf_model):
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = attention.ATTN_IMPLEMENTATION
+
+
+def adopt(hf_model: torch.nn.Module, tokenizer: Any, name: str, backend: str, cls: type[HeadModel] = HeadModel,
+          text_only: bool = False, **fields: Any) -> HeadModel:
+    """A HeadModel (`cls`) over a Hugging Face model another tool loaded (the same weights). A model
+    headlab cannot patch — or, with `text_only`, a vision-language one — is refused before anything
+    is changed; then its attention is switched to headlab's."""
+    reason = unsupported_attention(attention_modules(hf_model))
+    if reason:
+        raise UnsupportedArchitectureError(f"{type(hf_model).__name__}: {reason}; headlab's patched attention does not "
+                                           "implement it yet, so its numbers would be wrong")
+    spec = ModelSpec.from_config(hf_model.config)
+    if text_only and spec.modality != "text":
+        raise UnsupportedArchitectureError(f"{spec.architecture} is a vision-language model; the {backend} route covers "
+                                           "text models")
+    use_headlab_attention(hf_model)
+    return cls(model=hf_model, tokenizer=tokenizer, spec=spec, name=name, backend=backend, **fields)
+
+
 def _from_object(obj: Any) -> HeadModel:
     """A HeadModel over a model object another tool already loaded (TransformerLens, nnsight)."""
     from headlab.integrations import nnsight as nns

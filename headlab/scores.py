@@ -81,7 +81,8 @@ class HeadScores:
         out = torch.zeros_like(flat, dtype=torch.long)
         if measured.any():
             vals = flat[measured]
-            out[measured] = 1 + (vals[None, :] > vals[:, None]).sum(1)
+            ascending = vals.sort().values  # heads above v = all − those at or below v: no [n, n] comparison
+            out[measured] = 1 + vals.numel() - torch.searchsorted(ascending, vals, right=True)
         return out.view(self.shape)
 
     def to_mask(self, *, threshold: float | None = None, top_k: int | None = None) -> HeadMask:

@@ -26,10 +26,8 @@ from typing import Any
 
 import torch
 
-from headlab import attention
 from headlab.errors import HeadlabError, UnsupportedArchitectureError
-from headlab.model import HeadModel, attention_modules, unsupported_attention
-from headlab.spec import ModelSpec
+from headlab.model import HeadModel, adopt
 
 LM_ATTR = "_headlab_nnsight"
 
@@ -83,22 +81,25 @@ class NNsightHeadModel(HeadModel):
     lm: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = dict(kwargs)
-        if args:
-            inputs["input_ids"] = args[0]
-        model_inputs = {k: inputs.pop(k) for k in ("input_ids", "attention_mask") if k in inputs}
-        with torch.no_grad(), self.lm.trace(model_inputs, **inputs):
+        model_inputs, rest = _split(args, kwargs)
+        with torch.no_grad(), self.lm.trace(model_inputs, **rest):
             out = self.lm.output.save()
         return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        inputs = dict(kwargs)
-        if args:
-            inputs["input_ids"] = args[0]
-        model_inputs = {k: inputs.pop(k) for k in ("input_ids", "attention_mask") if k in inputs}
-        with torch.no_grad(), self.lm.generate(model_inputs, **inputs):
+        model_inputs, rest = _split(args, kwargs)
+        with torch.no_grad(), self.lm.generate(model_inputs, **rest):
             out = self.lm.generator.output.save()
         return out
+
+
+def _split(args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the token inputs nnsight batches — input_ids, attention_mask — , every other keyword) of a
+    model-style call (input_ids may come first, positionally)."""
+    rest = dict(kwargs)
+    if args:
+        rest["input_ids"] = args[0]
+    return {k: rest.pop(k) for k in ("input_ids", "attention_mask") if k in rest}, rest
 
 
 def from_nnsight(lm: Any, name: str | None = None) -> HeadModel:
@@ -108,16 +109,7 @@ def from_nnsight(lm: Any, name: str | None = None) -> HeadModel:
     if hf_model is None or not hasattr(hf_model, "config"):
         raise HeadlabError(f"{type(lm).__name__} wraps no Hugging Face model headlab can read (no ._module.config); "
                            "load it with its weights (not dispatch=False / meta)")
-    reason = unsupported_attention(attention_modules(hf_model))
-    if reason:
-        raise UnsupportedArchitectureError(f"{type(hf_model).__name__}: {reason}; headlab's patched attention does not "
-                                           "implement it yet, so its numbers would be wrong")
-    attention.register()
-    hf_model.config._attn_implementation = attention.ATTN_IMPLEMENTATION
-    spec = ModelSpec.from_config(hf_model.config)
-    if spec.modality != "text":
-        raise UnsupportedArchitectureError(f"{spec.architecture} is a vision-language model; the nnsight route covers text models")
-    model = NNsightHeadModel(model=hf_model, tokenizer=getattr(lm, "tokenizer", None), spec=spec,
-                             name=name or getattr(hf_model.config, "_name_or_path", "") or "nnsight", backend="nnsight", lm=lm)
+    model = adopt(hf_model, getattr(lm, "tokenizer", None), name or getattr(hf_model.config, "_name_or_path", "") or "nnsight",
+                  "nnsight", cls=NNsightHeadModel, text_only=True, lm=lm)
     setattr(hf_model, LM_ATTR, lm)
     return model

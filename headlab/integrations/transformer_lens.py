@@ -33,8 +33,7 @@ import torch
 
 from headlab import attention
 from headlab.errors import HeadlabError, PlanError, UnsupportedArchitectureError
-from headlab.model import HeadModel, attention_modules, unsupported_attention
-from headlab.spec import ModelSpec
+from headlab.model import HeadModel, adopt, use_headlab_attention
 
 BRIDGE_ATTR = "_headlab_bridge"
 
@@ -52,20 +51,6 @@ def is_bridge(obj: Any) -> bool:
         return isinstance(obj, _bridge_class())
     except HeadlabError:
         return False
-
-
-def _use_headlab_attention(hf_model: torch.nn.Module) -> None:
-    """Route every attention module of `hf_model` (the top config and any per-layer copy that
-    TransformerLens stamped "eager") through the "headlab" attention function."""
-    attention.register()
-    hf_model.config._attn_implementation = attention.ATTN_IMPLEMENTATION
-    text_config = getattr(hf_model.config, "text_config", None)
-    if text_config is not None:
-        text_config._attn_implementation = attention.ATTN_IMPLEMENTATION
-    for module in attention_modules(hf_model):
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = attention.ATTN_IMPLEMENTATION
 
 
 def _has_hooks(hook_point: Any) -> bool:
@@ -130,7 +115,7 @@ def _install(bridge: Any, model: HeadModel) -> None:
                 f"module headlab patches in {model.spec.architecture}; its attention would run without headlab")
         # GeneralizedComponent.__setattr__ passes attributes through to the wrapped module: bypass it.
         object.__setattr__(component, "forward", types.MethodType(_headlab_attention_forward, component))
-    _use_headlab_attention(model.model)
+    use_headlab_attention(model.model)
     # Not a submodule: the bridge holds the model, so registering it would loop state_dict() / save_pretrained.
     object.__setattr__(model.model, BRIDGE_ATTR, bridge)
 
@@ -162,14 +147,8 @@ def from_bridge(bridge: Any, name: str | None = None) -> HeadModel:
     if existing is not None and existing is not bridge:
         raise HeadlabError("this Hugging Face model already belongs to another bridge")
     hf_model = bridge.original_model
-    reason = unsupported_attention(attention_modules(hf_model))
-    if reason:
-        raise UnsupportedArchitectureError(f"{type(hf_model).__name__}: {reason}; headlab's patched attention does not "
-                                           "implement it yet, so its numbers would be wrong")
-    _use_headlab_attention(hf_model)
-    config = hf_model.config
-    model = HeadModel(model=hf_model, tokenizer=getattr(bridge, "tokenizer", None), spec=ModelSpec.from_config(config),
-                      name=name or getattr(bridge.cfg, "model_name", None) or getattr(config, "_name_or_path", "bridge"),
-                      backend="transformer_lens")
+    model = adopt(hf_model, getattr(bridge, "tokenizer", None),
+                  name or getattr(bridge.cfg, "model_name", None) or getattr(hf_model.config, "_name_or_path", "bridge"),
+                  "transformer_lens")
     _install(bridge, model)
     return model
