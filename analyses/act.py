@@ -19,6 +19,7 @@ of Llama-2-7B's 32) and every head (the reference sweeps heads 0–3 only, to sa
 
 from __future__ import annotations
 
+from pathlib import Path
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from headlab.analyses import choice
 from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
+from headlab.jobs import COMMON_HELP, METHODS
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -137,3 +140,44 @@ def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: Int
     before = choice.accuracy(model, samples, base_plan, batch_size)
     after = choice.accuracy(model, samples, plan, batch_size)
     return {"n": len(samples), "accuracy_before": before, "accuracy_after": after}
+
+
+@analysis("act", "intervene", summary="ACT: search the heads whose sink calibration helps, evaluate before/after.",
+          paper="Yu et al. 2024, Unveiling and Harnessing Hidden Attention Sinks (ACT) — METHODS.md: ACT",
+          datasets="closed-choice questions: JSONL/CSV with prompt, choices, answer (--data); zoo models bring their own",
+          writes=("act_gain", "act_loss_estimate", "plan", "summary"), files=("data",),
+          choices={"method": METHODS},
+          help={**choice.CHOICE_HELP, **COMMON_HELP, "beta": "sink attention scale (the paper's 0.4)",
+                "tau": "hidden-sink threshold", "layers": "candidate layers (default 2..L-2)"}, modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None, n: int = 200,
+        calibration_fraction: float = 0.5, beta: float = 0.4, tau: float = 0.1, layers: list[int] | None = None,
+        seed: int = 0, method: str = "auto", screen: int = 32, draws: int = 3, progress: bool = True) -> Path:
+    from dataclasses import asdict
+
+    from headlab import jobs
+
+    jobs.check_method(method, screen, "--screen")
+    jobs.check_count(draws, "--draws", 0)
+    config = ACTConfig(beta=beta, tau=tau, layers=layers or None)
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config),
+              "method": method, "screen": screen, "draws": draws}
+    cal, test = choice.job_splits(model, data, n, calibration_fraction, seed)
+    with jobs.started(out, "act", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        result = search(hm, cal, config, progress=progress, cache=cache, method=method, screen=screen)
+        evaluation = evaluate(hm, test, result.plan)
+        candidates = [(l, h) for l in config.candidate_layers(hm.spec.n_layers) for h in range(hm.spec.n_heads)]
+        controls = jobs.random_head_sets(hm.spec.shape, result.heads, draws, seed, among=candidates)
+        evaluation["accuracy_random"] = [
+            cached(cache, "random:" + ",".join(f"L{l}H{h}" for l, h in heads),
+                   lambda heads=heads: choice.accuracy(hm, test, InterventionPlan().act(heads, beta=beta, tau=tau)))
+            for heads in controls]
+        evaluation["random_heads"] = [[list(h) for h in heads] for heads in controls]
+        run.save_plan(result.plan)
+        summary = {"heads": [list(h) for h in result.heads], "calibration_accuracy_before": result.baseline_accuracy,
+                   "calibration_accuracy_after": result.calibrated_accuracy, "test": evaluation,
+                   **jobs.search_summary(result.params)}
+        scores = {"act_gain": result.gains}
+        if result.loss_estimate is not None:
+            scores["act_loss_estimate"] = result.loss_estimate
+        return jobs.finish(run, summary, scores)

@@ -103,7 +103,7 @@ def continuation_token_ids(model: HeadModel, prompt: str, continuations: Sequenc
 def _batches(model: HeadModel, samples: Sequence[ChoiceSample], batch_size: int) -> Iterator[tuple[int, Any, list, Any, Any]]:
     """(first index, samples, their (prompt ids, choice ids), input_ids [B, T], attention_mask [B, T])
     per batch, right-padded: each prompt's last token sits at len(prompt ids) − 1."""
-    from headlab.analyses.generate import right_padded
+    from headlab.generate import right_padded
 
     tok = model.text_tokenizer
     for i in range(0, len(samples), batch_size):
@@ -167,3 +167,31 @@ def loss_attribution(model: HeadModel, samples: Sequence[ChoiceSample], ablation
 
         out[i : i + len(chunk)] = attribute(model, {"input_ids": ids, "attention_mask": mask}, loss, ablation).values[0]
     return out
+
+
+def job_splits(model: str, data: str | None, n: int, calibration_fraction: float,
+               seed: int) -> tuple[list[ChoiceSample], list[ChoiceSample]]:
+    """(calibration, test) samples of a closed-choice intervention job: the user's file, the zoo
+    task models' multiple-choice task, or the real-text model's bracket task; seeded split."""
+    from headlab import jobs
+    from headlab.analyses import select_copy
+
+    jobs.check_fraction(calibration_fraction)
+    jobs.check_count(n, "--n", 2)
+    if data:
+        samples = build_dataset(path=data)
+    elif jobs.is_zoo_task_model(model):
+        samples = zoo_dataset("mcqa", n)
+    elif jobs.is_corpus_model(model):
+        from headlab.analyses import code_tasks
+
+        samples = code_tasks.bracket_choices(None, n)
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV of prompt, choices, answer) for {model}")
+    cal, test = select_copy.split(len(samples), calibration_fraction, seed)
+    return [samples[i] for i in cal], [samples[i] for i in test]
+
+
+CHOICE_HELP = {"data": "JSONL/CSV with prompt, choices, answer", "n": "zoo samples when no --data",
+               "draws": "random head sets of the same size (the control)"}
+"""Help of the closed-choice interventions' own options."""

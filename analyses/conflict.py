@@ -40,10 +40,12 @@ from typing import Any, Literal
 import torch
 from headlab.analyses import patching
 from headlab.analyses.choice import continuation_token_ids
-from headlab.analyses.generate import greedy_generate
+from headlab.generate import greedy_generate
 
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
+from headlab.jobs import COMMON_HELP, METHODS
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -213,3 +215,93 @@ def evaluate(model: HeadModel, samples: Sequence[ConflictSample], plan: Interven
             "random": [strip(r) for r in rand],
             "answers": [{"prompt": s.prompt, "memory": s.memory, "context": s.context, "before": b, "after": a}
                         for s, b, a in zip(samples, before["answers"], after["answers"])]}
+
+
+def job_samples(model: str, data: str | None, n: int) -> list[ConflictSample]:
+    """A conflict job's pairs: the user's file, the zoo's conflict task, or (real-text model) the copying task."""
+    from headlab import jobs
+
+    if data:
+        return build_dataset(path=data)
+    if jobs.zoo_task(model, "conflict"):
+        return zoo_dataset(n)
+    if jobs.is_corpus_model(model):  # the copying task: "context" = the needle's value, "memory" = the corrupted one
+        from headlab.analyses import code_tasks
+
+        return code_tasks.copy_pairs(None, n)
+    raise HeadlabError(f"{model} is not a zoo model trained on the conflict task: give --data (JSONL/CSV with prompt, "
+                       "memory_answer, context_answer, corrupted_prompt)")
+
+
+_HELP = {"data": "JSONL/CSV with prompt, memory_answer, context_answer, corrupted_prompt", **COMMON_HELP}
+_DATASETS = ("knowledge-conflict pairs: JSONL/CSV with prompt, memory_answer, context_answer, corrupted_prompt (--data); "
+             "zoo models trained on the conflict task and the real-text model (a copying task) bring their own")
+
+
+@analysis("conflict", "score", summary="Knowledge-conflict heads: path patching each head to the logits; memory vs context heads.",
+          paper="Jin et al. 2024, Cutting Off the Head Ends the Conflict (PH3), step 1 — METHODS.md: path patching",
+          datasets=_DATASETS, writes=("conflict_effect", "memory_heads", "context_heads", "conflict_effect_estimate", "summary"),
+          files=("data",), choices={"method": METHODS}, help={**_HELP, "n": "zoo pairs when no --data"}, modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        n: int = 64, method: str = "auto", verify: int = 32, progress: bool = True) -> Path:
+    """Memory and context heads by path patching each head to the logits (PH3's first step)."""
+    from headlab import jobs
+
+    jobs.check_method(method, verify, "--verify")
+    samples = job_samples(model, data, n)
+    params = {"data": data, "n": n, "method": method, "verify": verify}
+    with jobs.started(out, "conflict", model, params, run_id) as (run, hm):
+        heads = find_heads(hm, samples, progress=progress, cache=jobs.checkpoint(run), method=method, verify=verify)
+        summary = {"pairs": len(samples), "clean_logit_difference": heads.clean_ld,
+                   "memory_heads": [[l, h, s] for l, h, s in heads.memory.top(5) if s > 0],
+                   "context_heads": [[l, h, s] for l, h, s in heads.context.top(5) if s > 0],
+                   **jobs.search_summary(heads.effect.params)}
+        scores = {"conflict_effect": heads.effect, "memory_heads": heads.memory, "context_heads": heads.context}
+        if heads.estimate is not None:
+            scores["conflict_effect_estimate"] = heads.estimate
+        return jobs.finish(run, summary, scores)
+
+
+@analysis("ph3", "intervene",
+          summary="PH3 (Jin et al. 2024): prune memory or context heads found by path patching; memory/context rates before/after.",
+          paper="Jin et al. 2024, Cutting Off the Head Ends the Conflict (PH3) — METHODS.md: PH3",
+          datasets=_DATASETS, writes=("memory_heads", "context_heads", "plan", "answers", "summary"), files=("data",),
+          choices={"toward": ("context", "memory"), "method": METHODS},
+          help={**_HELP, "toward": "context (prune memory heads) | memory (prune context heads)",
+                "n": "zoo pairs when no --data", "k": "heads to prune (default: chosen on the calibration split)",
+                "max_k": "largest k tried when choosing k"}, modality="text")
+def ph3_job(model: str, out: str | Path = "runs", run_id: str | None = None, *, toward: str,
+            data: str | None = None, n: int = 128, k: int | None = None, max_k: int = 8,
+            calibration_fraction: float = 0.5, seed: int = 0, method: str = "auto", verify: int = 32,
+            progress: bool = True) -> Path:
+    """PH3: find memory/context heads on a calibration split, prune toward context or memory, evaluate on the rest."""
+    import pandas as pd
+
+    from headlab import jobs
+    from headlab.analyses import select_copy
+    from headlab.model import load_spec
+
+    if toward not in ("context", "memory"):
+        raise HeadlabError(f"--toward must be 'context' or 'memory', got {toward!r}")
+    jobs.check_fraction(calibration_fraction)
+    jobs.check_count(max_k, "--max-k")
+    jobs.check_method(method, verify, "--verify")
+    if k is not None:
+        jobs.check_count(k, "--k")
+    samples = job_samples(model, data, n)
+    cal_idx, test_idx = select_copy.split(len(samples), calibration_fraction, seed)
+    cal, test = [samples[i] for i in cal_idx], [samples[i] for i in test_idx]
+    params = {"toward": toward, "data": data, "n": n, "k": k, "max_k": max_k,
+              "calibration_fraction": calibration_fraction, "seed": seed, "method": method, "verify": verify}
+    spec = load_spec(model)
+    if (k or max_k) > spec.n_layers * spec.n_heads:
+        raise HeadlabError(f"--{'k' if k else 'max-k'} {k or max_k} is more than the model's {spec.n_layers * spec.n_heads} heads")
+    with jobs.started(out, "ph3", model, params, run_id) as (run, hm):
+        heads = find_heads(hm, cal, progress=progress, cache=jobs.checkpoint(run), method=method, verify=verify)
+        result = ph3(hm, cal, heads, toward, k=k, max_k=max_k)  # type: ignore[arg-type]
+        evaluation = evaluate(hm, test, result.plan, seed=seed)
+        run.save_plan(result.plan)
+        run.save_samples(pd.DataFrame(evaluation.pop("answers")), "answers")
+        summary = {"toward": toward, "k": result.k, "pruned": [list(h) for h in result.pruned],
+                   "k_selection": result.selection, "test": evaluation, **jobs.search_summary(heads.effect.params)}
+        return jobs.finish(run, summary, {"memory_heads": heads.memory, "context_heads": heads.context})

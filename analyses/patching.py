@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from headlab.analyses.generate import encode, right_padded
+from headlab.generate import encode, right_padded
 from tqdm.auto import tqdm
 
 from headlab import attribution

@@ -29,6 +29,7 @@ occurrence of the current token (Olsson et al. 2022).
 
 from __future__ import annotations
 
+from pathlib import Path
 import random
 from dataclasses import dataclass
 from typing import Any, Literal, MutableMapping, Sequence
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest, TokenMatch
@@ -188,3 +190,56 @@ def second_copy_loss(model: HeadModel, inputs: Sequence[torch.Tensor], plan: Any
         pred, target = logits[:, half + 1 : -1], batch[:, half + 2 :]
         losses.append(torch.nn.functional.cross_entropy(pred.transpose(1, 2), target, reduction="none").mean(dim=1))
     return float(torch.cat(losses).mean())
+
+
+@analysis("patterns", "score",
+          summary="Previous-token, duplicate-token and induction heads (TransformerLens's detect_head), from patched stats.",
+          paper="Olsson et al. 2022 (induction heads); TransformerLens detect_head — METHODS.md: attention patterns",
+          datasets="repeated random token blocks (--random), and texts: --data (one per line) or a real-text zoo model's "
+                   "held-out code", writes=("previous_token", "duplicate_token", "induction", "per_sample", "summary"),
+          files=("data",), flags={"random_inputs": "--random"},
+          help={"data": "text file, one text per line (default: a real-text zoo model's held-out code; none for other "
+                        "models)",
+                "random_inputs": "inputs of a random token block repeated twice (0: none)",
+                "length": "tokens in each random block", "exclude_bos": "detect_head's exclude_bos",
+                "exclude_current_token": "detect_head's exclude_current_token", "seed": "seed of the random blocks"},
+          modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        random_inputs: int = 16, length: int = 128, exclude_bos: bool = False, exclude_current_token: bool = False,
+        seed: int = 0, progress: bool = True) -> Path:
+    """Previous-token, duplicate-token and induction scores on repeated random tokens, and on texts."""
+    from headlab import jobs
+    from headlab.analyses import sinks
+
+    params = {"data": data, "random_inputs": random_inputs, "length": length, "exclude_bos": exclude_bos,
+              "exclude_current_token": exclude_current_token, "seed": seed}
+    jobs.check_count(random_inputs, "--random", 0)
+    jobs.check_count(length, "--length")
+    if data:
+        texts = sinks.build_dataset(path=data)
+    elif jobs.is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        texts = corpus.texts(None, 12, max_tokens=512)
+    else:
+        texts = []
+    if not texts and not random_inputs:
+        raise HeadlabError("nothing to score: give --data (a text file, one text per line) or --random N > 0")
+    config = PatternsConfig(exclude_bos=exclude_bos, exclude_current_token=exclude_current_token,
+                            max_tokens=max(1024, 2 * length + 1))
+    with jobs.started(out, "patterns", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        results, summary = {}, {}
+        if random_inputs:
+            rnd = score(hm, repeated_random_tokens(hm, random_inputs, length, seed), config, progress=progress,
+                        cache=cache, source="random")
+            results.update(rnd.scores)
+            run.save_per_sample(rnd.per_sample, [f"random {i}" for i in range(random_inputs)])
+        if texts:
+            txt = score(hm, encode_texts(hm, texts, config.max_tokens), config, progress=progress, cache=cache,
+                        source="text")
+            results.update({f"{k}_text": v for k, v in txt.scores.items()})
+            run.save_examples([{"text": t, "label": f"text {i}"} for i, t in enumerate(texts)])
+        for name, scores in results.items():
+            summary[name] = [[l, h, s] for l, h, s in scores.top(5)]
+        return jobs.finish(run, {"inputs": {"random": random_inputs, "texts": len(texts)}, "top_heads": summary}, results)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -199,3 +200,52 @@ def shift_plan(result: ProbeResult, heads: Sequence[Head], alpha: float,
         raise HeadlabError(f"direction must be 'probe' or 'mass_mean', got {direction!r}")
     theta = result.directions if direction == "probe" else result.mass_mean
     return InterventionPlan().shift_heads({(l, h): alpha * float(result.sigma[l, h]) * theta[l, h] for l, h in heads})
+
+
+@analysis("probes", "score",
+          summary="Linear probes on head outputs (ITI, Li et al. 2023): per-head accuracy / AUROC, probe directions saved.",
+          paper="Li et al. 2023, Inference-Time Intervention — METHODS.md: probes",
+          datasets="JSONL/CSV with text and label (two labels); zoo models trained on refusal (refuse / comply) and "
+                   "zoo:shapes-llava (image / no image) bring their own",
+          writes=("probe_accuracy", "probe_auroc", "probe_log_likelihood", "probe_directions", "summary"),
+          files=("data",),
+          help={"data": "JSONL/CSV with text and label (two labels)",
+                "n": "zoo prompts per label when no --data (zoo models trained on refusal)",
+                "position": "token whose head outputs are probed (-1: the last)",
+                "folds": "stratified cross-validation folds",
+                "positive": "the label that is class 1 (default: the second, sorted)", "seed": "seed of the folds"})
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        n: int = 48, position: int = -1, folds: int = 5, positive: str | None = None, seed: int = 0,
+        progress: bool = True) -> Path:
+    """Linear probes on every head's output (ITI): which heads encode a binary label; probe directions saved."""
+    from headlab import jobs
+
+    params = {"data": data, "n": n, "position": position, "folds": folds, "positive": positive, "seed": seed}
+    jobs.check_count(folds, "--folds", 2)
+    if data:
+        samples = build_dataset(path=data)
+    elif jobs.zoo_task(model, "refusal"):
+        from headlab.analyses import safety
+
+        jobs.check_count(n, "--n", 2)
+        samples = build_dataset(samples=[(p, "refuse") for p in safety.zoo_dataset(n, True)]
+                                + [(p, "comply") for p in safety.zoo_dataset(n, False)])
+        positive = positive or "refuse"
+    elif model == "zoo:shapes-llava":  # each question with its image and with the scene emptied
+        jobs.check_count(n, "--n", 2)
+        samples = image_presence_samples(n, seed)
+        positive = positive or "image"
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV with text and label columns) for {model}")
+    classes(samples, positive)  # two labels, a known positive one: checked before the model loads
+    config = ProbeConfig(position=position, folds=folds, positive=positive, seed=seed)
+    with jobs.started(out, "probes", model, params, run_id) as (run, hm):
+        result = score(hm, samples, config, progress=progress, cache=jobs.checkpoint(run))
+        run.save_tensors({"directions": result.directions, "sigma": result.sigma, "mass_mean": result.mass_mean},
+                         "probe_directions", {"labels": list(result.labels), "position": position})
+        run.save_examples([{"text": s.text, "label": s.label, "image": s.image} for s in samples])
+        summary = {"inputs": len(samples), "labels": {"negative": result.labels[0], "positive": result.labels[1]},
+                   "top_accuracy": [[l, h, s] for l, h, s in result.accuracy.top(10)],
+                   "top_log_likelihood": [[l, h, s] for l, h, s in result.log_likelihood.top(10)]}
+        return jobs.finish(run, summary, {"probe_accuracy": result.accuracy, "probe_auroc": result.auroc,
+                                          "probe_log_likelihood": result.log_likelihood})

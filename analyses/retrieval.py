@@ -47,6 +47,8 @@ from headlab.errors import HeadlabError
 from headlab.io import read_text
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
+from headlab.jobs import COMMON_HELP
+from headlab.registry import analysis
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
 
@@ -369,3 +371,130 @@ def masking_test(model: HeadModel, samples: Sequence[NeedleSample], scores: Head
         "random_pruned": [needle_accuracy(model, samples, InterventionPlan().prune_heads(rng.sample(others, k)))
                           for _ in range(draws)],
     }
+
+
+def _needle_dataset(model: str, needles: str | None, haystack: str | None, lengths: list[int] | None,
+                    depths: list[float] | None, seed: int = 0) -> list[NeedleSample]:
+    """The job's samples: the user's needles in their haystack, or the bundled model's own task."""
+    from headlab import jobs
+
+    bad = [x for x in lengths or [] if x < 1]
+    if bad:
+        raise HeadlabError(f"--lengths must be positive integers (context lengths), got {bad}")
+    bad = [x for x in depths or [] if not 0.0 <= x <= 1.0]
+    if bad:
+        raise HeadlabError(f"--depths must be fractions of the context in [0, 1], got {bad}")
+    if needles or haystack:
+        if not (needles and haystack):
+            raise HeadlabError("give both --needles (JSONL/CSV of needle, question, answer) and --haystack (a text file)")
+        return build_dataset(needles, haystack, lengths or (1000, 2000, 4000), depths or (0.0, 0.5, 1.0))
+    if jobs.is_zoo_task_model(model):
+        return zoo_dataset(lengths or (64, 256), depths or (0.0, 0.5, 1.0), per_cell=2, seed=seed)
+    if jobs.is_corpus_model(model):
+        from headlab.analyses import code_tasks
+
+        return code_tasks.needle_samples(None, lengths or (128, 256, 512, 896), depths or (0.0, 0.25, 0.5, 0.75, 1.0),
+                                         per_cell=2, seed=seed)
+    raise HeadlabError(f"{model} is not a zoo task model: give --needles and --haystack files")
+
+
+def sparsity_table(summary: dict) -> list[dict]:
+    """The paper's sparsity finding: how many heads score above the threshold, and which lead."""
+    top = ", ".join(f"L{l}H{h} {s:.2f}" for l, h, s in summary["top_heads"][:5]) or "(no sample retrieved)"
+    return [{"metric": "heads with retrieval score > 0.1", "heads": summary["heads_above_threshold"],
+             "share of all heads": summary["fraction_of_heads_above_threshold"],
+             "needle accuracy while scoring": summary["accuracy"], "top heads": top}]
+
+
+_NEEDLE_HELP = {"needles": "JSONL/CSV with needle, question, answer",
+                "haystack": "text file that fills the context",
+                "lengths": "context lengths (haystack words)", "depths": "needle depths in [0, 1]"}
+
+
+@analysis("retrieval", "score", summary="Retrieval heads (Wu et al. 2024): copy score during greedy decoding of the needle.",
+          paper="Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality (METHODS.md: retrieval heads)",
+          datasets="needle-in-a-haystack: --needles (JSONL/CSV of needle, question, answer) + --haystack (text); zoo task "
+                   "and real-text zoo models bring their own",
+          writes=("scores", "samples", "per_sample", "examples", "summary"), files=("needles", "haystack"),
+          help={**_NEEDLE_HELP, "teacher_forced": "one forward pass over prompt + answer instead of decoding",
+                "max_new_tokens": "tokens decoded per needle",
+                "accept": "recall: average the samples whose answer recalls > 50% of the needle's answer words (the "
+                          "reference) | all: every sample",
+                **COMMON_HELP},
+          choices={"accept": ("recall", "all")}, modality="text", table=sparsity_table)
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, needles: str | None = None,
+        haystack: str | None = None, lengths: list[int] | None = None, depths: list[float] | None = None,
+        teacher_forced: bool = False, max_new_tokens: int = 16, accept: str = "recall",
+        ray: str | None = None, shards: int = 4, ray_gpus: float = 0, progress: bool = True) -> Path:
+    from headlab import jobs
+    from headlab.distributed import shard_work
+
+    jobs.check_ray(ray, shards)
+    jobs.check_count(max_new_tokens, "--max-new-tokens")
+    config = RetrievalConfig(teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, accept=accept)  # type: ignore[arg-type]
+    params = {"needles": needles, "haystack": haystack, "lengths": lengths, "depths": depths,
+              "teacher_forced": teacher_forced, "max_new_tokens": max_new_tokens, "accept": accept}
+    samples = _needle_dataset(model, needles, haystack, lengths, depths)
+    with jobs.started(out, "retrieval", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        jobs.shard_on_ray(cache, [str(i) for i in range(len(samples))], shard_work(shard, model, samples, config),
+                          ray, shards, ray_gpus, progress)
+        result = score(hm, samples, config, progress=progress, cache=cache)
+        heads = [[l, h, s] for l, h, s in result.scores.top(10)] if result.accepted else []
+        above = int((result.scores.values > config.threshold).sum()) if result.accepted else 0
+        summary = {"samples": len(samples), "accuracy": float(result.samples["correct"].mean()),
+                   "accept": accept, "accepted_samples": len(result.accepted), "accepted": result.accepted,
+                   "top_heads": heads, "retrieval_heads": [[l, h] for l, h, s in heads if s > config.threshold],
+                   "heads_above_threshold": above, "fraction_of_heads_above_threshold": above / hm.spec.n_total_heads}
+        if not result.accepted:
+            summary["note"] = ("no sample was retrieved (answer recall <= 0.5 everywhere): no head has a score; "
+                               "check the needles, or use --accept all")
+        run.save_per_sample({"scores": result.per_sample}, [f"sample {i}" for i in range(len(samples))])
+        run.save_examples([{"text": s.prompt, "label": f"sample {i}: answer {s.answer!r}",
+                            "spans": {"needle": (int(r["needle_start"]), int(r["needle_end"]))}}
+                           for i, (s, r) in enumerate(zip(samples, result.samples.to_dict("records")))])
+        return jobs.finish(run, summary, {"scores": result.scores}, result.samples)
+
+
+@analysis("retrieval_masking", "evaluate",
+          summary="The retrieval-head masking test: needle accuracy with a retrieval run's top-k heads pruned vs k random heads.",
+          paper="Wu et al. 2024, section 4 (masking out retrieval heads vs random heads)",
+          datasets="fresh needles of the same kind as the scoring run's (another seed), or --needles + --haystack",
+          writes=("summary",), files=("needles", "haystack"), runs=("scores_run",),
+          help={**_NEEDLE_HELP, "scores_run": "the retrieval run whose top-k heads are pruned (its directory; in a "
+                                              "study, the step's id)",
+                "k": "heads pruned", "draws": "random k-head sets (the control)",
+                "seed": "seed of the fresh needles and of the random heads", "max_new_tokens": "tokens decoded per needle"},
+          modality="text")
+def masking_job(model: str, out: str | Path = "runs", run_id: str | None = None, *, scores_run: str,
+                needles: str | None = None, haystack: str | None = None, lengths: list[int] | None = None,
+                depths: list[float] | None = None, k: int = 4, draws: int = 3, seed: int = 1, max_new_tokens: int = 16,
+                progress: bool = True) -> Path:
+    from headlab import jobs
+
+    jobs.check_count(k, "--k")
+    jobs.check_count(draws, "--draws")
+    scores = jobs.earlier_scores(scores_run, "retrieval", model, "scores")
+    if k >= scores.values.numel():
+        raise HeadlabError(f"--k {k} leaves no head for the random control: the model has {scores.values.numel()} heads")
+    samples = _needle_dataset(model, needles, haystack, lengths, depths, seed=seed + 1000)
+    params = {"scores_run": str(scores_run), "needles": needles, "haystack": haystack, "lengths": lengths,
+              "depths": depths, "k": k, "draws": draws, "seed": seed, "max_new_tokens": max_new_tokens}
+    with jobs.started(out, "retrieval_masking", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        top = [(l, h) for l, h, _ in scores.top(k)]
+        rng = random.Random(seed)
+        others = [(l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1]) if (l, h) not in top]
+        sets = {"before": None, "after": top, **{f"random{i}": rng.sample(others, k) for i in range(draws)}}
+
+        def accuracy(heads: list | None) -> float:
+            plan = InterventionPlan().prune_heads(heads) if heads else None
+            return needle_accuracy(hm, samples, plan, max_new_tokens)
+
+        acc = {name: cached(cache, name, lambda heads=heads: accuracy(heads))
+               for name, heads in tqdm(sets.items(), desc="masking", disable=not progress)}
+        summary = {"samples": len(samples), "k": k, "pruned": [list(h) for h in top],
+                   "random_heads": [[list(h) for h in sets[f"random{i}"]] for i in range(draws)],
+                   "needle_accuracy_before": acc["before"], "needle_accuracy_after": acc["after"],
+                   "needle_accuracy_random": [acc[f"random{i}"] for i in range(draws)]}
+        return jobs.finish(run, summary, {})

@@ -41,13 +41,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from headlab.analyses.generate import batch_slices, encode, greedy_generate, last_token_outputs, right_padded
+from headlab.generate import batch_slices, encode, greedy_generate, last_token_outputs, right_padded
 from tqdm.auto import tqdm
 
 from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.datasets import DatasetError, read_records
 from headlab.errors import HeadlabError
+from headlab.jobs import COMMON_HELP, METHODS
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -416,3 +418,93 @@ def evaluate(model: HeadModel, harmful: Sequence[str], harmless: Sequence[str] |
             result[name].update(attack_success_before=1 - before, attack_success_after=1 - after,
                                 attack_success_random=[1 - r for r in rand])
     return result
+
+
+@analysis("safety", "score",
+          summary="Safety heads (Zhou et al. 2025): Ships per head, Sahara's head set, refusal before/after ablating it.",
+          paper="Zhou et al. 2025, On the Role of Attention Heads in Large Language Model Safety (Ships / Sahara)",
+          datasets="JSONL/CSV of harmful prompts (--harmful; column goal, input, prompt, instruction or query) and "
+                   "optionally harmless ones; zoo models trained on refusal bring their own",
+          writes=("ships", "ships_top_count", "dataset_ships", "ships_estimate", "plan", "generations",
+                  "ships_per_query", "summary"), files=("harmful", "harmless"), flags={"keywords": "--keyword"},
+          choices={"ablation": ("attention", "output"), "method": METHODS},
+          help={"harmful": "JSONL/CSV of harmful prompts (column goal, input, prompt, instruction or query)",
+                "harmless": "JSONL/CSV of harmless prompts (same columns), to check they stay answered",
+                "column": "the prompt column, when it is none of the usual names",
+                "n": "zoo prompts per set when no --harmful",
+                "ablation": "attention (undifferentiated attention, q x eps) | output (output x eps)",
+                "epsilon": "ablation factor for Ships (the reference's 1e-4)",
+                "sahara_epsilon": "ablation factor for Sahara (the reference's 1e-5)",
+                "max_heads": "Sahara's head-set size",
+                "template": "prompt template with {prompt}, or 'chat' for the chat template",
+                "keywords": "refusal keyword (repeat); default the reference's list",
+                "min_chars": "generations shorter than this count as refusals (reference: 32)",
+                "max_new_tokens": "tokens generated per prompt", **COMMON_HELP}, modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, harmful: str | None = None,
+        harmless: str | None = None, column: str | None = None, n: int = 48, ablation: str = "attention",
+        epsilon: float = 1e-4, sahara_epsilon: float = 1e-5, max_heads: int = 3, template: str = "{prompt}",
+        keywords: list[str] | None = None, min_chars: int | None = None, max_new_tokens: int = 32,
+        method: str = "auto", verify: int = 32, ray: str | None = None, shards: int = 4, ray_gpus: float = 0,
+        progress: bool = True) -> Path:
+    """Ships per query and head, Sahara's safety-head set, and refusal rates before/after ablating it.
+    With `ray`, exhaustive Ships runs as `shards` Ray tasks over the heads."""
+    import json
+
+    import pandas as pd
+
+    from headlab import jobs
+    from headlab.attribution import resolve_method
+
+    jobs.check_method(method, verify, "--verify")
+    jobs.check_ray(ray, shards)
+    zoo_model = jobs.zoo_task(model, "refusal")
+    if harmful:
+        harmful_prompts = build_dataset(path=harmful, column=column)
+        harmless_prompts = build_dataset(path=harmless, column=column) if harmless else None
+    elif zoo_model:
+        harmful_prompts, harmless_prompts = zoo_dataset(n, True), zoo_dataset(n, False)
+    elif jobs.is_corpus_model(model):
+        raise HeadlabError(f"safety heads do not apply to {model}: it was trained on Python source only and has no "
+                           "refusal behaviour to find safety heads for; give --harmful to score it anyway")
+    else:
+        raise HeadlabError(f"{model} is not a zoo model trained on the refusal task: give --harmful (JSONL/CSV with a "
+                           f"goal/input/prompt column) and optionally --harmless")
+    if keywords:
+        matcher = RefusalMatcher(tuple(keywords), min_chars=32 if min_chars is None else min_chars)
+    elif zoo_model and not harmful:
+        matcher = RefusalMatcher(("sorry", "cannot"), min_chars=0 if min_chars is None else min_chars)
+    else:
+        matcher = RefusalMatcher(min_chars=32 if min_chars is None else min_chars)
+    ships_cfg = SafetyConfig(ablation=ablation, epsilon=epsilon, template=template)  # type: ignore[arg-type]
+    sahara_cfg = SafetyConfig(ablation=ablation, epsilon=sahara_epsilon, template=template, max_heads=max_heads)  # type: ignore[arg-type]
+    params = {"harmful": harmful, "harmless": harmless, "column": column, "n": n, "ablation": ablation, "epsilon": epsilon,
+              "sahara_epsilon": sahara_epsilon, "max_heads": max_heads, "template": template,
+              "keywords": list(matcher.keywords), "min_chars": matcher.min_chars, "max_new_tokens": max_new_tokens,
+              "method": method, "verify": verify}
+    with jobs.started(out, "safety", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        L, H = hm.spec.shape
+        if ray is not None and resolve_method(method, L * H) == "exact":
+            from headlab.distributed import shard_work
+
+            heads = [(l, h) for l in range(L) for h in range(H)]
+            jobs.shard_on_ray(cache, ships_keys(heads), shard_work(ships_shard, model, harmful_prompts, ships_cfg),
+                              ray, shards, ray_gpus, progress)
+        found_ships = ships(hm, harmful_prompts, ships_cfg, progress=progress, cache=cache, method=method, verify=verify)
+        found = sahara(hm, harmful_prompts, sahara_cfg, progress=progress, cache=cache)
+        evaluation = evaluate(hm, harmful_prompts, harmless_prompts, found.heads, ships_cfg, matcher,
+                              max_new_tokens=max_new_tokens)
+        run.save_plan(ablation_plan(found.heads, ships_cfg))
+        rows = [{"set": name, **g} for name in ("harmful", "harmless") if name in evaluation
+                for g in evaluation[name].pop("generations")]
+        run.save_samples(pd.DataFrame(rows), "generations")
+        per_query = [{"prompt": p, "top_heads": json.dumps(found_ships.query_top(i, 5))} for i, p in enumerate(found_ships.prompts)]
+        run.save_samples(pd.DataFrame(per_query), "ships_per_query")
+        summary = {"harmful": len(harmful_prompts), "harmless": len(harmless_prompts or []),
+                   "top_ships": [[l, h, s] for l, h, s in found_ships.scores.top(10) if s == s],  # NaN: not verified (atp)
+                   "sahara_heads": [list(h) for h in found.heads], "sahara_angles": found.angles, "evaluation": evaluation,
+                   "ships_search": jobs.search_summary(found_ships.scores.params)}
+        scores = {"ships": found_ships.scores, "ships_top_count": found_ships.top_counts, "dataset_ships": found.steps[0]}
+        if found_ships.estimate is not None:
+            scores["ships_estimate"] = found_ships.estimate
+        return jobs.finish(run, summary, scores)

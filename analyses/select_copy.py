@@ -35,6 +35,7 @@ from headlab.analyses import choice
 from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
@@ -312,6 +313,7 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
     test_qk = float(accuracy("qk", test)[bl, bh]) / len(test)
     test_att = float(accuracy("attention", test)[bl, bh]) / len(test)
     baseline = sum(int(readings[i].label_logits.argmax()) == readings[i].answer for i in test) / len(test)
+    random_head = float(accuracy("qk", test).mean()) / len(test)  # the expected test accuracy of a head drawn at random
     rows, in_val = [], set(val)
     for i, s in enumerate(samples):
         r = readings[i]
@@ -321,7 +323,7 @@ def score(model: HeadModel, samples: Sequence[MCQASample], config: SelectCopyCon
     return SelectCopyResult(
         qk_accuracy=qk, attention_accuracy=att,
         test={"best_head": [bl, bh], "qk_accuracy": test_qk, "attention_accuracy": test_att, "baseline_accuracy": baseline,
-              "validation_size": len(val), "test_size": len(test)},
+              "random_head_qk_accuracy": random_head, "validation_size": len(val), "test_size": len(test)},
         samples=pd.DataFrame(rows),
         per_sample={which: torch.stack([(getattr(readings[i], which).argmax(-1) == readings[i].answer).float() for i in val])
                     for which in ("qk", "attention")},
@@ -340,3 +342,62 @@ def evaluate(model: HeadModel, samples: Sequence[MCQASample], head: tuple[int, i
             "qk_accuracy": sum(int(r.qk[l, h].argmax()) == r.answer for r in rs) / n,
             "attention_accuracy": sum(int(r.attention[l, h].argmax()) == r.answer for r in rs) / n,
             "baseline_accuracy": sum(int(r.label_logits.argmax()) == r.answer for r in rs) / n}
+
+
+def paper_table(summary: dict) -> list[dict]:
+    """The paper's comparison on the test split: label-logit baseline, the best QK / attention head
+    (chosen on the validation split) and a head drawn at random (the control)."""
+    return [{"metric": "test accuracy", "label-logit baseline": summary["baseline_accuracy"],
+             "best head, QK-score": summary["qk_accuracy"], "best head, attention": summary["attention_accuracy"],
+             "random head, QK-score": summary["random_head_qk_accuracy"], "best head": "L{}H{}".format(*summary["best_head"]),
+             "n": summary["test_size"]}]
+
+
+@analysis("select_copy", "score",
+          summary="Select-and-copy heads (Tulchinskii et al. 2024): QK-score per option, best head vs the letter baseline.",
+          paper="Tulchinskii et al. 2024, Listening to the Wise Few: Select-and-Copy Attention Heads for Multiple-Choice QA",
+          datasets="JSONL/CSV with question, options, answer (--data); zoo task models bring their own",
+          writes=("qk_accuracy", "attention_accuracy", "samples", "per_sample", "summary"), files=("data",),
+          flags={"prompt_format": "--format"}, table=paper_table,
+          choices={"labels": tuple(sorted(LABEL_SETS)), "key_token": ("end", "label"), "prompt_format": ("paper", "zoo")},
+          help={"data": "JSONL/CSV with question, options, answer", "n": "zoo questions when no --data",
+                "labels": "option labels: letters | digits | lower",
+                "key_token": "end (the option's last token, the paper) | label", "shots": "in-context examples",
+                "prompt_format": "paper | zoo (default: zoo for zoo task models)"}, modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        n: int = 200, labels: str = "letters", key_token: str = "end", shots: int = 0,
+        prompt_format: str | None = None, progress: bool = True) -> Path:
+    from headlab import jobs
+
+    zoo_model = jobs.is_zoo_task_model(model)
+    prompt_format = prompt_format or ("zoo" if zoo_model else "paper")
+    if prompt_format not in ("zoo", "paper"):
+        raise HeadlabError(f"--format must be 'paper' or 'zoo', got {prompt_format!r}")
+    params = {"data": data, "n": n, "labels": labels, "key_token": key_token, "shots": shots, "format": prompt_format}
+    if labels not in LABEL_SETS:
+        raise HeadlabError(f"--labels must be one of {', '.join(sorted(LABEL_SETS))}, got {labels!r}")
+    if key_token not in ("end", "label"):
+        raise HeadlabError(f"--key-token must be 'end' (the option's last token) or 'label', got {key_token!r}")
+    jobs.check_count(n, "--n", 2)
+    jobs.check_count(shots, "--shots", 0)
+    if data:
+        samples = build_dataset(path=data)
+    elif zoo_model:
+        samples = zoo_dataset(n, label_set=labels)
+    elif jobs.is_corpus_model(model):
+        raise HeadlabError(f"select-and-copy heads do not apply to {model}: it was trained on Python source only and has "
+                           "no multiple-choice format to read labels from; give --data (JSONL/CSV of question, options, "
+                           "answer) to score it anyway")
+    else:
+        raise HeadlabError(f"give --data (JSONL/CSV of question, options, answer) for {model}")
+    config = SelectCopyConfig(labels=labels, key_token=key_token, shots=shots,  # type: ignore[arg-type]
+                              format=ZOO_FORMAT if prompt_format == "zoo" else PAPER_FORMAT)
+    with jobs.started(out, "select_copy", model, params, run_id) as (run, hm):
+        result = score(hm, samples, config, progress=progress, cache=jobs.checkpoint(run))
+        summary = {**result.test, "top_heads": [[l, h, s] for l, h, s in result.qk_accuracy.top(10)]}
+        val = result.samples[result.samples["split"] == "validation"]["sample"].tolist()
+        run.save_per_sample({"qk_accuracy": result.per_sample["qk"], "attention_accuracy": result.per_sample["attention"]},
+                            [f"question {i}" for i in val])
+        run.save_examples([{"text": result.prompts[i], "label": f"question {i}: answer {samples[i].answer}"} for i in val])
+        return jobs.finish(run, summary, {"qk_accuracy": result.qk_accuracy, "attention_accuracy": result.attention_accuracy},
+                           result.samples)

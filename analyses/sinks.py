@@ -22,6 +22,7 @@ long inputs: on a text of fewer than ~10 tokens, uniform attention alone gives r
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import dataclass, field
 from collections.abc import MutableMapping
 from typing import Any, Sequence
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.scores import HeadScores
 from headlab.stats import StatsRequest
@@ -145,3 +147,51 @@ def score(model: HeadModel, texts: Sequence[str], config: SinksConfig = SinksCon
         top_activation=pd.DataFrame(top_rows, columns=["text", "layer", "position", "token", "dim", "value", "ratio_to_median"]),
         per_sample={"first_token_mass": torch.stack(firsts), "hidden_sink_rate": torch.stack(has_sinks)},
     )
+
+
+ENGLISH_TEXTS = [
+    "The committee met on Tuesday to discuss the budget for the coming year, and after a long debate it approved the plan.",
+    "Rivers carry sediment from the mountains to the sea, building deltas where the current slows and the sand settles.",
+    "She opened the old book carefully, because its pages were brittle and the ink had faded to a pale brown.",
+    "In the afternoon the market fills with people buying bread, fruit and fish, and the noise carries across the square.",
+]
+"""Default texts of the sinks job for models with an English tokenizer (zoo:minilm-l6)."""
+
+
+@analysis("sinks", "score", summary="Attention sinks: first-token mass, hidden sinks (r > tau), massive activations.",
+          paper="Sun et al. 2024 (massive activations); Yu et al. 2024 (ACT's hidden sinks) — METHODS.md: attention sinks",
+          datasets="a text file, one text per line (--data); zoo models bring their own",
+          writes=("first_token_mass", "hidden_sink_rate", "hidden_sinks", "massive", "top_activation", "summary"),
+          files=("data",), help={"data": "text file, one text per line", "n": "zoo prompts when no --data",
+                                 "tau": "hidden-sink threshold on the attention ratio r"})
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        n: int = 20, tau: float = 0.1, progress: bool = True) -> Path:
+    from headlab import jobs
+
+    params = {"data": data, "n": n, "tau": tau}
+    if data:
+        texts = build_dataset(path=data)
+    elif jobs.is_zoo_task_model(model):
+        from headlab.zoo import tasks
+
+        texts = [ex.prompt for task in ("needle", "mcqa") for ex in tasks.held_out(task, max(1, n // 2), seed=30_000)]
+    elif jobs.is_corpus_model(model):
+        from headlab.zoo import corpus
+
+        texts = corpus.texts(None, n, max_tokens=512)
+    elif model == "zoo:minilm-l6":
+        texts = ENGLISH_TEXTS
+    else:
+        raise HeadlabError(f"give --data (a text file, one text per line) for {model}")
+    with jobs.started(out, "sinks", model, params, run_id) as (run, hm):
+        report = score(hm, texts, SinksConfig(tau=tau), progress=progress, cache=jobs.checkpoint(run))
+        summary = {"texts": len(texts), "fraction_of_heads_with_hidden_sinks": report.fraction_of_heads_with_hidden_sinks,
+                   "top_first_token_heads": [[l, h, s] for l, h, s in report.first_token_mass.top(10)],
+                   "massive_activations": len(report.massive)}
+        run.save_samples(report.hidden_sinks, "hidden_sinks")
+        run.save_samples(report.massive, "massive")
+        run.save_samples(report.top_activation, "top_activation")
+        run.save_per_sample(report.per_sample, [f"text {t}" for t in range(len(texts))])
+        run.save_examples([{"text": t, "label": f"text {i}", "spans": {"first": (0, 1)}} for i, t in enumerate(texts)])
+        return jobs.finish(run, summary, {"first_token_mass": report.first_token_mass,
+                                          "hidden_sink_rate": report.hidden_sink_rate})

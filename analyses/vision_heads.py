@@ -22,6 +22,7 @@ reinforcement (a head-output scale applies to every query of the call it is plan
 
 from __future__ import annotations
 
+import random
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -126,9 +128,11 @@ class VHRGeneration:
 
 
 def vhr_generate(model: HeadModel, sample: VisionSample, alpha: float = 1.5, k: int = 2, max_new_tokens: int = 8,
-                 layers: Sequence[int] | None = None, eos_token_id: int | None = None) -> VHRGeneration:
+                 layers: Sequence[int] | None = None, eos_token_id: int | None = None,
+                 control: random.Random | None = None) -> VHRGeneration:
     """Greedy generation with VHR: per step, the top-k heads per layer by that step's VHD scaled by α.
-    α = 1 is plain greedy generation."""
+    α = 1 is plain greedy generation. With `control` (a seeded generator), k heads per layer drawn
+    from it at every step are scaled instead: the random-head control."""
     from transformers import DynamicCache
 
     if alpha < 0:
@@ -144,15 +148,21 @@ def vhr_generate(model: HeadModel, sample: VisionSample, alpha: float = 1.5, k: 
     image_in: dict[str, Any] = {"input_ids": ids[None], "pixel_values": pixels}
     text_in: dict[str, Any] = {"input_ids": without_image(model.spec, ids)[None]}
     generated, reinforced = [], []
+    L, H = model.spec.shape
     for _ in range(max_new_tokens):
-        with model.patched(None, probe) as rec_text:
-            model(**text_in, past_key_values=text_cache, use_cache=True)
-        start = image_cache.get_seq_length()
-        with model.patched(None, probe) as rec_image:
-            model(**image_in, past_key_values=image_cache, use_cache=True)
-        image_cache.crop(start - image_cache.get_seq_length())  # drop the probe's keys: the planned pass writes them
-        vhd = (rec_image.stats.head_outputs[:, 0, :, -1].float() - rec_text.stats.head_outputs[:, 0, :, -1].float()).norm(dim=-1)
-        heads = _top_per_layer(vhd, k, layers)
+        if control is not None:
+            heads = [(layer, h) for layer in (layers if layers is not None else range(L))
+                     for h in sorted(control.sample(range(H), min(k, H)))]
+        else:
+            with model.patched(None, probe) as rec_text:
+                model(**text_in, past_key_values=text_cache, use_cache=True)
+            start = image_cache.get_seq_length()
+            with model.patched(None, probe) as rec_image:
+                model(**image_in, past_key_values=image_cache, use_cache=True)
+            image_cache.crop(start - image_cache.get_seq_length())  # drop the probe's keys: the planned pass writes them
+            vhd = (rec_image.stats.head_outputs[:, 0, :, -1].float()
+                   - rec_text.stats.head_outputs[:, 0, :, -1].float()).norm(dim=-1)
+            heads = _top_per_layer(vhd, k, layers)
         plan = InterventionPlan().scale_heads({h: alpha for h in heads})
         with model.patched(plan):
             logits = model(**image_in, past_key_values=image_cache, use_cache=True).logits[0, -1]
@@ -256,10 +266,11 @@ def _first_word(text: str) -> str:
 
 def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float | None = None, k: int = 2,
              max_new_tokens: int = 3, progress: bool = False, plans: Sequence[Any] | None = None,
-             cache: MutableMapping[str, Any] | None = None, tag: str = "") -> dict[str, Any]:
+             cache: MutableMapping[str, Any] | None = None, tag: str = "", control_seed: int | None = None) -> dict[str, Any]:
     """Greedy answers scored against the references: plain, with VHR (`alpha`), or under one plan per
     question (`plans[i]`, an InterventionPlan or None, e.g. VAR's). `cache` (a run's Checkpoint,
-    keys prefixed by `tag`) keeps finished answers for a resume.
+    keys prefixed by `tag`) keeps finished answers for a resume. With `alpha` and `control_seed`,
+    VHR scales k random heads per layer instead (question i draws from seed control_seed + i).
 
     accuracy: the answer (its first word for yes/no questions) equals the reference;
     for yes/no questions also POPE's precision / recall / F1 / yes-ratio and the hallucination rate
@@ -270,9 +281,11 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
     if plans is not None and len(plans) != len(questions):
         raise HeadlabError(f"{len(plans)} plans for {len(questions)} questions: give one plan (or None) per question")
 
-    def generate(sample: VisionSample, plan: Any) -> str:
+    def generate(sample: VisionSample, plan: Any, i: int) -> str:
         if alpha is not None:
-            return _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id).generated)
+            rng = None if control_seed is None else random.Random(control_seed + i)
+            return _decode(model, vhr_generate(model, sample, alpha, k, max_new_tokens, eos_token_id=tok.eos_token_id,
+                                               control=rng).generated)
         ids, pixels = _check(model, sample)
         with model.patched(plan):
             out = model.generate(input_ids=ids[None], pixel_values=pixels, attention_mask=torch.ones_like(ids)[None],
@@ -283,7 +296,7 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
     rows = []
     for i, q in enumerate(tqdm(questions, desc="vhr" if alpha is not None else "evaluate", disable=not progress)):
         plan = plans[i] if plans is not None else None
-        text = cached(cache, f"{tag}{i}", lambda q=q, plan=plan: generate(to_sample(model, q), plan))
+        text = cached(cache, f"{tag}{i}", lambda q=q, plan=plan, i=i: generate(to_sample(model, q), plan, i))
         yes_no = q.answer in ("yes", "no")
         got = _first_word(text) if yes_no else text
         rows.append({"answer": q.answer, "generated": text, "correct": got == q.answer, "yes_no": yes_no,
@@ -306,6 +319,102 @@ def evaluate(model: HeadModel, questions: Sequence[ImageQuestion], alpha: float 
         result["conflict_accuracy"] = sum(r["correct"] for r in conflict) / len(conflict)
     result["rows"] = rows
     return result
+
+
+def job_questions(model: str, data: str | None, images: str | None, template: str | None, n: int,
+                  kinds: tuple[str, ...], conflict: bool | None = None) -> list[ImageQuestion]:
+    """A vision job's questions: the user's POPE-format file with its images, or zoo:shapes-llava's own."""
+    if data:
+        if not images:
+            raise HeadlabError("give --images (the folder of the dataset's images) with --data")
+        return pope_dataset(data, images, template or POPE_TEMPLATE)
+    if model == "zoo:shapes-llava":
+        return zoo_questions(kinds, n, conflict=conflict)
+    raise HeadlabError(f"give --data (POPE-format JSONL: image, text, label) and --images for {model}")
+
+
+def answers_frame(before: dict, after: dict) -> Any:
+    """One row per question: the plain answer's fields, and the answer under the intervention
+    (the evaluations' per-question rows are moved out of them)."""
+    import pandas as pd
+
+    return pd.DataFrame([{**{f"before_{c}": v for c, v in b.items()}, "after_generated": a["generated"],
+                          "after_correct": a["correct"]} for b, a in zip(before.pop("rows"), after.pop("rows"))])
+
+
+VISION_HELP = {"data": "POPE-format JSONL/CSV: image (file name), text (question), label",
+               "images": "folder holding the dataset's images",
+               "template": "prompt with {question} and the image placeholder (default: LLaVA-1.5's)",
+               "max_new_tokens": "tokens generated per answer", "draws": "random-head control runs (0: none)"}
+VISION_DATASETS = "POPE-format questions on images (--data + --images); zoo:shapes-llava brings its own"
+
+
+@analysis("vision_heads", "score",
+          summary="Vision-aware heads (He et al.): VHD, head output with vs without the image, per generated token.",
+          paper="He et al. 2025, Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence (VHD)",
+          datasets=VISION_DATASETS, writes=("vhd", "per_sample", "examples", "summary"), files=("data",),
+          folders=("images",), help={**VISION_HELP, "n": "zoo questions per kind when no --data"},
+          modality="vision-language")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        images: str | None = None, template: str | None = None, n: int = 24, max_new_tokens: int = 4,
+        progress: bool = True) -> Path:
+    """VHD per head (He et al.): head output with vs without the image, per generated token."""
+    from headlab import jobs
+
+    questions = job_questions(model, data, images, template, n, ("color", "shape", "where"))
+    params = {"data": data, "images": images, "template": template, "n": n, "max_new_tokens": max_new_tokens}
+    with jobs.started(out, "vision_heads", model, params, run_id) as (run, hm):
+        samples = [to_sample(hm, q) for q in questions]
+        scores, per_sample = score(hm, samples, max_new_tokens, progress=progress, cache=jobs.checkpoint(run))
+        run.save_per_sample({"vhd": per_sample}, [f"question {i}" for i in range(len(questions))])
+        run.save_examples([{"text": q.prompt, "label": f"question {i}: answer {q.answer!r}", "image": image_array(q.image)}
+                           for i, q in enumerate(questions)])
+        summary = {"questions": len(questions), "top_heads": [[l, h, s] for l, h, s in scores.top(10)]}
+        return jobs.finish(run, summary, {"vhd": scores})
+
+
+@analysis("vhr", "intervene",
+          summary="VHR: reinforce each step's top-k vision-aware heads per layer; accuracy / POPE metrics before and after.",
+          paper="He et al. 2025, Vision-aware Head Reinforcement (VHR) — METHODS.md: VHD / VHR",
+          datasets=VISION_DATASETS, writes=("answers", "vhr_setting", "summary"), files=("data",), folders=("images",),
+          help={**VISION_HELP, "n": "zoo questions per set when no --data",
+                "alpha": "output scale of the reinforced heads (> 1 reinforces)",
+                "k": "heads reinforced per layer, chosen by VHD at every step",
+                "seed": "seed of the random heads of the control"}, modality="vision-language")
+def vhr_job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+            images: str | None = None, template: str | None = None, n: int = 48, alpha: float = 1.5, k: int = 2,
+            max_new_tokens: int = 3, draws: int = 1, seed: int = 0, progress: bool = True) -> Path:
+    """VHR: answers with and without reinforcing each step's top-k vision-aware heads per layer by
+    alpha, and with k random heads per layer reinforced instead (the control)."""
+    from headlab import jobs
+    from headlab.model import load_spec
+
+    jobs.check_count(k, "--k")
+    jobs.check_count(max_new_tokens, "--max-new-tokens")
+    jobs.check_count(draws, "--draws", 0)
+    if not alpha > 0:
+        raise HeadlabError(f"--alpha must be > 0 (the reinforced heads' output scale; > 1 reinforces), got {alpha}")
+    questions = job_questions(model, data, images, template, n, ("object", "pope"), conflict=None)
+    if model == "zoo:shapes-llava" and not data:
+        questions += zoo_questions(("object",), n, seed=71_000, conflict=True)
+    params = {"data": data, "images": images, "template": template, "n": n, "alpha": alpha, "k": k,
+              "max_new_tokens": max_new_tokens, "draws": draws, "seed": seed}
+    if k > load_spec(model).n_heads:
+        raise HeadlabError(f"--k {k} is more than the {load_spec(model).n_heads} heads of a layer (VHR reinforces k heads "
+                           "per layer)")
+    with jobs.started(out, "vhr", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        before = evaluate(hm, questions, None, k, max_new_tokens, progress=progress, cache=cache, tag="before:")
+        after = evaluate(hm, questions, alpha, k, max_new_tokens, progress=progress, cache=cache, tag="after:")
+        randoms = [evaluate(hm, questions, alpha, k, max_new_tokens, progress=progress, cache=cache, tag=f"random{d}:",
+                            control_seed=seed + 100_000 * d) for d in range(draws)]
+        for r in randoms:
+            r.pop("rows")
+        run.save_samples(answers_frame(before, after), "answers")
+        run.save_json({"alpha": alpha, "k": k, "per_step": True}, "vhr_setting")
+        return jobs.finish(run, {"questions": len(questions), "before": before, "after": after, "random": randoms}, {})
+
+
 
 
 __all__ = ["ImageQuestion", "POPE_TEMPLATE", "VHDReading", "VHRGeneration", "VisionSample", "evaluate", "pope_dataset",

@@ -20,18 +20,20 @@ intervention can use.
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 
 from headlab.errors import HeadlabError
+from headlab.registry import analysis
 from headlab.mask import Head
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.stats import StatsRequest
 from headlab.vision import image_positions
 
-from .vision_heads import VisionSample, _check
+from .vision_heads import VISION_DATASETS, VISION_HELP, VisionSample, _check, answers_frame, evaluate, job_questions, to_sample
 
 
 @dataclass
@@ -49,15 +51,16 @@ class VisualSinks:
     """[L, H] share of that image attention on non-sink image tokens."""
     image_centric: list[Head]
 
-    def plan(self, p: float = 0.6) -> InterventionPlan:
-        """VAR: redistribute a fraction p from the visual sinks to the other image tokens in the image-centric heads."""
+    def plan(self, p: float = 0.6, heads: list[Head] | None = None) -> InterventionPlan:
+        """VAR: redistribute a fraction p from the visual sinks to the other image tokens in the
+        image-centric heads (or in `heads`: the random-head control uses as many other heads)."""
         if not self.sinks:
             raise HeadlabError("no visual sink tokens were found (no image token reaches φ ≥ τ): VAR has nothing to "
                                "redistribute; lower tau or check the sink layer")
         if not self.image_centric:
             raise HeadlabError("no image-centric heads were found: lower rho or min_image_mass")
         targets = [j for j in self.image if j not in set(self.sinks)]
-        return InterventionPlan().redistribute(self.image_centric, self.sinks, targets, p)
+        return InterventionPlan().redistribute(self.image_centric if heads is None else heads, self.sinks, targets, p)
 
 
 @torch.no_grad()
@@ -89,3 +92,55 @@ def find(model: HeadModel, sample: VisionSample, layer: int | None = None, tau: 
 
 
 __all__ = ["VisualSinks", "find"]
+
+
+@analysis("var", "intervene",
+          summary="VAR (Kang et al.): visual sink tokens, image-centric heads, attention redistributed; answers before and after.",
+          paper="Kang et al. 2025, See What You Are Told: Visual Attention Sink in Large Multimodal Models (VAR)",
+          datasets=VISION_DATASETS, writes=("answers", "visual_sinks", "summary"), files=("data",), folders=("images",),
+          help={**VISION_HELP, "n": "zoo questions per kind when no --data",
+                "p": "fraction of the visual sinks' attention redistributed",
+                "tau": "phi threshold of a visual sink token", "rho": "visual non-sink ratio of an image-centric head",
+                "layer": "hidden-state layer of the sink test (default: the middle)",
+                "seed": "seed of the random heads of the control"}, modality="vision-language")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        images: str | None = None, template: str | None = None, n: int = 24, p: float = 0.6, tau: float = 20.0,
+        rho: float = 0.6, layer: int | None = None, max_new_tokens: int = 3, draws: int = 1, seed: int = 0,
+        progress: bool = True) -> Path:
+    """VAR: per question, find the visual sink tokens and image-centric heads, redistribute; answers
+    before/after, and with the same redistribution in as many random heads (the control)."""
+    from headlab import jobs
+
+    questions = job_questions(model, data, images, template, n, ("color", "where", "object", "pope"))
+    jobs.check_fraction(p, "--p")
+    jobs.check_count(draws, "--draws", 0)
+    if not 0.0 <= rho <= 1.0 or not tau > 0:
+        raise HeadlabError(f"--rho must be in [0, 1] and --tau > 0, got rho={rho}, tau={tau}")
+    params = {"data": data, "images": images, "template": template, "n": n, "p": p, "tau": tau, "rho": rho,
+              "layer": layer, "max_new_tokens": max_new_tokens, "draws": draws, "seed": seed}
+    with jobs.started(out, "var", model, params, run_id) as (run, hm):
+        found, plans, controls = [], [], [[] for _ in range(draws)]
+        for i, q in enumerate(questions):  # two forwards each: recorded for every question, resumed or not
+            sinks = find(hm, to_sample(hm, q), layer=layer, tau=tau, rho=rho)
+            found.append({"sinks": sinks.sinks, "image_centric": [list(h) for h in sinks.image_centric],
+                          "max_phi_on_image": float(sinks.phi[sinks.image].max())})
+            active = bool(sinks.sinks and sinks.image_centric)
+            plans.append(sinks.plan(p) if active else None)  # nothing to move: as is
+            sets = jobs.random_head_sets(hm.spec.shape, sinks.image_centric, draws, seed + 1000 * i) if active else []
+            for d in range(draws):
+                controls[d].append(sinks.plan(p, sets[d]) if d < len(sets) else None)
+        cache = jobs.checkpoint(run)
+        before = evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, cache=cache, tag="before:")
+        after = evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, plans=plans,
+                         cache=cache, tag="after:")
+        randoms = [evaluate(hm, questions, max_new_tokens=max_new_tokens, progress=progress, plans=controls[d], cache=cache,
+                            tag=f"random{d}:") for d in range(draws)]
+        for r in randoms:
+            r.pop("rows")
+        run.save_samples(answers_frame(before, after), "answers")
+        with_sinks = sum(bool(f["sinks"]) for f in found)
+        summary = {"questions": len(questions), "questions_with_visual_sinks": with_sinks, "before": before, "after": after,
+                   "random": randoms,
+                   "note": None if with_sinks else f"no image token reached phi >= {tau}: VAR changed nothing"}
+        run.save_json(found, "visual_sinks")
+        return jobs.finish(run, summary, {})

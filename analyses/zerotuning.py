@@ -26,6 +26,7 @@ reads it; the reference code ships only the supervised search).
 
 from __future__ import annotations
 
+from pathlib import Path
 import math
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from headlab.analyses import choice
 from headlab import attribution
 from headlab.checkpoint import cached
 from headlab.errors import HeadlabError
+from headlab.jobs import COMMON_HELP, METHODS
+from headlab.registry import analysis
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
 from headlab.scores import HeadScores
@@ -176,3 +179,52 @@ def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: Int
     after = choice.evaluate(model, samples, plan, batch_size)
     return {"n": len(samples), "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
             "entropy_before": before.entropy, "entropy_after": after.entropy}
+
+
+@analysis("zerotuning", "intervene",
+          summary="ZeroTuning: profile heads, pick the group and gamma on the calibration split, evaluate before/after.",
+          paper="ZeroTuning (head-wise first-token attention scaling) — METHODS.md: ZeroTuning",
+          datasets="closed-choice questions: JSONL/CSV with prompt, choices, answer (--data); zoo models bring their own",
+          writes=("gain_up", "gain_down", "gamma_sweep", "plan", "summary"), files=("data",),
+          choices={"objective": ("accuracy", "entropy"), "method": METHODS},
+          help={**choice.CHOICE_HELP, **COMMON_HELP, "objective": "accuracy (supervised) | entropy (unsupervised)",
+                "layers": "candidate layers (default all)"}, modality="text")
+def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data: str | None = None,
+        n: int = 200, calibration_fraction: float = 0.5, objective: str = "accuracy", layers: list[int] | None = None,
+        seed: int = 0, method: str = "auto", screen: int = 32, draws: int = 3, progress: bool = True) -> Path:
+    from dataclasses import asdict
+
+    from headlab import jobs
+
+    jobs.check_method(method, screen, "--screen")
+    jobs.check_count(draws, "--draws", 0)
+    config = ZeroTuningConfig(objective=objective, layers=layers or None)  # type: ignore[arg-type]
+    params = {"data": data, "n": n, "calibration_fraction": calibration_fraction, "seed": seed, **asdict(config),
+              "method": method, "screen": screen, "draws": draws}
+    cal, test = choice.job_splits(model, data, n, calibration_fraction, seed)
+    with jobs.started(out, "zerotuning", model, params, run_id) as (run, hm):
+        cache = jobs.checkpoint(run)
+        result = calibrate(hm, cal, config, progress=progress, cache=cache, method=method, screen=screen)
+        evaluation = evaluate(hm, test, result.plan)
+        L, H = hm.spec.shape
+        candidates = [(l, h) for l in (range(L) if config.layers is None else config.layers) for h in range(H)]
+        controls = jobs.random_head_sets(hm.spec.shape, result.heads, draws, seed, among=candidates)
+
+        def control(heads: list) -> dict:
+            ev = choice.evaluate(hm, test, InterventionPlan().scale_first_token({h: result.gamma for h in heads}),
+                                 config.batch_size)
+            return {"accuracy": ev.accuracy, "entropy": ev.entropy}
+
+        randoms = [cached(cache, "random:" + ",".join(f"L{l}H{h}" for l, h in heads), lambda heads=heads: control(heads))
+                   for heads in controls]
+        evaluation["accuracy_random"] = [r["accuracy"] for r in randoms]
+        evaluation["entropy_random"] = [r["entropy"] for r in randoms]
+        evaluation["random_heads"] = [[list(h) for h in heads] for heads in controls]
+        run.save_plan(result.plan)
+        summary = {"heads": [list(h) for h in result.heads], "gamma": result.gamma, "direction": result.direction,
+                   "calibration_objective_before": result.baseline, "calibration_objective_after": result.calibrated,
+                   "test": evaluation, **jobs.search_summary(result.params)}
+        run.save_samples(result.sweep, "gamma_sweep")
+        scores = {"gain_up": result.profile_up, "gain_down": result.profile_down}
+        scores.update({f"loss_estimate_{side}": est for side, est in result.loss_estimates.items()})
+        return jobs.finish(run, summary, scores)

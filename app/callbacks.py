@@ -10,7 +10,7 @@ from typing import Any, Callable
 from urllib.parse import urlencode
 
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, State, ctx as trigger, dcc, html, no_update
+from dash import ALL, Dash, Input, Output, State, ctx as trigger, dcc, html, no_update
 
 from headlab.compare import compare
 from headlab.errors import HeadlabError
@@ -343,6 +343,58 @@ def register(app: Dash, ctx: AppContext) -> None:
         if not task_ref:
             return "0", "", True, "", no_update
         return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_pg, 1)
+
+    _register_new_run(app, ctx)
+
+
+def _register_new_run(app: Dash, ctx: AppContext) -> None:
+    from headlab import jobs, registry
+
+    from . import newrun
+
+    @app.callback(Output("new-params", "children"), Output("new-about", "children"), Input("new-analysis", "value"))
+    def new_params(name):
+        decl = registry.get(name)
+        about = [html.Span(decl.summary), html.Br(), html.Span(f"Data: {decl.datasets}. Writes: {', '.join(decl.writes)}.")]
+        return [newrun.field(p, ctx.store) for p in newrun.form_params(decl)], about
+
+    @app.callback(Output("new-task", "data"), Output("new-poll", "disabled"), Output("new-error", "children"),
+                  Output("new-result", "children", allow_duplicate=True), Input("new-start", "n_clicks"),
+                  State("new-analysis", "value"), State("new-model", "value"),
+                  State({"type": "new-param", "name": ALL}, "value"), State({"type": "new-param", "name": ALL}, "id"),
+                  prevent_initial_call=True)
+    def new_start(_clicks, name, model, values, ids):
+        try:
+            decl = registry.get(name)
+            if not model:
+                raise HeadlabError("pick a model")
+            if model not in ctx.models.allowed():
+                raise HeadlabError(ctx.models.why_not(model))
+            params = newrun.parse(decl, {i["name"]: v for i, v in zip(ids, values)}, ctx.store)
+            newrun.check_model(decl, model)
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, HeadlabError):
+                log.exception("new run request failed")
+            return no_update, True, error_message(exc), ""
+
+        def work(progress, should_stop):
+            progress(0.05, f"running {decl.name} on {model} (the run appears in the runs list when it starts)")
+            return jobs.run(decl.name, model, ctx.store.root, progress=False, **params).name
+
+        return {"id": ctx.tasks.submit(f"run:{decl.name}", work)}, False, "", ""
+
+    def render_new(run_id):
+        return (html.P(["finished: ", dcc.Link(f"run {run_id}", href=f"/run?run={run_id}", id="new-run-link")]),)
+
+    @app.callback(Output("new-progress", "value"), Output("new-progress-text", "children"),
+                  Output("new-poll", "disabled", allow_duplicate=True), Output("new-error", "children", allow_duplicate=True),
+                  Output("new-result", "children"), Input("new-poll", "n_intervals"), State("new-task", "data"),
+                  prevent_initial_call=True)
+    @guarded(5, 3)
+    def new_poll(_n, task_ref):
+        if not task_ref:
+            return "0", "", True, "", no_update
+        return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_new, 1)
 
 
 def _data_uri(image: Any) -> str | None:

@@ -109,39 +109,3 @@ def mask_summary(mask: HeadMask) -> str:
     heads = ", ".join(f"L{l}H{h}" for l, h in mask)
     return f"{len(mask)} of {mask.n_layers * mask.n_heads} heads: {heads or '(none)'}"
 
-
-def before_after(summary: Any, prefix: str = "") -> list[dict[str, Any]]:
-    """Rows (metric, before, after, change, random heads) found in a run summary: sibling keys
-    `X_before` / `X_after` (and `X_random`, a list: its mean), or sibling objects `before` / `after`
-    (and `random`, a list of such objects), at any depth. Numbers only."""
-    rows: list[dict[str, Any]] = []
-    if not isinstance(summary, dict):
-        return rows
-
-    def num(x: Any) -> float | None:
-        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-    def mean(xs: Any) -> float | None:
-        vals = [num(x) for x in xs] if isinstance(xs, list) else []
-        vals = [v for v in vals if v is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    def row(name: str, b: Any, a: Any, r: Any = None) -> None:
-        b, a = num(b), num(a)
-        if b is not None and a is not None:
-            rows.append({"metric": name, "before": round(b, 4), "after": round(a, 4), "change": round(a - b, 4),
-                         "random heads": None if r is None else round(r, 4)})
-
-    for key, value in summary.items():
-        if isinstance(key, str) and key.endswith("_before") and key[:-7] + "_after" in summary:
-            base = key[:-7]
-            row(prefix + base, value, summary[base + "_after"], mean(summary.get(base + "_random")))
-    if isinstance(summary.get("before"), dict) and isinstance(summary.get("after"), dict):
-        randoms = summary.get("random") if isinstance(summary.get("random"), list) else []
-        for metric, b in summary["before"].items():
-            r = mean([x.get(metric) for x in randoms if isinstance(x, dict)]) if randoms else None
-            row(prefix + metric, b, summary["after"].get(metric), r)
-    for key, value in summary.items():
-        if isinstance(value, dict) and key not in ("before", "after"):
-            rows += before_after(value, f"{prefix}{key}.")
-    return rows

@@ -9,7 +9,9 @@ from dash import dash_table, dcc, html
 
 from headlab.errors import HeadlabError
 
-from .context import MAX_TEXT_CHARS, SEP, AppContext, as_int, before_after
+from headlab.report import before_after
+
+from .context import MAX_TEXT_CHARS, SEP, AppContext, as_int
 
 PLAN_KINDS = [
     {"label": "prune (output × 0)", "value": "prune"},
@@ -257,5 +259,32 @@ def playground_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
     ])
 
 
+def new_run_page(ctx: AppContext, params: dict[str, str]) -> html.Div:
+    """Start a run of any declared analysis (the form is generated from its declaration)."""
+    from .newrun import analysis_options
+
+    options = analysis_options()
+    chosen = params.get("analysis") if params.get("analysis") in {o["value"] for o in options} else "sinks"
+    return html.Div([
+        html.H2("New run"),
+        html.P(["Runs any analysis into ", html.Code(str(ctx.store.root)), "; the form comes from the analysis's "
+                "declaration. Data files are the CLI's and studies' (the app reads nothing outside its runs directory): "
+                "here each analysis uses the bundled models' own data."], className="hint"),
+        html.Div([
+            html.Label(["analysis", dcc.Dropdown(id="new-analysis", options=options, value=chosen, clearable=False)]),
+            html.Label(["model", dcc.Dropdown(id="new-model", options=ctx.models.allowed(), value=params.get("model"),
+                                              placeholder="a zoo or local model")]),
+        ], className="row"),
+        html.Div(id="new-about", className="hint"),
+        html.Div(id="new-params", className="params"),
+        html.Button("Start run", id="new-start"),
+        dcc.Store(id="new-task"), dcc.Interval(id="new-poll", interval=500, disabled=True),
+        progress_bar("new"),
+        error_box(None, "new-error"),
+        html.Div(id="new-result"),
+    ])
+
+
 PAGES = {"/": runs_page, "/runs": runs_page, "/heatmap": heatmap_page, "/compare": compare_page,
-         "/head": head_page, "/playground": playground_page, "/run": run_page}
+         "/head": head_page, "/playground": playground_page, "/run": run_page,
+         "/new": new_run_page}

@@ -22,7 +22,8 @@ from .tasks import TaskManager
 
 log = logging.getLogger("headlab.app")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-NAV = [("Runs", "/"), ("Heatmap", "/heatmap"), ("Compare", "/compare"), ("Playground", "/playground")]
+NAV = [("Runs", "/"), ("Heatmap", "/heatmap"), ("Compare", "/compare"), ("Playground", "/playground"),
+       ("New run", "/new")]
 
 
 def create_app(runs_dir: str | Path, models: list[str] | None = None, workers: int = 2, device: str = "cpu",

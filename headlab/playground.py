@@ -53,7 +53,7 @@ def _generate(model: HeadModel, ids: torch.Tensor, plan: InterventionPlan | None
               on_step: Callable[[], None]) -> str:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from headlab.analyses.generate import _pad_id
+    from headlab.generate import _pad_id
 
     class _Step(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -49,13 +49,13 @@ WAIT = 60
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
-    from headlab.demo import demo_analyses
+    from headlab.analyses.demo import demo_analyses
 
     from headlab import jobs
 
     out = tmp_path_factory.mktemp("runs")
     demo_analyses(out, model="tasks-llama")  # the small task model keeps the app tests fast
-    jobs.score_vision_heads("zoo:shapes-llava", out, n=2, max_new_tokens=1, progress=False)
+    jobs.run("vision_heads", "zoo:shapes-llava", out, n=2, max_new_tokens=1, progress=False)
     return out
 
 
@@ -434,4 +434,38 @@ def test_heatmap_bad_k_and_custom_text(server, browser, store):
     option[0].click()
     browser.find_element(By.ID, "head-compute").click()
     wait_for(browser, lambda d: "the input text is empty" in text_of(d, "head-error"), "the empty-text error")
+    no_tracebacks(browser)
+
+
+# ---- new run (the form generated from the declarations); last: it adds a run to the shared dir ----
+def param_box(driver, name: str):
+    found = driver.find_elements(By.XPATH, f"//*[contains(@id, '\"name\":\"{name}\"')]")
+    return found[0] if found else None
+
+
+def test_new_run_form_is_generated_and_starts_a_run(server, browser, store, tmp_path):
+    from headlab import registry
+
+    browser.get(server + "/new?" + urlencode({"analysis": "sinks", "model": MODEL}))
+    wait_for(browser, lambda d: param_box(d, "tau") is not None, "the sinks form")
+    for p in registry.get("sinks").params:  # one field per declared parameter, data files left to the CLI
+        assert (param_box(browser, p.name) is None) == (p.role == "file"), p.name
+    box = param_box(browser, "n")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys("4")
+    before = {m["id"] for m in store.list()}
+    browser.find_element(By.ID, "new-start").click()
+    link = wait_for(browser, lambda d: d.find_elements(By.ID, "new-run-link"), "the finished run", timeout=120)[0]
+    new = [m for m in store.list() if m["id"] not in before]
+    assert len(new) == 1 and new[0]["analysis"] == "sinks" and new[0]["params"]["n"] == 4
+    assert new[0]["id"] in link.text and store.summary(new[0]["id"])["texts"] == 4
+    shot(browser, tmp_path, "new_run")
+
+    # a model of the wrong kind is refused before anything is written
+    browser.get(server + "/new?" + urlencode({"analysis": "vision_heads", "model": MODEL}))
+    wait_for(browser, lambda d: param_box(d, "max_new_tokens") is not None, "the VHD form")
+    browser.find_element(By.ID, "new-start").click()
+    wait_for(browser, lambda d: "vision_heads needs a vision-language model" in text_of(d, "new-error"), "the refusal")
+    assert len(store.list()) == len(before) + 1
     no_tracebacks(browser)

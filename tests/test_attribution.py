@@ -270,7 +270,7 @@ def test_score_safety_with_atp_writes_estimate_and_verification(tmp_path):
     assert int(ships.counts.sum()) == 3 and int(estimate.counts.sum()) == 8
     assert len(summary["top_ships"]) == 3  # only verified heads are listed
     res = runner.invoke(app, ["score", "conflict", "zoo:safety-conflict", "--out", str(tmp_path), "--method", "quick"])
-    assert res.exit_code == 2 and "--method must be exact, atp or auto" in res.output
+    assert res.exit_code == 2 and "--method must be one of exact, atp, auto" in res.output
     res = runner.invoke(app, ["intervene", "act", "zoo:safety-conflict", "--out", str(tmp_path), "--screen", "0"])
     assert res.exit_code == 2 and "--screen must be at least 1" in res.output
     assert not any(p.name != "a1" for p in tmp_path.iterdir())  # refused before any run was opened
@@ -281,9 +281,9 @@ def test_safety_atp_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     real = attribution.kl_estimate
     monkeypatch.setattr(attribution, "kl_estimate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        jobs.score_safety("zoo:safety-conflict", tmp_path, "r1", **kw)
+        jobs.run("safety", "zoo:safety-conflict", tmp_path, "r1", **kw)
     monkeypatch.setattr(attribution, "kl_estimate", real)
-    first = jobs.score_safety("zoo:safety-conflict", tmp_path, "r1", **kw)
-    again = jobs.score_safety("zoo:safety-conflict", tmp_path / "other", "r1", **kw)
+    first = jobs.run("safety", "zoo:safety-conflict", tmp_path, "r1", **kw)
+    again = jobs.run("safety", "zoo:safety-conflict", tmp_path / "other", "r1", **kw)
     a, b = headlab.HeadScores.load(first / "ships"), headlab.HeadScores.load(again / "ships")
     torch.testing.assert_close(a.sums, b.sums) and torch.testing.assert_close(a.counts, b.counts)

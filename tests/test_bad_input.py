@@ -227,7 +227,7 @@ def test_text_analyses_run_on_a_vision_language_model(tmp_path):
 
     texts = tmp_path / "t.txt"
     texts.write_text("a small red square on a white field\nthe blue circle is left of the shape\n")
-    run = jobs.score_sinks("zoo:shapes-llava", tmp_path / "runs", data=str(texts), progress=False)
+    run = jobs.run("sinks", "zoo:shapes-llava", tmp_path / "runs", data=str(texts), progress=False)
     assert json.loads((run / "summary.json").read_text())["texts"] == 2
 
 

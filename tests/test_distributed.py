@@ -46,14 +46,14 @@ def _equal_runs(a, b, name, exact=True):
 
 def test_sharded_retrieval_and_ships_equal_single_process(cluster, tmp_path):
     kw = dict(lengths=[48], depths=[0.0, 1.0], progress=False)
-    single = jobs.score_retrieval("zoo:tasks-llama", tmp_path / "one", "r", **kw)
-    sharded = jobs.score_retrieval("zoo:tasks-llama", tmp_path / "ray", "r", ray="local", shards=2, **kw)
+    single = jobs.run("retrieval", "zoo:tasks-llama", tmp_path / "one", "r", **kw)
+    sharded = jobs.run("retrieval", "zoo:tasks-llama", tmp_path / "ray", "r", ray="local", shards=2, **kw)
     _equal_runs(single, sharded, "scores")
     lines = [json.loads(line) for line in (sharded / jobs.CHECKPOINT).read_text().splitlines()]
     assert {e["key"] for e in lines} == {"0", "1", "2", "3"}  # every sample came from a shard
     kw = dict(n=6, max_heads=1, progress=False, method="exact", max_new_tokens=4)
-    single = jobs.score_safety("zoo:safety-conflict", tmp_path / "one", "s", **kw)
-    sharded = jobs.score_safety("zoo:safety-conflict", tmp_path / "ray", "s", ray="local", shards=3, **kw)
+    single = jobs.run("safety", "zoo:safety-conflict", tmp_path / "one", "s", **kw)
+    sharded = jobs.run("safety", "zoo:safety-conflict", tmp_path / "ray", "s", ray="local", shards=3, **kw)
     _equal_runs(single, sharded, "ships", exact=False)
 
 
@@ -85,9 +85,9 @@ def _dies_once(marker, ref, prompts, config, keys):
 
 def test_bad_ray_options_are_refused(tmp_path):
     with pytest.raises(HeadlabError, match="--shards must be at least 1"):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, ray="local", shards=0, progress=False)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, ray="local", shards=0, progress=False)
     with pytest.raises(HeadlabError, match="--ray needs an address"):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, ray=" ", progress=False)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, ray=" ", progress=False)
     assert not any(tmp_path.iterdir())
 
 

@@ -44,7 +44,7 @@ def test_interrupted_retrieval_resumes_without_recomputing(tmp_path, monkeypatch
     monkeypatch.setattr(retrieval, "sample_scores", failing)
     kw = dict(lengths=[64], depths=[0.0, 0.5, 1.0], progress=False)
     with pytest.raises(KeyboardInterrupt):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r1", **kw)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r1", **kw)
     assert read_manifest(tmp_path / "r1")["status"] == "interrupted"
     assert len(Checkpoint(tmp_path / "r1" / jobs.CHECKPOINT)) == 3
 
@@ -53,24 +53,24 @@ def test_interrupted_retrieval_resumes_without_recomputing(tmp_path, monkeypatch
         return real(model, sample, config, plan)
 
     monkeypatch.setattr(retrieval, "sample_scores", counting)
-    done = jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r1", **kw)
+    done = jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r1", **kw)
     assert len(calls) == 6  # 3 before the interruption + the 3 left (2 per cell x 3 depths)
     manifest = read_manifest(done)
     assert manifest["status"] == "finished" and manifest["resumed"] == 1
-    fresh = jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r2", **kw)
+    fresh = jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r2", **kw)
     a, b = HeadScores.load(done / "scores.safetensors"), HeadScores.load(fresh / "scores.safetensors")
     assert a.values.tolist() == b.values.tolist()
     assert len(pd.read_parquet(done / "samples.parquet")) == 6
     with pytest.raises(HeadlabError, match="already finished"):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r1", **kw)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r1", **kw)
 
 
 def test_resume_refuses_other_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(retrieval, "sample_scores", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r", lengths=[64], progress=False)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r", lengths=[64], progress=False)
     with pytest.raises(HeadlabError, match="cannot resume run 'r': its params"):
-        jobs.score_retrieval("zoo:tasks-llama", tmp_path, "r", lengths=[128], progress=False)
+        jobs.run("retrieval", "zoo:tasks-llama", tmp_path, "r", lengths=[128], progress=False)
 
 
 def test_cli_select_copy_and_zerotuning_runs(tmp_path):

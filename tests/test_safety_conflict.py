@@ -166,13 +166,13 @@ def test_safety_job_writes_a_run_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safety, "kl_divergence", failing)
     with pytest.raises(KeyboardInterrupt):
-        jobs.score_safety(MODEL, tmp_path, "s1", **kw)
+        jobs.run("safety", MODEL, tmp_path, "s1", **kw)
     assert read_manifest(tmp_path / "s1")["status"] == "interrupted"
     # 12 prompts, 32 rows a pass: 2 heads × the prompts per pass; 2 passes finished
     assert sorted(Checkpoint(tmp_path / "s1" / jobs.CHECKPOINT)) == ["ships:L0H0", "ships:L0H1", "ships:L0H2", "ships:L0H3"]
 
     monkeypatch.setattr(safety, "kl_divergence", real)
-    run = jobs.score_safety(MODEL, tmp_path, "s1", **kw)
+    run = jobs.run("safety", MODEL, tmp_path, "s1", **kw)
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["sahara_heads"]) == 1 and summary["evaluation"]["harmful"]["refusal_before"] == 1.0
     assert summary["evaluation"]["harmful"]["attack_success_after"] > 0.5
@@ -195,11 +195,11 @@ def test_conflict_and_ph3_commands(tmp_path):
     assert summary["k"] == 1 and len(summary["pruned"]) == 1
     assert headlab.InterventionPlan.load(tmp_path / "p1" / "plan").head_scales == {tuple(summary["pruned"][0]): 0.0}
     res = runner.invoke(app, ["intervene", "ph3", MODEL, "--out", str(tmp_path), "--toward", "sideways"])
-    assert res.exit_code == 2 and "--toward must be 'context' or 'memory'" in res.output
+    assert res.exit_code == 2 and "--toward must be one of context, memory" in res.output
 
 
 def test_non_zoo_models_need_datasets(tmp_path, tiny_dirs):
     with pytest.raises(HeadlabError, match="give --harmful"):
-        jobs.score_safety(str(tiny_dirs("llama")), tmp_path)
+        jobs.run("safety", str(tiny_dirs("llama")), tmp_path)
     with pytest.raises(HeadlabError, match="give --data"):
-        jobs.score_conflict(str(tiny_dirs("llama")), tmp_path)
+        jobs.run("conflict", str(tiny_dirs("llama")), tmp_path)

@@ -127,7 +127,7 @@ def test_jobs_and_cli(tmp_path):
     summary = store.summary("vhr")
     assert {"accuracy", "pope", "conflict_accuracy"} <= set(summary["before"]) and "after" in summary
     keys = {json.loads(line)["key"].split(":")[0] for line in (tmp_path / "vhr" / "progress.jsonl").read_text().splitlines()}
-    assert keys == {"before", "after"}  # every answer checkpointed: an interrupted run resumes
+    assert keys == {"before", "after", "random0"}  # every answer (and the control's) checkpointed: a run resumes
     r = runner.invoke(app, ["intervene", "var", MODEL, "--out", str(tmp_path), "--n", "1", "--run-id", "var"])
     assert r.exit_code == 0, r.output
     summary = store.summary("var")

@@ -46,17 +46,17 @@ def main() -> None:
     t0 = time.time()
     done: dict[str, Path] = {}
 
-    def step(name: str, fn, **kw) -> None:
+    def step(name: str, analysis: str, **kw) -> None:
         t = time.time()
-        done[name] = fn(MODEL, runs, run_id=name, progress=False, **kw)
+        done[name] = jobs.run(analysis, MODEL, runs, run_id=name, progress=False, **kw)
         print(f"[{time.time() - t0:6.1f}s] {name} ({time.time() - t:.1f}s)", flush=True)
 
-    step("patterns", jobs.score_patterns, random_inputs=16, length=128)
-    step("retrieval", jobs.score_retrieval)  # 4 lengths x 5 depths x 2 needles
-    step("sinks", jobs.score_sinks, n=12)
-    step("act", jobs.intervene_act, n=160)
-    step("zerotuning", jobs.intervene_zerotuning, n=160)
-    step("copy_patching", jobs.score_conflict, n=24)
+    step("patterns", "patterns", random_inputs=16, length=128)
+    step("retrieval", "retrieval")  # 4 lengths x 5 depths x 2 needles
+    step("sinks", "sinks", n=12)
+    step("act", "act", n=160)
+    step("zerotuning", "zerotuning", n=160)
+    step("copy_patching", "conflict", n=24)
 
     controls = random_controls(done)
     store = RunStore(runs)
@@ -108,7 +108,7 @@ def random_controls(runs: dict[str, Path], draws: int = 3, seed: int = 0) -> dic
             continue
         manifest = json.loads((path / "manifest.json").read_text())
         p = manifest["params"]
-        _, test = jobs._choice_splits(MODEL, None, p["n"], p["calibration_fraction"], p["seed"])
+        _, test = choice.job_splits(MODEL, None, p["n"], p["calibration_fraction"], p["seed"])
         chosen = [tuple(h) for h in json.loads((path / "summary.json").read_text())["heads"]]
         L, H = model.spec.shape
         layers = range(2, L - 1) if name == "act" else range(L)

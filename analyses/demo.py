@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 
 from headlab import zoo
 from headlab.analyses.code_tasks import needle_samples
@@ -101,10 +102,9 @@ def per_head_table(base: Any, patched: Any) -> Any:
 
 
 DEMO_ANALYSES: dict[str, dict[str, dict[str, Any]]] = {
-    "pycode-llama": {"score_sinks": {"n": 8}, "score_retrieval": {"lengths": [128, 256], "depths": [0.0, 0.5, 1.0]},
-                     "score_patterns": {"random_inputs": 8}},
-    "tasks-llama": {"score_sinks": {"n": 8}, "score_retrieval": {}, "score_select_copy": {"n": 40},
-                    "score_conflict": {"n": 16}},
+    "pycode-llama": {"sinks": {"n": 8}, "retrieval": {"lengths": [128, 256], "depths": [0.0, 0.5, 1.0]},
+                     "patterns": {"random_inputs": 8}},
+    "tasks-llama": {"sinks": {"n": 8}, "retrieval": {}, "select_copy": {"n": 40}, "conflict": {"n": 16}},
 }
 """Per demo model, each job's arguments: small samples, seconds each on a CPU."""
 
@@ -115,4 +115,31 @@ def demo_analyses(out: str | Path = "runs", progress: bool = False, model: str =
 
     if model not in DEMO_ANALYSES:
         raise HeadlabError(f"no demo analyses for zoo:{model}; choose one of {sorted(DEMO_ANALYSES)}")
-    return [getattr(jobs, job)(f"zoo:{model}", out, progress=progress, **kw) for job, kw in DEMO_ANALYSES[model].items()]
+    return [jobs.run(name, f"zoo:{model}", out, progress=progress, **kw) for name, kw in DEMO_ANALYSES[model].items()]
+
+
+def command(
+    out: Path = typer.Option(Path("runs"), help="runs directory to write into"),
+    seed: int = typer.Option(2, help="which code needle (the model retrieves about 2 in 3; pruning the card's retrieval "
+                                      "heads breaks nearly all, per the card)"),
+    analyses: bool = typer.Option(True, help="also write one run of each head-scoring analysis (for `headlab app`)"),
+) -> None:
+    """Patched forward + generation with an intervention and stats on zoo:pycode-llama; prints a per-head table, writes runs."""
+    import pandas as pd
+
+    result = run_demo(out=out, seed=seed)
+    extra = demo_analyses(out) if analyses else []
+    table = result.table
+    wide = table.pivot_table(index=["layer", "head"], columns="run", values=["needle_mass", "first_mass", "entropy"])
+    wide.columns = [f"{stat}:{run}" for stat, run in wide.columns]
+    with pd.option_context("display.max_rows", 200, "display.width", 160, "display.float_format", "{:.3f}".format):
+        typer.echo(wide.reset_index().to_string(index=False))
+    a = result.answers
+    typer.echo(f"\nplan: {result.plan_text}")
+    typer.echo(f"answer expected {a['expected']!r} | baseline {a['baseline']!r} | patched {a['patched']!r}")
+    typer.echo(f"KL(patched || baseline) of the next token = {result.kl:.4g}")
+    typer.echo(f"run written to {result.run_dir}")
+    for run_dir in extra:
+        typer.echo(f"analysis run written to {run_dir}")
+    if extra:
+        typer.echo(f"explore them: headlab app {out}")

@@ -1,6 +1,6 @@
 """Batched next-token distributions, final hidden states and greedy generation under a plan.
 
-The shared plumbing of the analyses that compare a model with and without an intervention on
+Core plumbing (the analyses and the playground use it) for comparing a model with and without an intervention on
 whole prompts (safety heads, knowledge-conflict heads): prompts are tokenized once, batched, and
 run inside `model.patched(plan)`, so every intervention goes through the patched attention (and
 generation through its KV cache).
