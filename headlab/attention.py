@@ -222,11 +222,19 @@ class _Call:
                stats: CompiledStats | None) -> tuple[torch.Tensor, LayerStats | None]:
         """Head outputs [B, H, Q, Dv] (query dtype) under `plan`, and the layer's stats when asked."""
         from headlab.kernels import patched_attention
-        from headlab.kernels.reference import apply_output_interventions
 
         Q, K = query.shape[2], key.shape[2]
         if plan is None and stats is None and self.softcap is None:
             return self.plain(query, key, value), None
+        if plan is not None and plan.has_bias:
+            from headlab.kernels import score_mod
+
+            if score_mod.enabled(query.device) and score_mod.route_reason(
+                    plan, Q, K, self.attention_mask, self.causal, self.softcap,
+                    stats is not None and stats.wants_probabilities) is None:
+                # a few keys' logits biased: the plain attention at full speed + an exact correction
+                z, scaled = score_mod.attend(query, key, value, plan, self.scaling, self.causal)
+                return self._finish(z, query, key, value, plan, stats, edited=scaled)
         # SDPA computes every output at full speed unless the probabilities themselves change (or
         # softcap, which SDPA lacks); the patched attention then computes only the probability stats,
         # only on the rows asked for — e.g. the last prompt token of a retrieval-score prefill. When
@@ -239,10 +247,22 @@ class _Call:
         if not sdpa_first:
             return patched_attention(query, key, value, scaling=self.scaling, is_causal=self.causal,
                                      attention_mask=self.attention_mask, softcap=self.softcap, plan=plan, stats=stats)
-        B, H = query.shape[:2]
-        z = self.plain(query, key, value).float()
-        patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
-        z = apply_output_interventions(z, plan, slice(0, Q), patch)
+        return self._finish(self.plain(query, key, value).float(), query, key, value, plan, stats)
+
+    def _finish(self, z: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                plan: LayerPlan | None, stats: CompiledStats | None,
+                edited: bool = False) -> tuple[torch.Tensor, LayerStats | None]:
+        """Head outputs z [B, H, Q, Dv] (probabilities already as the plan wants them) with the
+        plan's output edits applied (unless `edited`: done already), and the stats that do not
+        change the probabilities."""
+        from headlab.kernels import patched_attention
+        from headlab.kernels.reference import apply_output_interventions
+
+        B, H, Q = query.shape[:3]
+        K = key.shape[2]
+        if not edited:
+            patch = plan.patch_tensor(B, Q, H, value.shape[-1], z.device) if plan is not None else None
+            z = apply_output_interventions(z, plan, slice(0, Q), patch)
         layer_stats = None
         if stats is not None:
             selected = as_slice(stats.query_index)
@@ -258,7 +278,7 @@ class _Call:
             else:
                 layer_stats = LayerStats(query_positions=stats.query_index)
             if stats.head_outputs:
-                layer_stats.head_outputs = z[:, :, selected]
+                layer_stats.head_outputs = z[:, :, selected].float()
         return z.to(query.dtype), layer_stats
 
 

@@ -521,6 +521,7 @@ class LayerPlan:
                 "head_scaled": bool((self.head_scale != 1).any()),
                 "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
                 "var": self.var_p is not None and bool((self.var_p > 0).any()),
+                "bias_range": (float(self.bias.min()), float(self.bias.max())) if self.bias.numel() else (0.0, 0.0),
             }
             if self.facts["var"]:
                 self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())

@@ -1,0 +1,233 @@
+"""Sparse score modifications on the fastest attention: SDPA (cuDNN on Hopper) plus an exact correction.
+
+A plan whose only change to the attention is a logit bias on a few key positions — ZeroTuning's
+γ on the first token (log γ on key 0), `first_token_bias`, `key_bias` — and, after it, output
+edits (head scale, replacement, shift) does not need a custom kernel. With the plain attention's
+normalized output O_i and log-sum-exp L_i per row i, and p_ij = exp(s_ij − L_i) the plain
+probabilities of the biased keys j ∈ P (s_ij = scale · q_i·k_j, computed here for those few keys
+only), the biased attention is exactly
+
+    w_ij = (exp(b_hj) − 1) · p_ij          (0 where row i cannot see key j)
+    O'_i = (O_i + Σ_j w_ij v_j) / (1 + Σ_j w_ij)
+
+because softmax(s + b)·V = (Σ_k e^{s_k} v_k + Σ_j (e^{b_j} − 1) e^{s_j} v_j) / (Σ_k e^{s_k} + Σ_j (e^{b_j} − 1) e^{s_j}).
+The extra work is O(Q · |P| · D) next to the O(Q · K · D) attention: the plan runs at the plain
+attention's speed. Numerics: O_i arrives in the input dtype; the correction is fp32. The
+denominator is at least exp(min(b, 0)), so a negative bias amplifies O_i's rounding by up to
+exp(−b): the path is taken only for biases in [log 0.5, 30] (γ from 0.5 up), otherwise — and for
+masks, chunked prefill, softcap, logit scales, ACT, VAR or probability stats — the Triton kernel
+(or the reference) runs as before. `route_reason` says which, and the choice is logged once.
+
+The plain attention with its log-sum-exp: for a decode step, FlashAttention with each key/value
+head's query heads as its query rows; otherwise `torch.ops.aten._scaled_dot_product_cudnn_attention`
+on CUDA — what SDPA picks on Hopper, grouped-query key/values as they are — or the
+efficient-attention kernel where cuDNN refuses the call; the CPU flash kernel on the CPU (those
+two want equal head counts: K and V are expanded for them). The correction is one Triton kernel
+on CUDA (`_correct`: per row, the |P| biased keys' logits, weights and values, the head's output
+scale, one read of q and O and one write) and the PyTorch `apply_sparse_bias` elsewhere — the
+specification the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from headlab.plan import LayerPlan
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch correction runs
+    triton = None
+
+log = logging.getLogger("headlab.kernels")
+MIN_BIAS = math.log(0.5)
+MAX_BIAS = 30.0
+MAX_POSITIONS = 64
+_logged: set[str] = set()
+# the overloads themselves: a decode step is host-bound, and resolving `torch.ops.aten.X(...)` costs
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention.default
+_CUDNN = torch.ops.aten._scaled_dot_product_cudnn_attention.default
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether key-bias plans take this route on `device`: on CUDA with HEADLAB_KERNEL=auto (the
+    default). On the CPU the exact reference stays the oracle; tests switch the route on there."""
+    from headlab.kernels import kernel_choice
+
+    return device.type == "cuda" and kernel_choice() == "auto"
+
+
+def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask: torch.Tensor | None,
+                 causal: bool, softcap: float | None, wants_probabilities: bool) -> str | None:
+    """None when `plan` can run as plain attention + the exact sparse-bias correction; else why not."""
+    if plan is None or not plan.has_bias:
+        return "no key bias"
+    if plan.has_logit_scale or plan.has_act or plan.has_var:
+        return "the plan changes more than a few keys' logits (logit scale, ACT or VAR)"
+    if softcap is not None:
+        return "soft-capped logits"
+    if wants_probabilities:
+        return "probability stats are measured in the kernel"
+    if attention_mask is not None:
+        return "an attention mask"
+    if causal and q_len not in (1, k_len):
+        return "a chunked prefill (queries after a cache)"
+    if plan.bias_positions.numel() > MAX_POSITIONS:
+        return f"more than {MAX_POSITIONS} biased keys"
+    lo, hi = plan.facts["bias_range"]  # read where the plan was compiled, on the CPU: no device sync
+    if lo < MIN_BIAS or hi > MAX_BIAS:
+        return f"a key bias outside [{MIN_BIAS:.3f}, {MAX_BIAS:g}] (γ below 0.5 would amplify rounding)"
+    return None
+
+
+def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    ratio = n_heads // t.shape[1]
+    return t if ratio == 1 else t.repeat_interleave(ratio, dim=1)
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                       is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O [B, H, Q, D] in query.dtype, L [B, H, Q] fp32 natural log-sum-exp) of plain attention
+    (top-left causal when `is_causal`: use it with Q == K)."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    if query.device.type == "cuda" and Q == 1 and not is_causal:
+        # Decode: the query heads of a key/value head become that head's query rows (one query:
+        # no mask to break), so FlashAttention reads the cache once per group, copies nothing and
+        # — unlike cuDNN, which builds a plan per new key length — costs the same at every step.
+        try:
+            out = _FLASH(query.reshape(B, Hkv, H // Hkv, D), key, value, 0.0, False, False, scale=scaling)
+            return out[0].reshape(B, H, 1, D), out[1].reshape(B, H, 1)
+        except RuntimeError:  # e.g. fp32 tensors: cuDNN / efficient attention below
+            pass
+    if query.device.type == "cuda":
+        try:  # cuDNN takes grouped-query key/values as they are (measured: no copy, SDPA's own speed)
+            out = _CUDNN(query, key, value, None, True, 0.0, is_causal, False, scale=scaling)
+            return out[0], out[1].view(query.shape[:3])
+        except RuntimeError:
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, _expand_kv(key, H), _expand_kv(value, H), None, True, 0.0, is_causal, scale=scaling)
+            return out[0], out[1][..., : query.shape[2]].float()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, _expand_kv(key, H), _expand_kv(value, H), 0.0, is_causal, scale=scaling)
+    return out, lse.float()
+
+
+def apply_sparse_bias(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      positions: torch.Tensor, bias: torch.Tensor, scaling: float, q_offset: int,
+                      causal: bool) -> torch.Tensor:
+    """O' [B, H, Q, D] (fp32; fp64 for fp64 inputs): the plain attention `out` (with its `lse`) as it is with logit `bias`
+    [H, P] added on key `positions` [P] (the module docstring's formula)."""
+    B, H, Q, D = query.shape
+    Hkv = key.shape[1]
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    kp = key[:, :, positions].to(ct)                                      # [B, Hkv, P, D]
+    vp = value[:, :, positions].to(ct)
+    q = query.to(ct).view(B, Hkv, H // Hkv, Q, D)
+    s = torch.matmul(q, kp.unsqueeze(2).transpose(-1, -2)).view(B, H, Q, -1) * scaling   # [B, H, Q, P]
+    w = torch.exp(s - lse.to(ct)[..., None]) * torch.expm1(bias.to(ct))[None, :, None, :]
+    if causal:
+        rows = torch.arange(Q, device=query.device) + q_offset
+        w = w * (positions[None, :] <= rows[:, None])
+    num = out.to(ct) + torch.matmul(w.view(B, Hkv, H // Hkv, Q, -1), vp.unsqueeze(2)).view(B, H, Q, D)
+    return num / (1.0 + w.sum(-1, keepdim=True))
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
+           causal: bool) -> tuple[torch.Tensor, bool]:
+    """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) of the
+    biased attention, for a call `route_reason` accepted. With the Triton correction the outputs
+    are in query.dtype and scaled unless the plan also replaces or shifts outputs (then they are
+    fp32 and unscaled, like the PyTorch correction's, for `apply_output_interventions`)."""
+    Q, K = query.shape[2], key.shape[2]
+    where = query.device.type
+    if where not in _logged:
+        _logged.add(where)
+        log.info("key-bias plans on %s: plain attention with its log-sum-exp + the exact sparse correction", where)
+    out, lse = attention_with_lse(query, key, value, scaling, causal and Q == K and Q > 1)
+    if use_kernel(query):
+        scale_here = not plan.edits_outputs
+        return correct(out, lse, query, key, value, plan, scaling, K - Q, causal, scale_here), scale_here
+    return apply_sparse_bias(out, lse, query, key, value, plan.bias_positions, plan.bias, scaling, K - Q, causal), False
+
+
+def use_kernel(query: torch.Tensor) -> bool:
+    """The Triton correction: CUDA tensors (or the interpreter, for tests), head_dim a power of two."""
+    if triton is None or query.shape[-1] & (query.shape[-1] - 1) or query.shape[-1] < 16:
+        return False
+    if query.device.type == "cuda":
+        return True
+    from headlab.kernels.fused import interpreting
+
+    return interpreting()
+
+
+def correct(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            plan: LayerPlan, scaling: float, q_offset: int, causal: bool, head_scale: bool) -> torch.Tensor:
+    """`apply_sparse_bias` (and, with `head_scale`, the plan's output scale) in one Triton launch;
+    [B, H, Q, D] in query.dtype, or fp32 without `head_scale`."""
+    B, H, Q, D = query.shape
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "expm1_bias" not in cache:
+        cache["expm1_bias"] = torch.expm1(plan.bias.float()).contiguous()
+        cache["positions32"] = plan.bias_positions.to(torch.int32).contiguous()
+        cache["head_scale32"] = plan.head_scale.float().contiguous()
+    weights, positions = cache["expm1_bias"], cache["positions32"]
+    # y as [B, Q, H, D] memory (the layout the attention returns to the model), lse contiguous:
+    # their strides follow from the shape, fewer launch arguments (the launch is host-bound in decode)
+    y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
+    lse = lse.reshape(B, H, Q).contiguous()
+    block_m = 16 if Q <= 16 else 64
+    _correct[(triton.cdiv(Q, block_m), B * H)](
+        query, key, value, out, lse, positions, weights, cache["head_scale32"], y,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+        H, key.shape[1], Q, positions.numel(), q_offset, scaling,
+        CAUSAL=causal, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, HEAD_DIM=D,
+        num_warps=4 if block_m == 64 else 2,
+    )
+    return y.transpose(1, 2)
+
+
+if triton is not None:
+    @triton.jit(do_not_specialize=["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
+                                   "H", "HKV", "QN", "P", "q_offset"])
+    def _correct(Qp, Kp, Vp, Op, Lp, Pos, W, Scale, Yp,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                 H, HKV, QN, P, q_offset, scale,
+                 CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head): O' = (O + Σ_p w_p v_p) / (1 + Σ_p w_p), w_p = W[h, p]·exp(s_p − L)."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // (H // HKV)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < QN
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        o = tl.load(Op + b * sob + h * soh + rows[:, None] * som + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for p in range(0, P):
+            pos = tl.load(Pos + p)
+            wb = tl.load(W + h * P + p)
+            k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
+            v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
+            w = wb * tl.exp(tl.sum(q * k[None, :], 1) * scale - lse)
+            if CAUSAL:
+                w = tl.where(pos <= rows + q_offset, w, 0.0)
+            acc += w[:, None] * v[None, :]
+            den += w
+        y = (o + acc) / (1.0 + den)[:, None]
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
+        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+
+
+__all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "enabled",
+           "route_reason", "use_kernel"]
