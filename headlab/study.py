@@ -24,7 +24,8 @@ The study directory holds `study.toml` (the file as run), `runs/` (one run per s
 `results.json` (every number of the report), `report.md` (one table per step, laid out like the
 paper's main result: metric before / after, the random-head control), `report.html` (the same
 with heatmaps and bar charts) and `manifest.json` (versions, seeds, the hashes of the study file,
-the model's weights and every data file, timings). A second run of the same file on the same
+the model's weights and every data file, each run's duration — kept runs included — and the
+wall time of the last invocation). A second run of the same file on the same
 machine gives identical `results.json` and `report.md`; an interrupted study resumes: finished
 runs are kept, an unfinished run resumes from its checkpoint.
 
@@ -354,8 +355,9 @@ def run(file: str | Path, out: str | Path | None = None, *, size: str = "full", 
                     run_dir = jobs.run(step.decl.name, study.model, runs_dir, rid, progress=progress, **values)
                     status = "ran"
                 done[(step.id, seed)] = run_dir
+                took = read_manifest(run_dir).get("duration_s")  # the run's own time, also for a kept run
                 manifest["steps"].append({"id": step.id, "run": step.decl.name, "seed": seed, "run_id": rid,
-                                          "status": status, "seconds": round(time.time() - t, 1)})
+                                          "status": status, "seconds": took if took is not None else round(time.time() - t, 1)})
                 atomic_write_json(manifest, manifest_path)
     except BaseException as exc:
         manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -367,6 +369,7 @@ def run(file: str | Path, out: str | Path | None = None, *, size: str = "full", 
     html_path = atomic_write_text(report_html(study, results, done, size, plotlyjs), root / "report.html")
     atomic_write_json(results, root / "results.json")
     manifest.update(status="finished", seconds=round(time.time() - t0, 1),
+                    run_seconds=round(sum(float(s["seconds"] or 0) for s in manifest["steps"]), 1),
                     finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest.pop("error", None)
     atomic_write_json(manifest, manifest_path)
@@ -389,6 +392,16 @@ def _step_rows(step: Step, summary: dict, run_dir: Path) -> list[dict[str, Any]]
             for name in store.score_names(run_dir.name)]
 
 
+def _heads(summary: dict) -> str:
+    """The heads an intervention changed, as its summary names them ("L1H0, L0H3"; "" if none)."""
+    for where in (summary, summary.get("test") if isinstance(summary.get("test"), dict) else {}):
+        for key in ("heads", "pruned", "sahara_heads"):
+            value = where.get(key)
+            if isinstance(value, list) and all(isinstance(h, list) and len(h) == 2 for h in value):
+                return ", ".join(f"L{l}H{h}" for l, h in value) or "none"
+    return ""
+
+
 def _results(study: Study, done: dict[tuple[str, int | None], Path]) -> dict[str, Any]:
     """Every number of the report: per step, per seed, its rows (and the run's summary)."""
     out: dict[str, Any] = {"study": study.name, "title": study.title, "model": study.model, "steps": []}
@@ -398,26 +411,30 @@ def _results(study: Study, done: dict[tuple[str, int | None], Path]) -> dict[str
             run_dir = done[(step.id, seed)]
             summary = json.loads((run_dir / "summary.json").read_text())
             per_seed.append({"seed": seed, "run_id": run_dir.name, "rows": _step_rows(step, summary, run_dir),
-                             "note": summary.get("note") or ""})
+                             "note": summary.get("note") or "", "heads": _heads(summary)})
         out["steps"].append({"id": step.id, "run": step.decl.name, "kind": step.decl.kind, "summary": step.decl.summary,
                              "paper": step.decl.paper, "note": step.note, "params": step.params, "seeds": per_seed})
     return out
 
 
 def _fmt(values: list[Any]) -> str:
-    """One cell over seeds: the value, or mean ± sd (n seeds) when they differ."""
-    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    """One cell over seeds: the value, or mean ± sd (n seeds) when they differ; seeds without a
+    value (e.g. no random-head control where no head was chosen) are left out and counted."""
     if not values or all(v is None for v in values):
         return "—"
-    if len(nums) != len(values):
-        first = values[0]
-        return str(first) if all(v == first for v in values) else " / ".join(map(str, values))
+    present = [v for v in values if v is not None]
+    nums = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(nums) != len(present):
+        first = present[0]
+        return str(first) if all(v == first for v in present) else " / ".join(map(str, present))
+    of = f" of {len(values)}" if len(nums) < len(values) else ""
     if all(v == nums[0] for v in nums):
         v = nums[0]
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text + (f" (n={len(nums)}{of})" if of else "")
     mean = sum(nums) / len(nums)
     sd = (sum((x - mean) ** 2 for x in nums) / (len(nums) - 1)) ** 0.5
-    return f"{mean:.4g} ± {sd:.2g} (n={len(nums)})"
+    return f"{mean:.4g} ± {sd:.2g} (n={len(nums)}{of})"
 
 
 def merged_rows(step: dict[str, Any]) -> list[dict[str, str]]:
@@ -452,6 +469,10 @@ def report_markdown(study: Study, results: dict[str, Any], size: str) -> str:
         if step["note"]:
             out.append("\n" + step["note"].strip())
         out.append("\n" + _markdown_table(merged_rows(step)))
+        heads = [(s["seed"], s["heads"]) for s in step["seeds"] if s["heads"]]
+        if heads:
+            out.append("Heads changed: " + "; ".join(h if seed is None or len(heads) == 1 else f"seed {seed}: {h}"
+                                                     for seed, h in heads) + "\n")
         for note in dict.fromkeys(s["note"] for s in step["seeds"] if s["note"]):  # what the runs said of themselves
             out.append(f"Run note: {note}\n")
     return "\n".join(out).rstrip() + "\n"
