@@ -147,11 +147,6 @@ def search_summary(params: dict[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in ("method", "verify", "screen", "verification", "top_token_mass") if k in params}
 
 
-def top(scores: Any, k: int = 10, positive: bool = False) -> list[list]:
-    """[[layer, head, score], ...] of the k best measured heads (NaN: unmeasured, left out)."""
-    return [[l, h, s] for l, h, s in scores.top(k) if s == s and (s > 0 or not positive)]
-
-
 def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any], run_id: str | None) -> Run:
     """A new run, or the unfinished run `run_id` to resume (its analysis, model and params must match).
 

@@ -20,7 +20,8 @@ A study file::
     run = "retrieval_masking"
     params = { scores_run = "retrieval", k = 3 }
 
-The study directory holds `study.toml` (the file as run), `runs/` (one run per step and seed),
+Steps run in the order analyses, interventions, evaluations (each section in file order), so an
+evaluation can name any earlier step. The study directory holds `study.toml` (the file as run), `runs/` (one run per step and seed),
 `results.json` (every number of the report), `report.md` (one table per step, laid out like the
 paper's main result: metric before / after, the random-head control), `report.html` (the same
 with heatmaps and bar charts) and `manifest.json` (versions, seeds, the hashes of the study file,
@@ -45,7 +46,7 @@ from typing import Any
 
 from headlab import registry
 from headlab.errors import HeadlabError
-from headlab.io import atomic_write_json, atomic_write_text
+from headlab.io import atomic_write_json, atomic_write_text, read_json, read_text
 
 try:
     import tomllib
@@ -160,7 +161,7 @@ def load(file: str | Path) -> Study:
     file = Path(file)
     if not file.is_file():
         raise HeadlabError(f"study file {file} does not exist (a study is a TOML file, e.g. studies/retrieval_heads.toml)")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file, "a study file (TOML)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -200,6 +201,8 @@ def load(file: str | Path) -> Study:
             raise fail((section,), f"write it as an array of tables: [[{section}]]")
         for i, entry in enumerate(entries):
             path = (section, i)
+            if not isinstance(entry, dict):
+                raise fail((section,), f"write each step as a table: [[{section}]] then run = \"<name>\", params = {{...}}")
             for key in entry:
                 if key not in STEP_KEYS:
                     raise fail(path + (key,), f"unknown key; a step takes {', '.join(sorted(STEP_KEYS))}")
@@ -317,7 +320,12 @@ def run(file: str | Path, out: str | Path | None = None, *, size: str = "full", 
     study = load(file)
     root = Path(out) if out is not None else Path("studies-out") / (study.name + ("-small" if size == "small" else ""))
     manifest_path = root / "manifest.json"
-    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if root.exists() and not manifest_path.is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise HeadlabError(f"{root} exists and is not a study directory (no manifest.json): choose a new --out "
+                           "(a study writes its own folder, runs inside)")
+    previous = read_json(manifest_path, "a study manifest") if manifest_path.is_file() else None
+    if previous is not None and not isinstance(previous, dict):
+        raise HeadlabError(f"{manifest_path} is not a study manifest (a JSON object): delete {root} or choose another --out")
     if previous is not None and (previous.get("study_sha256") != study.sha256 or previous.get("size") != size):
         raise HeadlabError(f"{root} holds a study run from {'another size' if previous.get('size') != size else 'a different version of this file'} "
                            f"({previous.get('study_file')}, size {previous.get('size')}): choose another --out, or delete "

@@ -281,3 +281,19 @@ def test_bundled_study_runs_small_and_reports_the_paper_table(file, tmp_path):
             assert any(r["random heads"] is not None for r in rows), (step_id, rows)
     md = result.report_md.read_text()
     assert md.count("\n## ") == len(steps) and "| metric |" in md
+
+
+def test_a_study_never_writes_into_a_folder_that_is_not_its_own(tmp_path):
+    file = tmp_path / "small.toml"
+    file.write_text(SMALL)
+    occupied = tmp_path / "runs"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("a user's file")
+    with pytest.raises(HeadlabError, match="exists and is not a study directory"):
+        study.run(file, occupied, progress=False)
+    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(HeadlabError, match="manifest.json: not valid JSON"):
+        study.run(file, broken, progress=False)
