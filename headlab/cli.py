@@ -123,8 +123,8 @@ app.add_typer(study_app, name="study")
 @study_app.command("run")
 def study_run(
     file: Path = typer.Argument(..., help="the study file (studies/<name>.toml)"),
-    out: Optional[Path] = typer.Option(None, help="study directory (default: studies/<name>/ next to the file... "
-                                                  "see `headlab study run --help`)"),
+    out: Optional[Path] = typer.Option(None, help="study directory (default: studies-out/<name>, '-small' appended "
+                                                  "for --size small); an unfinished one is resumed"),
     size: str = typer.Option("full", help="full (the file's parameters) | small (its [small] overrides: minutes on a CPU)"),
     plotlyjs: str = typer.Option("inline", help="report.html's plotly.js: inline (works offline) | cdn (small file)"),
     progress: bool = typer.Option(True, help="progress bars"),

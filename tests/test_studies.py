@@ -297,3 +297,24 @@ def test_a_study_never_writes_into_a_folder_that_is_not_its_own(tmp_path):
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(HeadlabError, match="manifest.json: not valid JSON"):
         study.run(file, broken, progress=False)
+
+
+def test_evaluate_retrieval_masking_from_the_cli(tmp_path):
+    from headlab.cli import app
+
+    scored = jobs.run("retrieval", "zoo:tasks-llama", tmp_path, run_id="ret", lengths=[64], depths=[0.0, 1.0],
+                      progress=False)
+    res = runner.invoke(app, ["evaluate", "retrieval-masking", "zoo:tasks-llama", "--out", str(tmp_path), "--scores-run",
+                              str(scored), "--k", "2", "--draws", "1", "--lengths", "64", "--depths", "0.5"])
+    assert res.exit_code == 0, res.output
+    run_dir = Path(res.output.split("run written to ")[-1].strip())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["pruned"]) == 2 and len(summary["needle_accuracy_random"]) == 1
+    assert summary["needle_accuracy_after"] <= summary["needle_accuracy_before"]
+    sinks = jobs.run("sinks", "zoo:tasks-llama", tmp_path, n=2, progress=False)
+    res = runner.invoke(app, ["evaluate", "retrieval-masking", "zoo:tasks-llama", "--out", str(tmp_path), "--scores-run",
+                              str(sinks)])
+    assert res.exit_code == 2 and "is a sinks run; this needs a retrieval run" in res.output
+    res = runner.invoke(app, ["evaluate", "retrieval-masking", "zoo:mcqa-planted", "--out", str(tmp_path), "--scores-run",
+                              str(scored)])
+    assert res.exit_code == 2 and "scored zoo:tasks-llama, not zoo:mcqa-planted" in " ".join(res.output.split())
