@@ -4,9 +4,11 @@ correction (`headlab.kernels.score_mod`) against the Triton kernel and against p
     python benchmarks/score_mod_bench.py --out benchmarks/results/score_mod_bench_h100.json
 
 One run measures, in bf16 at Llama-3-8B attention shapes (B=1, 32 q / 8 kv heads, d=128):
-- prefill (causal) at 4k-64k and decode (one query, 32k and 128k cache): SDPA's default backend
+- prefill (causal) at 4k-64k and decode (one query, 1k-128k cache): SDPA's default backend
   (cuDNN on Hopper, what a user gets), SDPA-flash, the plan on the Triton kernel (the route before
-  this change) and the plan routed through cuDNN + correction (what headlab now runs);
+  this change) and the plan as headlab now routes it (prefill: cuDNN + correction; decode: one
+  masked SDPA call up to score_mod.DECODE_MASK_MAX_KEYS keys, FlashAttention + correction beyond —
+  both decode routes are also timed alone, to place that threshold);
 - parity of both plan paths with the exact reference (fp32) on the same bf16 inputs;
 - end to end on a 32-layer Llama-3-8B-shaped model (random weights): `generate` of 64 new tokens
   after a 1k prompt, plain vs a ZeroTuning plan (γ = 1.5 on 8 heads of every layer), routed and on
@@ -72,17 +74,25 @@ def cases(q, k, v, layer_plan, causal: bool):
         z, scaled = score_mod.attend(q, k, v, layer_plan, SCALE, causal)
         return z if scaled else apply_output_interventions(z, layer_plan, slice(0, Q), None).to(q.dtype)
 
-    return {
+    def lse_correction():  # the two-launch route alone (what prefill and long decode run)
+        out, lse = score_mod.attention_with_lse(q, k, v, SCALE, causal and Q > 1)
+        return score_mod.correct(out, lse, q, k, v, layer_plan, SCALE, k.shape[2] - Q, causal, True)
+
+    fns = {
         "sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal and Q > 1, enable_gqa=True),
         "sdpa_flash": flash,
         "plan_triton": lambda: patched_attention(q, k, v, scaling=SCALE, is_causal=causal, plan=layer_plan)[0],
         "plan_routed": routed,
     }
+    if Q == 1:  # both decode routes, to see where one overtakes the other
+        fns["route_masked_sdpa"] = lambda: score_mod.decode_masked(q, k, v, layer_plan, SCALE)[0]
+        fns["route_lse_correction"] = lse_correction
+    return fns
 
 
 def kernel_rows(rows: list[dict], layer_plan) -> None:
     for mode, n_q, n_k in [("prefill", n, n) for n in (4096, 16384, 32768, 65536)] + \
-                          [("decode", 1, n) for n in (32768, 131072)]:
+                          [("decode", 1, n) for n in (1056, 4096, 8192, 16384, 32768, 131072)]:
         q, k, v = inputs(n_q, n_k)
         base = None
         for name, fn in cases(q, k, v, layer_plan, True).items():
@@ -121,6 +131,7 @@ def host_per_call(rows: list[dict], layer_plan) -> None:
     fns = {"sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
            "attention_with_lse": lambda: score_mod.attention_with_lse(q, k, v, SCALE, False),
            "correction_triton": lambda: score_mod.correct(out, lse, q, k, v, layer_plan, SCALE, K - 1, True, True),
+           "decode_masked": lambda: score_mod.decode_masked(q, k, v, layer_plan, SCALE),
            "routed_total": lambda: score_mod.attend(q, k, v, layer_plan, SCALE, True),
            "plan_triton": lambda: patched_attention(q, k, v, scaling=SCALE, is_causal=True, plan=layer_plan)}
     for name, fn in fns.items():

@@ -18,11 +18,13 @@ exp(−b): the path is taken only for biases in [log 0.5, 30] (γ from 0.5 up), 
 masks, chunked prefill, softcap, logit scales, ACT, VAR or probability stats — the Triton kernel
 (or the reference) runs as before. `route_reason` says which, and the choice is logged once.
 
-The plain attention with its log-sum-exp: for a decode step, FlashAttention with each key/value
-head's query heads as its query rows; otherwise `torch.ops.aten._scaled_dot_product_cudnn_attention`
-on CUDA — what SDPA picks on Hopper, grouped-query key/values as they are — or the
-efficient-attention kernel where cuDNN refuses the call; the CPU flash kernel on the CPU (those
-two want equal head counts: K and V are expanded for them). The correction is one Triton kernel
+A decode step over a short cache (≤ DECODE_MASK_MAX_KEYS) skips the correction: one SDPA call
+with the bias as an additive mask (`decode_masked`), because there the step is host-bound and one
+launch beats two. Otherwise the plain attention with its log-sum-exp: for a decode step,
+FlashAttention with each key/value head's query heads as its query rows; for a prefill,
+`torch.ops.aten._scaled_dot_product_cudnn_attention` — what SDPA picks on Hopper, grouped-query
+key/values as they are — or the efficient-attention kernel where cuDNN refuses the call; the CPU
+flash kernel on the CPU (those two want equal head counts: K and V are expanded for them). The correction is one Triton kernel
 on CUDA (`_correct`: per row, the |P| biased keys' logits, weights and values, the head's output
 scale, one read of q and O and one write) and the PyTorch `apply_sparse_bias` elsewhere — the
 specification the kernel is tested against.
@@ -47,6 +49,11 @@ log = logging.getLogger("headlab.kernels")
 MIN_BIAS = math.log(0.5)
 MAX_BIAS = 30.0
 MAX_POSITIONS = 64
+DECODE_MASK_MAX_KEYS = 4096
+"""Decode steps over caches up to this length run as one masked SDPA call (`decode_masked`);
+longer ones as FlashAttention + the Triton correction. Measured on an H100 (score_mod_bench):
+the masked call wins at 1k (36 vs 127 µs) and 4k (104 vs 139 µs), loses from 8k (180 vs 158 µs;
+at 32k 691 vs 167 µs) — SDPA's masked kernel does not split the cache across the GPU."""
 _logged: set[str] = set()
 # the overloads themselves: a decode step is host-bound, and resolving `torch.ops.aten.X(...)` costs
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention.default
@@ -120,8 +127,8 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 def apply_sparse_bias(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       positions: torch.Tensor, bias: torch.Tensor, scaling: float, q_offset: int,
                       causal: bool) -> torch.Tensor:
-    """O' [B, H, Q, D] (fp32; fp64 for fp64 inputs): the plain attention `out` (with its `lse`) as it is with logit `bias`
-    [H, P] added on key `positions` [P] (the module docstring's formula)."""
+    """O' [B, H, Q, D] (fp32; fp64 for fp64 inputs): the plain attention `out` (with its `lse`)
+    as it is with logit `bias` [H, P] added on key `positions` [P] (the module docstring's formula)."""
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
     ct = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -148,11 +155,44 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
     if where not in _logged:
         _logged.add(where)
         log.info("key-bias plans on %s: plain attention with its log-sum-exp + the exact sparse correction", where)
+    if Q == 1 and K <= DECODE_MASK_MAX_KEYS:
+        return decode_masked(query, key, value, plan, scaling)
     out, lse = attention_with_lse(query, key, value, scaling, causal and Q == K and Q > 1)
     if use_kernel(query):
         scale_here = not plan.edits_outputs
         return correct(out, lse, query, key, value, plan, scaling, K - Q, causal, scale_here), scale_here
     return apply_sparse_bias(out, lse, query, key, value, plan.bias_positions, plan.bias, scaling, K - Q, causal), False
+
+
+def decode_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan,
+                  scaling: float) -> tuple[torch.Tensor, bool]:
+    """A decode step (one query per row) as one SDPA call with the plan's bias as an additive
+    mask: (outputs [B, H, 1, D], whether the output scale is applied). Each key/value head's query
+    heads are its query rows and the bias row [H, K] is viewed as [1, Hkv, G, K], so nothing is
+    copied; the bias row is kept per plan and device, grown by doubling. One launch instead of
+    two: on short caches a decode step is host-bound, and this is what it saves (the benchmark
+    measures where the two-launch route overtakes it). The bias is carried in the query's dtype."""
+    B, H, _, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    slot = ("decode_bias", query.dtype, query.device)
+    buf = cache.get(slot)
+    if buf is None or buf.shape[-1] < K:
+        cap = 1 << max(10, (K - 1).bit_length())
+        buf = torch.zeros(H, cap, device=query.device, dtype=query.dtype)
+        buf[:, plan.bias_positions] = plan.bias.to(query.device, query.dtype)
+        cache[slot] = buf
+    mask = buf.view(1, Hkv, H // Hkv, -1)[..., :K]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(B, Hkv, H // Hkv, D), key, value, attn_mask=mask, scale=scaling).reshape(B, H, 1, D)
+    if plan.edits_outputs:
+        return out.float(), False
+    if plan.has_head_scale:
+        hs = cache.get(("head_scale", query.dtype, query.device))
+        if hs is None:
+            hs = cache[("head_scale", query.dtype, query.device)] = plan.head_scale.to(query.device, query.dtype).view(1, H, 1, 1)
+        out = out * hs
+    return out, True
 
 
 def use_kernel(query: torch.Tensor) -> bool:
@@ -229,5 +269,5 @@ if triton is not None:
         tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
 
 
-__all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "enabled",
+__all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "decode_masked", "enabled",
            "route_reason", "use_kernel"]

@@ -124,3 +124,20 @@ def test_the_triton_correction_equals_the_pytorch_one(q_len, k_len, dtype):
     unscaled = score_mod.correct(out, lse, q, k, v, plan, D ** -0.5, k_len - q_len, True, head_scale=False)
     assert unscaled.dtype == torch.float32
     torch.testing.assert_close(unscaled * plan.head_scale[None, :, None, None], expect, atol=tol, rtol=tol)
+
+
+def test_a_short_decode_step_is_one_masked_sdpa_call():
+    """Decode over a cache up to DECODE_MASK_MAX_KEYS: the bias as an additive mask, GQA rows
+    stacked, the head scale applied; the cached bias row grows with the cache."""
+    torch.manual_seed(4)
+    B, H, Hkv, D = 2, 4, 2, 16
+    plan = (InterventionPlan().key_bias({(0, 0): math.log(1.5), (0, 2): -0.3, (0, 3): 2.0}, [0, 4, 9])
+            .scale_heads({(0, 1): 1.25}).compile_layer(0, H, D))
+    for K in (12, 1500):  # the second grows the cached row past its first 1024 slots (both under the threshold)
+        q = torch.randn(B, 1, H, D).transpose(1, 2)
+        k, v = torch.randn(B, Hkv, K, D), torch.randn(B, Hkv, K, D)
+        expect, _ = reference_attention(q, k, v, scaling=D ** -0.5, is_causal=True, plan=plan)
+        got, scaled = score_mod.attend(q, k, v, plan, D ** -0.5, True)
+        assert scaled and K <= score_mod.DECODE_MASK_MAX_KEYS
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    assert plan._kernel_cache[("decode_bias", torch.float32, q.device)].shape[-1] == 2048
