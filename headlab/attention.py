@@ -229,7 +229,7 @@ class _Call:
         if plan is not None and plan.has_bias:
             from headlab.kernels import score_mod
 
-            if score_mod.enabled(query.device) and score_mod.route_reason(
+            if score_mod.enabled(query) and score_mod.route_reason(
                     plan, Q, K, self.attention_mask, self.causal, self.softcap,
                     stats is not None and stats.wants_probabilities) is None:
                 # a few keys' logits biased: the plain attention at full speed + an exact correction

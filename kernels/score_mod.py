@@ -60,12 +60,15 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention.default
 _CUDNN = torch.ops.aten._scaled_dot_product_cudnn_attention.default
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether key-bias plans take this route on `device`: on CUDA with HEADLAB_KERNEL=auto (the
-    default). On the CPU the exact reference stays the oracle; tests switch the route on there."""
+def enabled(query: torch.Tensor) -> bool:
+    """Whether key-bias plans take this route for `query`: fp16 / bf16 CUDA tensors, with
+    HEADLAB_KERNEL=auto (the default). fp32 keeps the exact reference (PyTorch's private
+    efficient-attention op returned NaN for fp32 inputs here, measured); on the CPU the
+    reference stays the oracle, and tests switch the route on there."""
     from headlab.kernels import kernel_choice
 
-    return device.type == "cuda" and kernel_choice() == "auto"
+    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
+            and kernel_choice() == "auto")
 
 
 def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask: torch.Tensor | None,
@@ -102,7 +105,10 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     (top-left causal when `is_causal`: use it with Q == K)."""
     B, H, Q, D = query.shape
     Hkv = key.shape[1]
-    if query.device.type == "cuda" and Q == 1 and not is_causal:
+    # FlashAttention and cuDNN only for the dtypes they implement (the route itself is taken for
+    # fp16 / bf16 only: `enabled`).
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if query.device.type == "cuda" and half and Q == 1 and not is_causal:
         # Decode: the query heads of a key/value head become that head's query rows (one query:
         # no mask to break), so FlashAttention reads the cache once per group, copies nothing and
         # — unlike cuDNN, which builds a plan per new key length — costs the same at every step.
@@ -112,13 +118,16 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         except RuntimeError:  # e.g. fp32 tensors: cuDNN / efficient attention below
             pass
     if query.device.type == "cuda":
-        try:  # cuDNN takes grouped-query key/values as they are (measured: no copy, SDPA's own speed)
-            out = _CUDNN(query, key, value, None, True, 0.0, is_causal, False, scale=scaling)
-            return out[0], out[1].view(query.shape[:3])
-        except RuntimeError:
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, _expand_kv(key, H), _expand_kv(value, H), None, True, 0.0, is_causal, scale=scaling)
-            return out[0], out[1][..., : query.shape[2]].float()
+        if half:
+            try:  # cuDNN takes grouped-query key/values as they are (measured: no copy, SDPA's own speed)
+                out = _CUDNN(query, key, value, None, True, 0.0, is_causal, False, scale=scaling)
+                return out[0], out[1].view(query.shape[:3])
+            except RuntimeError:
+                pass
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query.contiguous(), _expand_kv(key, H).contiguous(), _expand_kv(value, H).contiguous(), None, True, 0.0,
+            is_causal, scale=scaling)
+        return out[0], out[1][..., : query.shape[2]].float()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, _expand_kv(key, H), _expand_kv(value, H), 0.0, is_causal, scale=scaling)
     return out, lse.float()

@@ -88,7 +88,7 @@ def test_model_path_with_the_route_equals_the_reference(monkeypatch):
         calls.append(1)
         return original(*args, **kw)
 
-    monkeypatch.setattr(score_mod, "enabled", lambda device: True)
+    monkeypatch.setattr(score_mod, "enabled", lambda query: True)
     monkeypatch.setattr(score_mod, "attend", counted)
     with model.patched(plan):
         got = model(ids).logits
@@ -141,3 +141,51 @@ def test_a_short_decode_step_is_one_masked_sdpa_call():
         assert scaled and K <= score_mod.DECODE_MASK_MAX_KEYS
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
     assert plan._kernel_cache[("decode_bias", torch.float32, q.device)].shape[-1] == 2048
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU (the GPU run of benchmarks/score_mod_bench.py records this)")
+@pytest.mark.parametrize("n_q, n_k", [(1024, 1024), (1, 3000), (1, 6000)])
+def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n_q, n_k):
+    """bf16 at Llama-3-8B attention shapes: prefill (cuDNN + the Triton correction), a short decode
+    (masked SDPA) and a long one (FlashAttention + correction), against the fp32 reference."""
+    torch.manual_seed(0)
+    H, Hkv, D = 32, 8, 128
+    q = torch.randn(1, n_q, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, Hkv, n_k, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, Hkv, n_k, D, device="cuda", dtype=torch.bfloat16)
+    plan = (InterventionPlan().scale_first_token({(0, h): 1.5 for h in range(0, H, 4)}).scale_heads({(0, 1): 1.2})
+            .compile_layer(0, H, D).to("cuda"))
+    assert score_mod.enabled(q) and score_mod.route_reason(plan, n_q, n_k, None, True, None, False) is None
+    expect, _ = reference_attention(q.float(), k.float(), v.float(), scaling=D ** -0.5, is_causal=True, plan=plan)
+    got, scaled = score_mod.attend(q, k, v, plan, D ** -0.5, True)
+    assert scaled and got.dtype == torch.bfloat16
+    plain, _ = reference_attention(q.float(), k.float(), v.float(), scaling=D ** -0.5, is_causal=True)
+    assert (expect - plain).abs().max() > 0.002  # the plan moves the outputs (less, the more keys share the row)
+    assert (got.float() - expect).abs().max() < 0.02
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_the_cuda_route_in_a_model_matches_the_reference(monkeypatch):
+    """zoo:pycode-llama on the GPU in bf16 (head_dim 48: the PyTorch correction): a ZeroTuning plan
+    through the route (cuDNN + correction in prefill, masked SDPA in decode) gives the greedy
+    tokens and, within bf16 rounding, the logits of HEADLAB_KERNEL=reference; fp32 keeps the reference."""
+    model = headlab.load_model("zoo:pycode-llama", device="cuda", dtype=torch.bfloat16)
+    ids = model.tokenize('VALUE = "alpha"\nprint(VALUE)\nassert VALUE == "')["input_ids"].to("cuda")
+    plan = InterventionPlan().scale_first_token({(5, 5): 1.8, (2, 4): 0.7, (3, 1): 3.0}).scale_heads({(5, 4): 1.3})
+    calls = []
+    original = score_mod.attend
+    monkeypatch.setattr(score_mod, "attend", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with model.patched(plan):
+        got = model(ids).logits.float()
+        got_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert len(calls) >= 3 * 7
+    monkeypatch.setenv("HEADLAB_KERNEL", "reference")
+    with model.patched(plan):
+        expect = model(ids).logits.float()
+        expect_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert (got - expect).abs().max() < 0.25 and (got - expect).abs().mean() < 0.02
+    assert torch.equal(got_gen, expect_gen)
+    assert not score_mod.enabled(torch.zeros(1, device="cuda"))  # fp32 tensors keep the exact reference
