@@ -379,7 +379,7 @@ def _register_new_run(app: Dash, ctx: AppContext) -> None:
 
         def work(progress, should_stop):
             progress(0.05, f"running {decl.name} on {model} (the run appears in the runs list when it starts)")
-            return jobs.run(decl.name, model, ctx.store.root, progress=False, **params).name
+            return jobs.run(decl.name, model, ctx.store.root, progress=False, device=ctx.models.device, **params).name
 
         return {"id": ctx.tasks.submit(f"run:{decl.name}", work)}, False, "", ""
 

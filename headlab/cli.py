@@ -80,10 +80,10 @@ def _command(decl: registry.Declaration) -> Any:
     """A typer command running `decl`'s job and printing its summary."""
     from headlab import jobs
 
-    def command(model: str, out: Path, run_id: Optional[str], **params: Any) -> None:
+    def command(model: str, out: Path, run_id: Optional[str], device: str, dtype: str, **params: Any) -> None:
         params = {k: (v or None) if decl.param(k).is_list else v for k, v in params.items()}  # no --x given: the default
         try:
-            run_dir = jobs.run(decl.name, model, out, run_id, **params)
+            run_dir = jobs.run(decl.name, model, out, run_id, device=device, dtype=dtype, **params)
         except registry.ParamError as exc:  # named as the user typed it
             raise HeadlabError(f"{decl.param(exc.key).cli_flag} {exc.detail}") from None
         typer.echo((run_dir / "summary.json").read_text())
@@ -96,6 +96,10 @@ def _command(decl: registry.Declaration) -> Any:
                           default=typer.Option(Path("runs"), help="runs directory")),
         inspect.Parameter("run_id", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                           default=typer.Option(None, help="name of the run; an unfinished run of that name is resumed")),
+        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("cpu", help="where the model runs: cpu, cuda, cuda:1, ...")),
+        inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("float32", help="the model's precision: float32 | bfloat16 | float16")),
     ]
     command.__signature__ = inspect.Signature(common + [_option(p) for p in decl.params])  # type: ignore[attr-defined]
     command.__doc__ = decl.summary + (f"\n\nData: {decl.datasets}." if decl.datasets else "")

@@ -13,11 +13,14 @@ checking its parameters against the declaration. It never imports an analysis.
 
 from __future__ import annotations
 
+import contextvars
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from headlab import registry
 from headlab.checkpoint import Checkpoint
@@ -43,14 +46,40 @@ COMMON_HELP = {
 METHODS = ("exact", "atp", "auto")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOAD: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("headlab_job_load", default={})
+
+
+def load_options(device: str | None = None, dtype: str | None = None) -> dict[str, str]:
+    """Where and in what precision a job loads its model ({"device", "dtype"}), checked: a device
+    torch knows and this machine has, one of DTYPES. Defaults: cpu, float32."""
+    device, dtype = device or "cpu", dtype or "float32"
+    if dtype not in DTYPES:
+        raise HeadlabError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise HeadlabError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HeadlabError(f"--device {device}: this machine has no CUDA device torch can use")
+    return {"device": device, "dtype": dtype}
+
+
 def run(name: str, model: str, out: str | Path = "runs", run_id: str | None = None, *, progress: bool = True,
-        **params: Any) -> Path:
+        device: str | None = None, dtype: str | None = None, **params: Any) -> Path:
     """Run analysis `name` (a declared name, e.g. "retrieval", "ph3") on `model` as a run directory
     under `out`; its parameters are checked against the declaration first (unknown names, wrong
-    types, values outside their choices: a ParamError naming the parameter). Returns the run's
-    directory. An unfinished run called `run_id` is resumed."""
+    types, values outside their choices: a ParamError naming the parameter). The model loads on
+    `device` in `dtype` ("float32", "bfloat16", "float16"; default cpu, float32), recorded in the
+    run's manifest; a run is resumed only in the dtype it started in. Returns the run's directory.
+    An unfinished run called `run_id` is resumed."""
     decl = registry.get(name)
-    return decl.run(model, out, run_id, progress=progress, **decl.check(params))
+    checked = decl.check(params)
+    token = _LOAD.set(load_options(device, dtype))
+    try:
+        return decl.run(model, out, run_id, progress=progress, **checked)
+    finally:
+        _LOAD.reset(token)
 
 
 def checkpoint(run: Run) -> Checkpoint:
@@ -130,6 +159,10 @@ def check_ray(ray: str | None, shards: int) -> None:
             raise HeadlabError("--ray needs an address: local (a cluster on this machine), auto (the running one) or "
                                "ray://HOST:10001")
         check_count(shards, "--shards")
+        dtype = (_LOAD.get() or {}).get("dtype", "float32")
+        if dtype != "float32":  # the workers load their own copy (on their GPU, in float32)
+            raise HeadlabError(f"--ray workers load the model in float32; a {dtype} run would merge their float32 "
+                               "items with its own: drop --dtype, or run without --ray")
 
 
 def shard_on_ray(cache: Any, keys: list[str], work: Any, ray: str | None, shards: int, ray_gpus: float,
@@ -154,6 +187,7 @@ def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any]
     the resume checks read the manifest under it, so two processes started with one --run-id can
     neither both run nor mix their results. The caller releases it (`started` does)."""
     params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from the manifest
+    load = _LOAD.get() or load_options()
     run = Run(root, analysis, model, params, run_id=run_id)
     while True:
         try:
@@ -174,6 +208,10 @@ def open_run(root: str | Path, analysis: str, model: str, params: dict[str, Any]
                 if old.get(key) != new:
                     raise HeadlabError(f"cannot resume run {run_id!r}: its {key} was {old.get(key)!r}, now {new!r}; "
                                        "rerun with the same arguments or choose another --run-id")
+            old_dtype = (old.get("load") or {}).get("dtype", "float32")
+            if old_dtype != load["dtype"]:  # the device may change; the numbers' precision may not
+                raise HeadlabError(f"cannot resume run {run_id!r}: it started in {old_dtype}, now {load['dtype']}; "
+                                   f"rerun with --dtype {old_dtype} or choose another --run-id")
             run.manifest["resumed"] = int(old.get("resumed", 0) or 0) + 1
     except BaseException:
         run.release()
@@ -189,7 +227,9 @@ def started(root: str | Path, analysis: str, model: str, params: dict[str, Any],
     released however the job ends."""
     run = open_run(root, analysis, model, params, run_id)
     try:
-        hm = load_model(model)
+        load = _LOAD.get() or load_options()
+        hm = load_model(model, device=load["device"], dtype=DTYPES[load["dtype"]])
+        run.manifest["load"] = load
         with run:
             yield run, hm
     finally:

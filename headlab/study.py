@@ -8,6 +8,7 @@ A study file::
     paper = "Wu et al. 2024, ..."
     model = "zoo:pycode-llama"
     seeds = [0, 1]                 # steps with a `seed` parameter run once per seed
+    # device = "cuda"; dtype = "bfloat16"   (where the model runs; default cpu, float32)
 
     [[analysis]]                   # a declared analysis of kind "score"
     id = "retrieval"               # the step's name (default: the analysis's); runs are named after it
@@ -54,7 +55,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 SECTIONS = {"analysis": "score", "intervention": "intervene", "evaluation": "evaluate"}
-STUDY_KEYS = {"title", "paper", "model", "seeds", "description"}
+STUDY_KEYS = {"title", "paper", "model", "seeds", "description", "device", "dtype"}
 STEP_KEYS = {"id", "run", "params", "small", "note"}
 SIZES = ("full", "small")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -149,6 +150,8 @@ class Study:
     sha256: str = ""
     text: str = ""
     data_files: dict[str, Path] = field(default_factory=dict)
+    load: dict[str, str] = field(default_factory=dict)
+    """Where and in what precision the runs load the model ({"device", "dtype"}: [study] device / dtype)."""
 
     @property
     def name(self) -> str:
@@ -189,6 +192,15 @@ def load(file: str | Path) -> Study:
         raise fail(("study", "seeds"), f"expected a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise fail(("study", "seeds"), f"seeds repeat: {seeds}")
+    for key in ("device", "dtype"):
+        if key in head and not isinstance(head[key], str):
+            raise fail(("study", key), f"expected a string, got {head[key]!r}")
+    try:
+        from headlab.jobs import load_options
+
+        load = load_options(head.get("device"), head.get("dtype"))
+    except HeadlabError as exc:
+        raise fail(("study", "dtype" if "dtype" in str(exc) else "device"), str(exc).replace("--", "", 1)) from None
     model = head["model"]
     if not model.startswith("zoo:") and (file.parent / model).exists():
         model = str((file.parent / model).resolve())  # a local model next to the study file
@@ -256,7 +268,7 @@ def load(file: str | Path) -> Study:
             steps.append(Step(step_id, section, decl, checked["params"], checked["small"], path, note))
     if not steps:
         raise StudyError(file, None, "study", "names no step: add an [[analysis]], [[intervention]] or [[evaluation]]")
-    return Study(file=file, title=head["title"], model=model, seeds=tuple(seeds), steps=steps,
+    return Study(file=file, title=head["title"], model=model, seeds=tuple(seeds), steps=steps, load=load,
                  paper=str(head.get("paper", "")), description=str(head.get("description", "")),
                  sha256=hashlib.sha256(text.encode()).hexdigest(), text=text, data_files=data_files)
 
@@ -335,7 +347,7 @@ def run(file: str | Path, out: str | Path | None = None, *, size: str = "full", 
     t0 = time.time()
     manifest: dict[str, Any] = {
         "study": study.name, "title": study.title, "study_file": str(study.file), "study_sha256": study.sha256,
-        "size": size, "model": study.model, "seeds": list(study.seeds), "versions": versions(),
+        "size": size, "model": study.model, "load": study.load, "seeds": list(study.seeds), "versions": versions(),
         "model_files_sha256": model_files(study.model),
         "data_files_sha256": {k: _sha256(p) if p.is_file() else _hashes(p) for k, p in study.data_files.items()},
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
@@ -360,7 +372,7 @@ def run(file: str | Path, out: str | Path | None = None, *, size: str = "full", 
                 t = time.time()
                 status = "kept"
                 if not ((run_dir / MANIFEST).is_file() and read_manifest(run_dir).get("status") == "finished"):
-                    run_dir = jobs.run(step.decl.name, study.model, runs_dir, rid, progress=progress, **values)
+                    run_dir = jobs.run(step.decl.name, study.model, runs_dir, rid, progress=progress, **study.load, **values)
                     status = "ran"
                 done[(step.id, seed)] = run_dir
                 took = read_manifest(run_dir).get("duration_s")  # the run's own time, also for a kept run

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from headlab import jobs, registry, study
@@ -318,3 +319,38 @@ def test_evaluate_retrieval_masking_from_the_cli(tmp_path):
     res = runner.invoke(app, ["evaluate", "retrieval-masking", "zoo:mcqa-planted", "--out", str(tmp_path), "--scores-run",
                               str(scored)])
     assert res.exit_code == 2 and "scored zoo:tasks-llama, not zoo:mcqa-planted" in " ".join(res.output.split())
+
+
+def test_device_and_dtype_reach_the_model_and_the_manifest(tmp_path):
+    """--device / --dtype (CLI), device / dtype (study), checked first; a run resumes only in its dtype."""
+    from headlab.cli import app
+    from headlab.runs import read_manifest
+
+    run_dir = jobs.run("sinks", "zoo:tasks-llama", tmp_path, run_id="s16", n=2, dtype="bfloat16", progress=False)
+    assert read_manifest(run_dir)["load"] == {"device": "cpu", "dtype": "bfloat16"}
+    plain = jobs.run("sinks", "zoo:tasks-llama", tmp_path, run_id="s32", n=2, progress=False)
+    assert read_manifest(plain)["load"] == {"device": "cpu", "dtype": "float32"}
+    for args, message in ((["--dtype", "float8"], "--dtype must be one of float32, bfloat16, float16"),
+                          (["--device", "tpu:9"], "--device 'tpu:9' is not a device torch knows")):
+        res = runner.invoke(app, ["score", "sinks", "zoo:tasks-llama", "--out", str(tmp_path), "--n", "2", *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    if not torch.cuda.is_available():
+        res = runner.invoke(app, ["score", "sinks", "zoo:tasks-llama", "--out", str(tmp_path), "--device", "cuda"])
+        assert res.exit_code == 2 and "no CUDA device" in res.output
+    # a run interrupted in one dtype is not resumed in another
+    (tmp_path / "half").mkdir()
+    from headlab.runs import Run
+
+    with Run(tmp_path / "half", "sinks", "zoo:tasks-llama", {"data": None, "n": 2, "tau": 0.1}, run_id="r"):
+        pass
+    manifest = json.loads((tmp_path / "half" / "r" / "manifest.json").read_text())
+    manifest.update(status="interrupted", load={"device": "cpu", "dtype": "bfloat16"})
+    (tmp_path / "half" / "r" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HeadlabError, match="it started in bfloat16, now float32; rerun with --dtype bfloat16"):
+        jobs.run("sinks", "zoo:tasks-llama", tmp_path / "half", run_id="r", n=2, progress=False)
+    file = tmp_path / "s.toml"
+    file.write_text(SMALL.replace('seeds = [0]', 'seeds = [0]\ndtype = "float64"'))
+    with pytest.raises(HeadlabError, match=r"s.toml:5: study.dtype: dtype must be one of float32, bfloat16, float16"):
+        study.load(file)
+    file.write_text(SMALL.replace('seeds = [0]', 'seeds = [0]\ndtype = "bfloat16"'))
+    assert study.load(file).load == {"device": "cpu", "dtype": "bfloat16"}
