@@ -198,7 +198,7 @@ def load(file: str | Path) -> Study:
     try:
         from headlab.jobs import load_options
 
-        load = load_options(head.get("device"), head.get("dtype"))
+        load_opts = load_options(head.get("device"), head.get("dtype"))
     except HeadlabError as exc:
         raise fail(("study", "dtype" if "dtype" in str(exc) else "device"), str(exc).replace("--", "", 1)) from None
     model = head["model"]
@@ -268,7 +268,7 @@ def load(file: str | Path) -> Study:
             steps.append(Step(step_id, section, decl, checked["params"], checked["small"], path, note))
     if not steps:
         raise StudyError(file, None, "study", "names no step: add an [[analysis]], [[intervention]] or [[evaluation]]")
-    return Study(file=file, title=head["title"], model=model, seeds=tuple(seeds), steps=steps, load=load,
+    return Study(file=file, title=head["title"], model=model, seeds=tuple(seeds), steps=steps, load=load_opts,
                  paper=str(head.get("paper", "")), description=str(head.get("description", "")),
                  sha256=hashlib.sha256(text.encode()).hexdigest(), text=text, data_files=data_files)
 
