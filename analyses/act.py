@@ -167,11 +167,9 @@ def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data
         result = search(hm, cal, config, progress=progress, cache=cache, method=method, screen=screen)
         evaluation = evaluate(hm, test, result.plan)
         candidates = [(l, h) for l in config.candidate_layers(hm.spec.n_layers) for h in range(hm.spec.n_heads)]
-        controls = jobs.random_head_sets(hm.spec.shape, result.heads, draws, seed, among=candidates)
-        evaluation["accuracy_random"] = [
-            cached(cache, "random:" + ",".join(f"L{l}H{h}" for l, h in heads),
-                   lambda heads=heads: choice.accuracy(hm, test, InterventionPlan().act(heads, beta=beta, tau=tau)))
-            for heads in controls]
+        controls, evaluation["accuracy_random"] = jobs.random_head_controls(
+            cache, hm.spec.shape, result.heads, draws, seed, candidates,
+            lambda heads: choice.accuracy(hm, test, InterventionPlan().act(heads, beta=beta, tau=tau)))
         evaluation["random_heads"] = [[list(h) for h in heads] for heads in controls]
         run.save_plan(result.plan)
         summary = {"heads": [list(h) for h in result.heads], "calibration_accuracy_before": result.baseline_accuracy,

@@ -208,15 +208,14 @@ def job(model: str, out: str | Path = "runs", run_id: str | None = None, *, data
         evaluation = evaluate(hm, test, result.plan)
         L, H = hm.spec.shape
         candidates = [(l, h) for l in (range(L) if config.layers is None else config.layers) for h in range(H)]
-        controls = jobs.random_head_sets(hm.spec.shape, result.heads, draws, seed, among=candidates)
 
         def control(heads: list) -> dict:
             ev = choice.evaluate(hm, test, InterventionPlan().scale_first_token({h: result.gamma for h in heads}),
                                  config.batch_size)
             return {"accuracy": ev.accuracy, "entropy": ev.entropy}
 
-        randoms = [cached(cache, "random:" + ",".join(f"L{l}H{h}" for l, h in heads), lambda heads=heads: control(heads))
-                   for heads in controls]
+        controls, randoms = jobs.random_head_controls(cache, hm.spec.shape, result.heads, draws, seed, candidates,
+                                                      control)
         evaluation["accuracy_random"] = [r["accuracy"] for r in randoms]
         evaluation["entropy_random"] = [r["entropy"] for r in randoms]
         evaluation["random_heads"] = [[list(h) for h in heads] for heads in controls]

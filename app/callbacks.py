@@ -62,6 +62,22 @@ def _poll_outputs(task, render: Callable[[Any], tuple], n: int) -> tuple:
     return ("1", "done", True, "") + tuple(render(task.result))
 
 
+def _poll_callback(app: Dash, ctx: AppContext, prefix: str, render: Callable[[Any], tuple]) -> None:
+    """The polling callback of a page whose task renders into `{prefix}-result`: progress bar,
+    poll switch and error box from `_poll_outputs`, the result from `render`."""
+
+    @app.callback(Output(f"{prefix}-progress", "value"), Output(f"{prefix}-progress-text", "children"),
+                  Output(f"{prefix}-poll", "disabled", allow_duplicate=True),
+                  Output(f"{prefix}-error", "children", allow_duplicate=True),
+                  Output(f"{prefix}-result", "children"), Input(f"{prefix}-poll", "n_intervals"),
+                  State(f"{prefix}-task", "data"), prevent_initial_call=True)
+    @guarded(5, 3)
+    def poll(_n, task_ref):
+        if not task_ref:
+            return "0", "", True, "", no_update
+        return _poll_outputs(ctx.tasks.get(task_ref["id"]), render, 1)
+
+
 def register(app: Dash, ctx: AppContext) -> None:
     # ---- routing -----------------------------------------------------------------------------
     @app.callback(Output("page-content", "children"), Output("rendered-path", "data"),
@@ -334,15 +350,7 @@ def register(app: Dash, ctx: AppContext) -> None:
             dcc.Graph(figure=figures.next_token_bars(result["changes"]), config={"displaylogo": False}, id="pg-bars"),
         ]),)
 
-    @app.callback(Output("pg-progress", "value"), Output("pg-progress-text", "children"),
-                  Output("pg-poll", "disabled", allow_duplicate=True), Output("pg-error", "children", allow_duplicate=True),
-                  Output("pg-result", "children"), Input("pg-poll", "n_intervals"), State("pg-task", "data"),
-                  prevent_initial_call=True)
-    @guarded(5, 3)
-    def pg_poll(_n, task_ref):
-        if not task_ref:
-            return "0", "", True, "", no_update
-        return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_pg, 1)
+    _poll_callback(app, ctx, "pg", render_pg)
 
     _register_new_run(app, ctx)
 
@@ -386,15 +394,7 @@ def _register_new_run(app: Dash, ctx: AppContext) -> None:
     def render_new(run_id):
         return (html.P(["finished: ", dcc.Link(f"run {run_id}", href=f"/run?run={run_id}", id="new-run-link")]),)
 
-    @app.callback(Output("new-progress", "value"), Output("new-progress-text", "children"),
-                  Output("new-poll", "disabled", allow_duplicate=True), Output("new-error", "children", allow_duplicate=True),
-                  Output("new-result", "children"), Input("new-poll", "n_intervals"), State("new-task", "data"),
-                  prevent_initial_call=True)
-    @guarded(5, 3)
-    def new_poll(_n, task_ref):
-        if not task_ref:
-            return "0", "", True, "", no_update
-        return _poll_outputs(ctx.tasks.get(task_ref["id"]), render_new, 1)
+    _poll_callback(app, ctx, "new", render_new)
 
 
 def _data_uri(image: Any) -> str | None:

@@ -247,6 +247,17 @@ def finish(run: Run, summary: dict, scores: dict, frame: Any = None) -> Path:
     return run.dir
 
 
+def random_head_controls(cache: Any, shape: tuple[int, int], chosen: list[tuple[int, int]], draws: int, seed: int,
+                         among: list[tuple[int, int]], measure: Any) -> tuple[list[list[tuple[int, int]]], list[Any]]:
+    """(the random head sets of `random_head_sets`, `measure(heads)` of each): the control of an
+    intervention, every measurement kept in the run's checkpoint `cache` (a resumed run skips it)."""
+    from headlab.checkpoint import cached
+
+    sets = random_head_sets(shape, chosen, draws, seed, among=among)
+    return sets, [cached(cache, "random:" + ",".join(f"L{l}H{h}" for l, h in heads), lambda heads=heads: measure(heads))
+                  for heads in sets]
+
+
 def random_head_sets(shape: tuple[int, int], chosen: list[tuple[int, int]], draws: int, seed: int,
                      among: list[tuple[int, int]] | None = None) -> list[list[tuple[int, int]]]:
     """`draws` seeded sets of len(chosen) heads drawn from `among` (default: every head) minus the

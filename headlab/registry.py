@@ -168,9 +168,6 @@ class Declaration:
                 raise ParamError(p.name, f"{self.name} needs it ({p.describe()}): {p.help}")
         return checked
 
-    def defaults(self) -> dict[str, Any]:
-        return {p.name: p.default for p in self.params if not p.required}
-
 
 _REGISTRY: dict[str, Declaration] = {}
 _DISCOVERED = False
@@ -266,13 +263,4 @@ def get(name: str) -> Declaration:
     return _REGISTRY[key]
 
 
-def file_params(decl: Declaration, values: dict[str, Any]) -> dict[str, Path]:
-    """The data files and folders a set of parameter values names (for checks and hashes)."""
-    out: dict[str, Path] = {}
-    for p in decl.params:
-        if p.role in ("file", "folder") and values.get(p.name):
-            out[p.name] = Path(values[p.name])
-    return out
-
-
-__all__ = ["Declaration", "Param", "ParamError", "analysis", "declarations", "discover", "file_params", "get"]
+__all__ = ["Declaration", "Param", "ParamError", "analysis", "declarations", "discover", "get"]
