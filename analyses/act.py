@@ -134,6 +134,54 @@ def search(model: HeadModel, samples: Sequence[choice.ChoiceSample], config: ACT
     return result
 
 
+def calibrate_sinks(model: HeadModel, inputs: Sequence[str] | Sequence[Sequence[int]], heads: Sequence[Head],
+                    beta: float = 0.4, tau: float = 0.1, min_share: float = 0.5,
+                    progress: bool = True) -> InterventionPlan:
+    """An ACT plan with calibrated sink sets (`InterventionPlan.act_with_sinks`) for `heads`.
+
+    Each calibration input (a text, or token ids) is run once with the received attention
+    measured in the patched attention; a head's sink set on it is the paper's ({j : r[j] > τ}
+    minus its first element). A position is kept for the head when it is in that set on at least
+    `min_share` of the inputs long enough to contain it — on a fixed prompt template (a system
+    prompt, a few-shot header) the hidden sinks sit at the same positions on every input, which
+    is what a deployment reuses. Heads with no position kept are left out of the plan.
+    """
+    if not 0.0 < min_share <= 1.0:
+        raise HeadlabError(f"min_share must be in (0, 1], got {min_share}")
+    if not inputs:
+        raise HeadlabError("calibrate_sinks needs at least one calibration input")
+    if not heads:
+        raise HeadlabError("calibrate_sinks needs at least one head")
+    for l, h in heads:
+        model.spec.check_head(l, h, "ACT head")
+    from headlab.stats import StatsRequest
+    from headlab.kernels.reference import act_sink_sets
+
+    layers = sorted({l for l, _ in heads})
+    request = StatsRequest(received=True, layers=layers)
+    adaptive = InterventionPlan().act(heads, beta=beta, tau=tau)
+    hits: dict[Head, dict[int, int]] = {head: {} for head in heads}
+    seen: dict[int, int] = {}  # position -> how many inputs are long enough to contain it
+    for item in tqdm(inputs, desc="ACT sink calibration", disable=not progress):
+        ids = model.tokenize(item)["input_ids"] if isinstance(item, str) else torch.tensor([list(item)])
+        ids = ids.to(model.device)
+        with model.patched(None, request) as rec, torch.no_grad():
+            model(ids)
+        K = ids.shape[1]
+        for k in range(K):
+            seen[k] = seen.get(k, 0) + 1
+        received, count = rec.stats.received.float().cpu(), rec.stats.received_count.float().cpu()  # [L', 1, H, K]
+        for i, layer in enumerate(rec.stats.layers):
+            lp = adaptive.compile_layer(layer, model.spec.n_heads, model.spec.head_dim)
+            sinks = act_sink_sets(received[i], count[i], lp)[0]  # [H, K]
+            for l, h in heads:
+                if l == layer:
+                    for j in sinks[h].nonzero().flatten().tolist():
+                        hits[(l, h)][j] = hits[(l, h)].get(j, 0) + 1
+    kept = {head: [j for j, n in sorted(found.items()) if n >= min_share * seen[j]] for head, found in hits.items()}
+    return InterventionPlan().act_with_sinks({head: pos for head, pos in kept.items() if pos}, beta=beta)
+
+
 def evaluate(model: HeadModel, samples: Sequence[choice.ChoiceSample], plan: InterventionPlan,
              base_plan: InterventionPlan | None = None, batch_size: int = 32) -> dict:
     """Accuracy without (`base_plan`, default none) and with the ACT plan on held-out samples."""

@@ -235,6 +235,15 @@ class _Call:
                 # a few keys' logits biased: the plain attention at full speed + an exact correction
                 z, scaled = score_mod.attend(query, key, value, plan, self.scaling, self.causal)
                 return self._finish(z, query, key, value, plan, stats, edited=scaled)
+        if plan is not None and plan.has_act:
+            from headlab.kernels import act_sparse, score_mod
+
+            if score_mod.enabled(query) and act_sparse.route_reason(
+                    plan, Q, K, self.attention_mask, self.causal, self.softcap,
+                    stats is not None and stats.wants_probabilities) is None:
+                # ACT on a few sink keys: the plain attention at full speed + an exact correction
+                z, scaled = act_sparse.attend(query, key, value, plan, self.scaling, self.causal)
+                return self._finish(z, query, key, value, plan, stats, edited=scaled)
         # SDPA computes every output at full speed unless the probabilities themselves change (or
         # softcap, which SDPA lacks); the patched attention then computes only the probability stats,
         # only on the rows asked for — e.g. the last prompt token of a retrieval-score prefill. When

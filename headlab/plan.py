@@ -17,7 +17,8 @@ Semantics (METHODS.md), applied in this order inside the patched attention of ea
 3. A = softmax(s)
 4. ACT sink calibration (Yu et al. 2024, reference code GATECH-EIC/ACT): the sink set S of the head
    is {j : r[j] > τ} minus its first element, r[j] = Σ_i A[i,j] / #(queries that see j), computed
-   on this same input; then A'[i,s] = β·A[i,s] for s ∈ S and the removed mass goes to the
+   on this same input (or, for a calibrated plan — `act_with_sinks` — fixed key positions found
+   once on calibration inputs, the way a deployment reuses them); then A'[i,s] = β·A[i,s] for s ∈ S and the removed mass goes to the
    non-sink keys in proportion to their attention. The sinks keep exactly β·A (this is NOT a
    logit bias of log β).
 4b. VAR redistribution (Kang et al. 2025): a fraction p of the row's attention on the source keys
@@ -70,6 +71,18 @@ def _number(x: Any, what: str, low: float = -math.inf, high: float = math.inf) -
     return float(x)
 
 
+def _act_setting(entry: Any) -> ActSetting:
+    """One saved ACT entry: [layer, head, beta, tau] or, with calibrated sinks, [layer, head, beta, tau, [positions]]."""
+    if not isinstance(entry, (list, tuple)) or len(entry) not in (4, 5):
+        raise PlanError(f"an ACT entry must be [layer, head, beta, tau] or [layer, head, beta, tau, [sink positions]], got {entry!r}")
+    sinks = None
+    if len(entry) == 5:
+        if not isinstance(entry[4], list) or not entry[4]:
+            raise PlanError(f"the sink positions of ACT head ({entry[0]}, {entry[1]}) must be a non-empty list, got {entry[4]!r}")
+        sinks = tuple(sorted({_head((0, p))[1] for p in entry[4]}))
+    return ActSetting(_number(entry[2], "ACT beta", 0.0, 1.0), _number(entry[3], "ACT tau"), sinks)
+
+
 def _heads_map(mapping: Mapping[Any, Any] | Iterable[Any], value: Any = None) -> dict[Head, Any]:
     if isinstance(mapping, Mapping):
         return {_head(h): v for h, v in mapping.items()}
@@ -86,10 +99,15 @@ def _tensor_head(name: str) -> Head:
 
 @dataclass(frozen=True)
 class ActSetting:
-    """ACT calibration of one head: β (kept fraction of sink attention) and τ (sink threshold)."""
+    """ACT calibration of one head: β (kept fraction of sink attention) and τ (sink threshold).
+
+    `sinks`: None — the paper's input-adaptive sink set, found on every input from the received
+    attention; a tuple of key positions — a calibrated sink set (`InterventionPlan.act_with_sinks`),
+    used as it is on every input (τ unused; positions past a call's keys are absent from it)."""
 
     beta: float = 0.4
     tau: float = 0.1
+    sinks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +199,22 @@ class InterventionPlan:
                 raise PlanError(f"ACT beta for head {h} must be in [0, 1], got {s.beta}")
             if not (0.0 <= s.tau <= 1.0):
                 raise PlanError(f"ACT tau for head {h} must be in [0, 1], got {s.tau}")
+        return replace(self, act_heads={**self.act_heads, **settings})
+
+    def act_with_sinks(self, sinks: Mapping[Head, Sequence[int]], beta: float = 0.4) -> "InterventionPlan":
+        """ACT with calibrated sink sets: head -> the key positions calibrated once (for example
+        by `headlab.analyses.act.calibrate_sinks` on a fixed prompt template) and reused on every
+        input, instead of found again on each one. The calibration itself is the paper's (sinks
+        keep β·A, the removed mass goes to the other keys in proportion); only the sink sets are
+        fixed. Such a plan runs at the plain attention's speed on CUDA (`kernels.act_sparse`)."""
+        if not (0.0 <= beta <= 1.0):
+            raise PlanError(f"ACT beta must be in [0, 1], got {beta}")
+        settings: dict[Head, ActSetting] = {}
+        for head, positions in sinks.items():
+            pos = sorted({int(p) for p in positions})
+            if not pos or pos[0] < 0:
+                raise PlanError(f"ACT sinks of head {head} must be a non-empty list of key positions >= 0, got {list(positions)}")
+            settings[_head(head)] = ActSetting(beta, ActSetting.tau, tuple(pos))
         return replace(self, act_heads={**self.act_heads, **settings})
 
     def redistribute(self, heads: Iterable[Head] | Mapping[Head, float], sources: Sequence[int], targets: Sequence[int],
@@ -346,9 +380,17 @@ class InterventionPlan:
         beta = torch.ones(n_heads)
         tau = torch.ones(n_heads)
         act = torch.zeros(n_heads, dtype=torch.bool)
+        fixed: dict[int, tuple[int, ...]] = {}
         for (l, h), s in self.act_heads.items():
             if l == layer:
                 beta[h], tau[h], act[h] = s.beta, s.tau, True
+                if s.sinks is not None:
+                    fixed[h] = s.sinks
+        act_sinks = None
+        if fixed:
+            act_sinks = torch.full((n_heads, max(len(p) for p in fixed.values())), -1, dtype=torch.long)
+            for h, p in fixed.items():
+                act_sinks[h, : len(p)] = torch.tensor(p)
         replace_mode = torch.zeros(n_heads, dtype=torch.int8)
         mean_out = None
         for (l, h), mode in self.ablations.items():
@@ -380,6 +422,7 @@ class InterventionPlan:
             act_heads=act,
             act_beta=beta,
             act_tau=tau,
+            act_sinks=act_sinks,
             replace_mode=replace_mode,
             mean_out=mean_out,
             patches=patch,
@@ -398,7 +441,8 @@ class InterventionPlan:
             "head_scales": [[l, h, s] for (l, h), s in sorted(self.head_scales.items())],
             "logit_scales": [[l, h, s] for (l, h), s in sorted(self.logit_scales.items())],
             "key_biases": [[l, h, p, b] for (l, h), d in sorted(self.key_biases.items()) for p, b in sorted(d.items())],
-            "act": [[l, h, s.beta, s.tau] for (l, h), s in sorted(self.act_heads.items())],
+            "act": [[l, h, s.beta, s.tau] + ([list(s.sinks)] if s.sinks is not None else [])
+                    for (l, h), s in sorted(self.act_heads.items())],
             "ablations": [[l, h, m] for (l, h), m in sorted(self.ablations.items())],
             "var": {"heads": [[l, h, v] for (l, h), v in sorted(self.var_heads.items())], "sources": list(self.var_sources),
                     "targets": list(self.var_targets)},
@@ -434,8 +478,7 @@ class InterventionPlan:
             logit_scales={_head((l, h)): _number(s, f"logit scale of head ({l}, {h})", 0.0)
                           for l, h, s in d.get("logit_scales", [])},
             key_biases=biases,
-            act_heads={_head((l, h)): ActSetting(_number(b, "ACT beta", 0.0, 1.0), _number(t, "ACT tau"))
-                       for l, h, b, t in d.get("act", [])},
+            act_heads={_head((e[0], e[1])): _act_setting(e) for e in d.get("act", [])},
             ablations=modes,
             means=means,
             patches={_tensor_head(n): t for n, t in tensors.items() if n.startswith("patch.")},
@@ -498,6 +541,9 @@ class LayerPlan:
     act_beta: torch.Tensor
     act_tau: torch.Tensor
     replace_mode: torch.Tensor
+    act_sinks: torch.Tensor | None = None
+    """[H, M] long: the calibrated sink positions of heads with fixed ACT sink sets, −1 padded
+    (rows of −1 for the other heads); None when every ACT head finds its sinks on the input."""
     mean_out: torch.Tensor | None = None
     patches: dict[int, torch.Tensor] = field(default_factory=dict)
     shift_out: torch.Tensor | None = None
@@ -516,6 +562,7 @@ class LayerPlan:
             self.facts = {
                 "logit_scaled": bool((self.logit_scale != 1).any()),
                 "act": bool(self.act_heads.any()),
+                "act_adaptive": bool((self.act_heads & ~self.act_fixed_heads).any()),
                 "replaces": bool((self.replace_mode != REPLACE_NONE).any()),
                 "shifts": self.shift_out is not None,
                 "head_scaled": bool((self.head_scale != 1).any()),
@@ -542,6 +589,18 @@ class LayerPlan:
     @property
     def has_act(self) -> bool:
         return self.facts["act"]
+
+    @property
+    def act_fixed_heads(self) -> torch.Tensor:
+        """[H] bool: heads whose ACT sink set is calibrated (fixed positions), not found on the input."""
+        if self.act_sinks is None:
+            return torch.zeros_like(self.act_heads)
+        return (self.act_sinks >= 0).any(-1)
+
+    @property
+    def has_adaptive_act(self) -> bool:
+        """True when some ACT head finds its sink set on each input (needs the received attention)."""
+        return self.facts["act_adaptive"]
 
     @property
     def has_var(self) -> bool:
@@ -583,6 +642,7 @@ class LayerPlan:
             act_heads=self.act_heads.to(device),
             act_beta=self.act_beta.to(device),
             act_tau=self.act_tau.to(device),
+            act_sinks=None if self.act_sinks is None else self.act_sinks.to(device),
             replace_mode=self.replace_mode.to(device),
             mean_out=None if self.mean_out is None else self.mean_out.to(device),
             patches={h: z.to(device) for h, z in self.patches.items()},

@@ -154,6 +154,29 @@ def sweep(rows: list[dict]) -> None:
     print(f"sweep colsum: best {best[0]}")
 
 
+def sweep_stats(rows: list[dict]) -> None:
+    """Pick STATS_BLOCKS[128] by timing the output pass with case (d)'s stats on all queries at 16k."""
+    n = 16384
+    q, k, v = inputs(n, n)
+    spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
+    stats = StatsRequest(argmax=True, entropy=True, spans=spans).compile(n, n, torch.device("cuda"))
+    best = None
+    for cfg in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+                (128, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 4)]:
+        fused.STATS_BLOCKS[D] = cfg
+        try:
+            ms = bench(lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=stats))
+        except Exception as exc:  # noqa: BLE001 - out of shared memory / registers for this config
+            print(f"sweep stats {cfg}: failed ({type(exc).__name__})", flush=True)
+            continue
+        print(f"sweep stats {cfg}: {ms:.3f} ms", flush=True)
+        rows.append({"sweep": "stats", "config": cfg, "ms": ms})
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    fused.STATS_BLOCKS[D] = best[0]
+    print(f"sweep stats: best {best[0]}", flush=True)
+
+
 def prefill(n: int, rows: list[dict], flex_ok: bool) -> None:
     q, k, v = inputs(n, n, seed=n)
     gen = torch.Generator().manual_seed(1)
@@ -358,6 +381,7 @@ def main() -> None:
     ap.add_argument("--caches", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--sweep", action="store_true", help="time block configs first and use the best")
     ap.add_argument("--sweep-decode", action="store_true", help="time decode block configs first and use the best")
+    ap.add_argument("--sweep-stats", action="store_true", help="time the stats pass's block configs first and use the best")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)
@@ -370,7 +394,9 @@ def main() -> None:
         sweep(rows)
     if args.sweep or args.sweep_decode:
         sweep_decode(rows)
-    result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
+    if args.sweep or args.sweep_stats:
+        sweep_stats(rows)
+    result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "stats": fused.STATS_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
                         "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:
         for n in args.sizes:

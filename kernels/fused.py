@@ -5,8 +5,8 @@ to the reference with a one-time warning); `patched_attention(...)` runs it:
 
 - plain plan / stats: one fused pass (`_attn_fwd`); stats on a small query window while the
   output is needed: the fused pass without stats plus a QK-only pass over the window rows;
-- received attention: one more QK-only pass per key block (`_attn_colsum`) reusing the rows'
-  log-sum-exp;
+- received attention: one more QK-only pass per key block reusing the rows' log-sum-exp
+  (`_attn_colsum_t`, transposed, for plain logits over consecutive rows; `_attn_colsum` otherwise);
 - ACT: a QK-only pass for the rows' log-sum-exp, the column pass for r[j], the sink sets
   (`reference.act_sink_sets`), each row's sink mass S_i from the few sink keys gathered in PyTorch
   ([B, H, Q, max sinks]), then the fused pass with ACT as a per-row bias log(β / c_i) on the sink
@@ -24,7 +24,7 @@ import os
 
 import torch
 import triton
-from headlab.kernels.triton_attention import _attn_colsum, _attn_combine, _attn_fwd
+from headlab.kernels.triton_attention import _attn_colsum, _attn_colsum_t, _attn_combine, _attn_fwd
 
 from headlab.plan import LayerPlan
 from headlab.stats import CompiledStats, LayerStats, as_slice
@@ -39,6 +39,9 @@ PREFILL_BLOCKS: dict[int, tuple[int, int, int, int]] = {
 }
 """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the output pass by head_dim; d=128 as `kernels/bench.py --sweep`
 picked on an H100 (benchmarks/results/kernel_bench_h100.json), the others untuned."""
+STATS_BLOCKS: dict[int, tuple[int, int, int, int]] = dict(PREFILL_BLOCKS)
+"""The same for the output pass with probability stats (argmax, key sets, entropy) on its rows;
+d=128 from `kernels/bench.py --sweep-stats` on an H100."""
 QK_ONLY_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3),
 }
@@ -49,6 +52,12 @@ COLSUM_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (32, 128, 4, 3), 128: (32, 128, 4, 3),
 }
 """(rows per step, keys per program, warps, stages) of the received-attention column pass."""
+COLSUM_T_BLOCKS: dict[int, tuple[int, int, int, int]] = {
+    16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 4, 3),
+}
+"""(keys per program, rows per step, warps, stages) of the transposed column pass (plain logits,
+consecutive rows); d=128 as `benchmarks/act_bench.py --sweep` picked on an H100 (2.2 ms at 16k
+keys against 3.9 ms for `_attn_colsum`; (128, 64, 4, 4) within 3% in another run)."""
 
 
 def interpreting() -> bool:
@@ -179,7 +188,8 @@ class _Launch:
             block_n, warps, stages = DECODE_BLOCKS["stats" if (argmax or entropy or member is not None) else "plain"]
             block_m = _pow2(rows_total)
         else:
-            block_m, block_n, warps, stages = PREFILL_BLOCKS[D] if output else QK_ONLY_BLOCKS[D]
+            stats = argmax or entropy or member is not None
+            block_m, block_n, warps, stages = (STATS_BLOCKS if stats else PREFILL_BLOCKS)[D] if output else QK_ONLY_BLOCKS[D]
             if QN <= 64:
                 block_m = 64
             if member is not None and block_n > 64:
@@ -258,9 +268,21 @@ class _Launch:
             rows = rows.to(self.device, torch.int32)
             row_lo, row_hi = 0, rows.numel()
         B, H, QN, D = self.q.shape
-        block_m, block_n, warps, stages = (16, 16, 4, 1) if interpreting() else COLSUM_BLOCKS[D]
         recv = torch.empty(B, H, self.KN, device=self.device, dtype=torch.float32)
         cnt = torch.empty_like(recv)
+        if (rows is None and self.mask_mode == 0 and self.logit_scale is None and self.bias is None
+                and self.softcap is None and self.sink_flags is None):
+            block_n, block_m, warps, stages = (16, 16, 4, 1) if interpreting() else COLSUM_T_BLOCKS[D]
+            _attn_colsum_t[(triton.cdiv(self.KN, block_n), B * H)](
+                self.q, self.k, lse, recv, cnt,
+                self.q.stride(0), self.q.stride(1), self.q.stride(2),
+                self.k.stride(0), self.k.stride(1), self.k.stride(2),
+                H, self.HKV, QN, self.KN, self.q_offset, row_lo, row_hi, self.scaling * 1.4426950408889634,
+                BLOCK_N=block_n, BLOCK_M=block_m, HEAD_DIM=D, IS_CAUSAL=self.is_causal,
+                UPCAST=interpreting() and self.q.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+            )
+            return recv, cnt
+        block_m, block_n, warps, stages = (16, 16, 4, 1) if interpreting() else COLSUM_BLOCKS[D]
         _attn_colsum[(triton.cdiv(self.KN, block_n), B * H)](
             self.q, self.k, lse, recv, cnt, rows if rows is not None else self.dummy,
             self.q.stride(0), self.q.stride(1), self.q.stride(2),
@@ -403,7 +425,10 @@ def patched_attention(
 
     if plan is not None and plan.has_act:
         lse0 = run.forward(output=False)["lse"]
-        recv, cnt = run.received(lse0, 0, Q)
+        if plan.has_adaptive_act:
+            recv, cnt = run.received(lse0, 0, Q)
+        else:  # calibrated sink sets only: no column pass
+            recv = cnt = torch.zeros(B, H, K, device=query.device)
         sinks = act_sink_sets(recv, cnt, plan)
         s_mass = run.sink_mass(sinks, lse0)
         beta = plan.act_beta.to(query.device, torch.float32)[None, :, None]

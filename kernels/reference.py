@@ -166,7 +166,23 @@ def act_sink_sets(received: torch.Tensor, count: torch.Tensor, plan: LayerPlan) 
     sinks = r > plan.act_tau.to(r.device)[None, :, None]
     first = sinks.int().argmax(dim=-1, keepdim=True)
     sinks = sinks.scatter(-1, first, torch.zeros_like(first, dtype=torch.bool))
-    return sinks & plan.act_heads.to(r.device)[None, :, None]
+    sinks = sinks & plan.act_heads.to(r.device)[None, :, None]
+    if plan.act_sinks is not None:  # calibrated heads: their fixed positions, whatever this input's attention
+        fixed = fixed_sink_mask(plan, received.shape[-1], r.device)
+        sinks = torch.where(plan.act_fixed_heads.to(r.device)[None, :, None], fixed[None], sinks)
+    return sinks
+
+
+def fixed_sink_mask(plan: LayerPlan, k_len: int, device: torch.device) -> torch.Tensor:
+    """[H, K] bool: the calibrated ACT sink positions of each head (`InterventionPlan.act_with_sinks`)
+    among a call's K keys — positions past them are not in this call, so they drop out."""
+    n_heads = plan.act_heads.shape[0]
+    mask = torch.zeros(n_heads, k_len + 1, dtype=torch.bool, device=device)
+    if plan.act_sinks is not None:
+        pos = plan.act_sinks.to(device)
+        pos = torch.where((pos >= 0) & (pos < k_len), pos, torch.full_like(pos, k_len))
+        mask.scatter_(1, pos, True)
+    return mask[:, :k_len]
 
 
 def act_row_factors(sink_mass: torch.Tensor, rest: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +425,8 @@ def patched_attention(
     if plan is not None and plan.has_act:
         received = torch.zeros(B, H, K, device=device)
         count = torch.zeros(B, H, K, device=device)
-        for r0 in range(0, Q, chunk):
+        # (calibrated sink sets only: no pass over the input, the sets are the plan's)
+        for r0 in range(0, Q if plan.has_adaptive_act else 0, chunk):
             rows = slice(r0, min(Q, r0 + chunk))
             attn, allowed = _probabilities(query, key_t, rows, **kw)
             received += attn.sum(dim=2)

@@ -434,3 +434,82 @@ def _attn_colsum(
     ok = cols < KN
     tl.store(Recv + (b64 * H + h) * KN + cols, tl.sum(recv, 0), mask=ok)
     tl.store(Count + (b64 * H + h) * KN + cols, tl.sum(cnt, 0) + n_full, mask=ok)
+
+
+@triton.jit
+def _attn_colsum_t(
+    Q, K, Lse, Recv, Count,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    H, HKV, QN, KN, q_offset, row_lo, row_hi, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """`_attn_colsum` for plain logits (no mask, bias, logit scale, softcap or sink flags) and
+    consecutive rows, computed transposed: the program's key block is the left operand
+    (S^T = K·Q^T, [BLOCK_N keys, BLOCK_M rows]), so the sum over rows is a reduction along each
+    key's own row of the tile — within a thread and its quad, as FlashAttention sums a row —
+    instead of across the threads that hold different rows. The count of rows that see key j
+    follows from the causal shape: rows i in [row_lo, row_hi) with i + q_offset ≥ j."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // (H // HKV)
+    b64 = b.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=(cols < KN)[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+    lse_base = Lse + (b64 * H + h) * QN
+    recv = tl.zeros([BLOCK_N], tl.float32)
+    # rows [first, full_lo) cross the diagonal (masked), [full_lo, full_end) see every key of the
+    # block, [full_end, row_hi) is the ragged tail (masked)
+    first = row_lo
+    if IS_CAUSAL:
+        first = tl.maximum(row_lo, start_n - q_offset)
+        first = (first - row_lo) // BLOCK_M * BLOCK_M + row_lo
+        full_lo = tl.maximum(first, start_n + BLOCK_N - 1 - q_offset)
+        full_lo = tl.minimum(row_hi, row_lo + tl.cdiv(full_lo - row_lo, BLOCK_M) * BLOCK_M)
+    else:
+        full_lo = first
+    full_end = row_lo + (row_hi - row_lo) // BLOCK_M * BLOCK_M
+    full_end = tl.where(start_n + BLOCK_N <= KN, tl.maximum(full_end, full_lo), full_lo)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            r_start, r_stop = first, full_lo
+        elif phase == 1:
+            r_start, r_stop = full_lo, full_end
+        else:
+            r_start, r_stop = full_end, row_hi
+        for m0 in range(r_start, r_stop, BLOCK_M):
+            rows = m0 + offs_m
+            if phase == 1:
+                q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :])
+                lse = tl.load(lse_base + rows) * LOG2E
+            else:
+                rows_ok = rows < row_hi
+                q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=rows_ok[:, None], other=0.0)
+                lse = tl.load(lse_base + rows, mask=rows_ok, other=0.0) * LOG2E
+            if UPCAST:
+                q = q.to(tl.float32)
+            s = tl.dot(k, tl.trans(q)) * qk_scale            # [BLOCK_N, BLOCK_M], base 2
+            p = tl.math.exp2(s - lse[None, :])
+            if phase != 1:
+                ok = (rows < row_hi)[None, :] & (cols < KN)[:, None]
+                if IS_CAUSAL:
+                    ok = ok & (cols[:, None] <= rows[None, :] + q_offset)
+                p = tl.where(ok, p, 0.0)
+            recv += tl.sum(p, 1)
+    ok_n = cols < KN
+    if IS_CAUSAL:
+        cnt = tl.minimum(tl.maximum(row_hi + q_offset - tl.maximum(cols, row_lo + q_offset), 0), row_hi - row_lo)
+    else:
+        cnt = tl.zeros([BLOCK_N], tl.int32) + (row_hi - row_lo)
+    tl.store(Recv + (b64 * H + h) * KN + cols, recv, mask=ok_n)
+    tl.store(Count + (b64 * H + h) * KN + cols, cnt.to(tl.float32), mask=ok_n)

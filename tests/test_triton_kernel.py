@@ -145,6 +145,8 @@ PLANS = {
     "shift_and_scale": "shift_and_scale",
     "act": InterventionPlan().act([(0, 1), (0, 2), (0, 6)], beta=0.3, tau=0.02),
     "act_beta0": InterventionPlan().act([(0, 3)], beta=0.0, tau=0.02),
+    "act_calibrated": InterventionPlan().act_with_sinks({(0, 1): [0, 3], (0, 4): [2, 7, 500]}, beta=0.3)
+    .act([(0, 6)], beta=0.4, tau=0.02),
     "combined": InterventionPlan().scale_first_token({(0, 2): 2.0}).act([(0, 1)], beta=0.4, tau=0.02)
     .scale_heads({(0, 1): 1.3}).scale_logits({(0, 6): 0.5}),
 }

@@ -1,0 +1,404 @@
+"""ACT on the fastest attention: SDPA (cuDNN on Hopper) plus an exact correction on the few sink keys.
+
+ACT (METHODS.md; `kernels.reference.act_calibrate`) keeps β·A[i,s] on a head's sink keys S and
+scales the other keys by c_i = (1 − β·S_i) / R_i, S_i = Σ_{s∈S} A[i,s], R_i = Σ_{j∉S} A[i,j]. In output
+form, with U_i = Σ_{s∈S} A[i,s]·v_s and W_i = Σ_{j∉S} A[i,j]·v_j:
+
+    z'_i = β·U_i + c_i·W_i                  (rows with R_i ≤ the smallest normal float: z_i, unchanged)
+
+U_i and S_i need only the sink keys' logits and the row's log-sum-exp L_i (p_is = exp(s_is − L_i)).
+W_i is where the care goes:
+
+- **mode "full"** — from the plain attention's output z_i: W_i = z_i − U_i. One attention pass,
+  but z arrives rounded to the input dtype, and c_i multiplies that rounding: c_i ≤ C_MAX
+  (S_i ≤ 0.83 at β = 0.4) keeps it within C_MAX half-ulps of |z|. The kernel returns every c_i;
+  rows above C_MAX — typically the few rows right after a hidden sink, which see few other keys —
+  are recomputed exactly from their logits (`_fix_rows`); when there are more than MAX_EXACT_ROWS
+  such (head, row) pairs the call is redone in the masked mode (a device sync per call, in prefill).
+- **mode "masked"** — from the attention over values whose rows at the sink keys are zeroed
+  (z^m_i = Σ_{j∉P} A[i,j]·v_j, exactly the non-sink part, rounded once): W_i = z^m_i + Σ_{j∈P∖S_h} A[i,j]·v_j.
+  P is the union of the sink sets of the query heads sharing a key/value head (the zeroed copy is
+  per key/value head); keys in P that are not this head's sinks are added back from their logits.
+  Exact with no amplification; costs a copy of the values (~1% of the attention at 16k keys).
+
+Calibrated sink sets (`InterventionPlan.act_with_sinks`) run the masked mode directly: one cuDNN
+pass, no sync. Input-adaptive sinks (the paper's) need the received attention r[j] first: the
+plain attention with its log-sum-exp, the transposed QK-only column pass (`_attn_colsum_t`), the
+sink sets, then the full mode (rows above C_MAX fixed, or the masked mode).
+
+Named difference, shared with the Triton kernel's ACT: the correction kernel takes R_i = 1 − S_i,
+so R_i carries the absolute error of S_i — that of the row's log-sum-exp (cuDNN's: ~2e-6,
+measured) — and the non-sink part the relative error ~2e-6 / R_i: below bf16's rounding while a
+row's hidden sinks hold less than ~99.9% of it. `_fix_rows` sums R_i directly.
+cuDNN with an additive per-key bias (−∞ on each head's sinks) would give R_i exactly, but ran
+1.43× slower than plain cuDNN on the H100 (5.27 against 3.69 ms at 16k keys); the zeroed values
+cost ~4%.
+
+Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) whose
+plan changes no logit otherwise (no key bias, logit scale or VAR), without a mask, softcap or
+probability stats; `route_reason` says why not, and the Triton kernel (or the reference) runs.
+The correction is one Triton kernel on CUDA (`_act_correct`) and the PyTorch `apply_act`
+elsewhere — the specification the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from headlab.kernels import score_mod
+from headlab.kernels.reference import act_row_factors, act_sink_sets
+from headlab.plan import LayerPlan
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch correction runs
+    triton = None
+
+log = logging.getLogger("headlab.kernels")
+C_MAX = 4.0
+"""Largest non-sink factor c_i the full mode accepts (amplification of z's rounding)."""
+MAX_EXACT_ROWS = 256
+"""(head, row) pairs above C_MAX are recomputed directly (`_fix_rows`) up to this many; beyond,
+the whole call is redone in the masked mode. Measured on an H100 at 16k keys
+(benchmarks/results/act_bench_h100.json): ~1.8 µs per pair against 3.9 ms for the masked pass,
+so the masked pass wins from ~2000 pairs; 256 keeps the fix well under it at every length."""
+_logged: set[str] = set()
+
+
+def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask: torch.Tensor | None,
+                 causal: bool, softcap: float | None, wants_probabilities: bool) -> str | None:
+    """None when `plan`'s ACT can run as plain attention + the sparse sink correction; else why not."""
+    if plan is None or not plan.has_act:
+        return "no ACT"
+    if plan.has_logit_scale or plan.has_bias or plan.has_var:
+        return "the plan changes logits besides ACT (key bias, logit scale or VAR)"
+    if softcap is not None:
+        return "soft-capped logits"
+    if wants_probabilities:
+        return "probability stats are measured in the kernel"
+    if attention_mask is not None:
+        return "an attention mask"
+    if q_len != k_len or q_len == 1:
+        return "not a whole prefill (decode or chunked prefill: the Triton kernel)"
+    return None
+
+
+def sink_lists(sinks: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per key/value head, the union P of its query heads' sink positions, and which are whose.
+
+    sinks [B, H, K] bool → (positions [B, Hkv, M] int32, −1 padded; member [B, H, M] int8, 1 where
+    position m is a sink of head h), or None when no head has a sink. Reads M back (a sync)."""
+    B, H, K = sinks.shape
+    groups = sinks.view(B, n_kv, H // n_kv, K)
+    union = groups.any(2)
+    M = int(union.sum(-1).max())
+    if M == 0:
+        return None
+    order = torch.sort(union.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :M]  # [B, Hkv, M]
+    valid = torch.gather(union, -1, order)
+    positions = torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
+    member = torch.gather(groups, -1, order[:, :, None, :].expand(B, n_kv, H // n_kv, M)) & valid[:, :, None, :]
+    return positions.contiguous(), member.reshape(B, H, M).to(torch.int8).contiguous()
+
+
+def fixed_lists(plan: LayerPlan, n_kv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`sink_lists` of a plan's calibrated sink sets ([1, Hkv, M] / [1, H, M], shared by every
+    batch row), built on the host once per plan and device."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    slot = ("act_fixed_lists", n_kv, device)
+    if slot not in cache:
+        sets = plan.act_sinks.cpu()
+        H = sets.shape[0]
+        sinks = torch.zeros(1, H, int(sets.max()) + 1, dtype=torch.bool)
+        for h in range(H):
+            row = sets[h][sets[h] >= 0]
+            sinks[0, h, row] = True
+        lists = sink_lists(sinks, n_kv)
+        cache[slot] = None if lists is None else (lists[0].to(device), lists[1].to(device))
+    return cache[slot]
+
+
+def zeroed_values(value: torch.Tensor, positions: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+    """A copy of value [B, Hkv, K, D] with each key/value head's rows at `positions` [B or 1, Hkv, M]
+    set to zero (positions −1 or ≥ K ignored). `where`: the (kv head, position) pairs of
+    batch-shared positions, precomputed (`_fixed_where`: no device sync)."""
+    out = value.clone()
+    B, Hkv, K, _ = value.shape
+    if where is not None:
+        out[:, where[0], where[1]] = 0
+        return out
+    pos = positions.long().expand(B, Hkv, positions.shape[-1])
+    b, h, m = torch.nonzero((pos >= 0) & (pos < K), as_tuple=True)
+    out[b, h, pos[b, h, m]] = 0
+    return out
+
+
+def _fixed_where(plan: LayerPlan, n_kv: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv heads, positions) of a calibrated plan's sink union below k_len, from the host copy of
+    the plan (built once per plan, length and device: no device sync)."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    slot = ("act_fixed_where", n_kv, k_len, device)
+    if slot not in cache:
+        sets = plan.act_sinks.cpu()
+        group = sets.shape[0] // n_kv
+        pairs = sorted({(h // group, int(p)) for h in range(sets.shape[0]) for p in sets[h].tolist() if 0 <= p < k_len})
+        kv = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+        pos = torch.tensor([b for _, b in pairs], dtype=torch.long)
+        cache[slot] = (kv.to(device), pos.to(device))
+    return cache[slot]
+
+
+def received(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float,
+             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(received attention Σ_i A[i, j], count of rows that see j), both [B, H, K] fp32, from the
+    rows' log-sum-exp: the transposed column pass on CUDA (and in Triton's interpreter), chunked
+    PyTorch elsewhere."""
+    if score_mod.use_kernel(query) and (query.device.type == "cuda" or query.dtype != torch.float64):
+        from headlab.kernels.fused import _Launch
+
+        run = _Launch(query, key, None, scaling, causal, None, None, None, key.shape[2] - query.shape[2])
+        return run.received(lse.float().contiguous(), 0, query.shape[2])
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    k = key.to(ct).unsqueeze(2)
+    recv = torch.zeros(B, H, K, dtype=ct, device=query.device)
+    for r0 in range(0, Q, 256):
+        rows = torch.arange(r0, min(Q, r0 + 256), device=query.device)
+        q = query[:, :, rows].to(ct).view(B, Hkv, H // Hkv, rows.numel(), D)
+        p = torch.exp(torch.matmul(q, k.transpose(-1, -2)).view(B, H, rows.numel(), K) * scaling
+                      - lse[:, :, rows].to(ct)[..., None])
+        if causal:
+            p = p * (torch.arange(K, device=query.device)[None, :] <= rows[:, None] + (K - Q))
+        recv += p.sum(2)
+    if causal:
+        cnt = (Q - (torch.arange(K, device=query.device) - (K - Q)).clamp_min(0)).clamp(0, Q)
+    else:
+        cnt = torch.full((K,), Q, device=query.device)
+    return recv.float(), cnt.float().expand(B, H, K).contiguous()
+
+
+def apply_act(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              positions: torch.Tensor, member: torch.Tensor, beta: torch.Tensor, scaling: float, causal: bool,
+              masked: bool, row_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z' [B, H, Q, D] fp32 (fp64 for fp64 inputs), c [B, H, Q]): ACT from the plain attention's
+    `z` and `lse` (mode "full") or from the masked attention's (`masked`, values zeroed at
+    `positions`): the module docstring's formula. positions [B or 1, Hkv, M]; member [B or 1, H, M];
+    beta [H]. The query rows sit at key positions `row_positions` [Q] (default: the last Q)."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    pos = positions.long().expand(B, Hkv, positions.shape[-1])
+    M = pos.shape[-1]
+    valid = (pos >= 0) & (pos < K)
+    idx = pos.clamp(0, K - 1)[..., None].expand(B, Hkv, M, D)
+    kp = torch.gather(key.to(ct), 2, idx)                              # [B, Hkv, M, D]
+    vp = torch.gather(value.to(ct), 2, idx)
+    s = torch.matmul(query.to(ct).view(B, Hkv, G, Q, D), kp.unsqueeze(2).transpose(-1, -2)) * scaling  # [B, Hkv, G, Q, M]
+    p = torch.exp(s.view(B, H, Q, M) - lse.to(ct)[..., None])
+    visible = valid.repeat_interleave(G, 1)[:, :, None, :]
+    if causal:
+        rows = torch.arange(Q, device=query.device) + (K - Q) if row_positions is None else row_positions
+        visible = visible & (pos.repeat_interleave(G, 1)[:, :, None, :] <= rows[None, None, :, None])
+    p = torch.where(visible, p, torch.zeros_like(p))
+    mine = member.bool().expand(B, H, M)[:, :, None, :]
+    ps = torch.where(mine, p, torch.zeros_like(p))
+    S = ps.sum(-1)
+    U = torch.matmul(ps.view(B, Hkv, G, Q, M), vp.unsqueeze(2)).view(B, H, Q, D)
+    if masked:
+        W = z.to(ct) + torch.matmul((p - ps).view(B, Hkv, G, Q, M), vp.unsqueeze(2)).view(B, H, Q, D)
+    else:
+        W = z.to(ct) - U
+    b = beta.to(query.device, ct)[None, :, None]
+    c, movable = act_row_factors(S, 1.0 - S, b)
+    out = torch.where(movable[..., None], b[..., None] * U + c[..., None] * W, U + W)
+    return out, c
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
+           causal: bool) -> tuple[torch.Tensor, bool]:
+    """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) under the
+    plan's ACT, for a call `route_reason` accepted (see `score_mod.attend` for the output contract)."""
+    Hkv = key.shape[1]
+    if plan.has_adaptive_act:
+        z, lse = score_mod.attention_with_lse(query, key, value, scaling, causal)
+        recv, cnt = received(query, key, lse, scaling, causal)
+        lists = sink_lists(act_sink_sets(recv, cnt, plan), Hkv)
+        if lists is None:
+            _note("input-adaptive sinks: none found, plain attention")
+            return z.float(), False
+        y, c, scaled = _correct(z, lse, query, key, value, lists, plan, scaling, causal, masked=False)
+        bad = torch.nonzero(c > C_MAX)  # [N, 3]: the (b, h, row) whose z rounding c_i would amplify
+        if bad.shape[0] <= MAX_EXACT_ROWS:
+            if bad.shape[0]:
+                _fix_rows(y, scaled, bad, lse, query, key, value, lists, plan, scaling, causal)
+            _note("input-adaptive sinks: plain attention + column pass + sparse correction")
+            return y, scaled
+        _note(f"input-adaptive sinks: over {MAX_EXACT_ROWS} (head, row) pairs with a non-sink factor above {C_MAX:g}, "
+              "the exact masked pass")
+    else:
+        lists = fixed_lists(plan, Hkv, query.device)
+        if lists is None:
+            return score_mod.attention_with_lse(query, key, value, scaling, causal)[0].float(), False
+        _note("calibrated sinks: one pass over sink-zeroed values + sparse correction")
+    where = None if plan.has_adaptive_act else _fixed_where(plan, Hkv, key.shape[2], query.device)
+    zm, lse = score_mod.attention_with_lse(query, key, zeroed_values(value, lists[0], where), scaling, causal)
+    y, _, scaled = _correct(zm, lse, query, key, value, lists, plan, scaling, causal, masked=True)
+    return y, scaled
+
+
+def _fix_rows(y: torch.Tensor, scaled: bool, bad: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
+              key: torch.Tensor, value: torch.Tensor, lists: tuple[torch.Tensor, torch.Tensor], plan: LayerPlan,
+              scaling: float, causal: bool) -> None:
+    """Recompute the rows (b, h, i) listed in `bad` [N, 3] of y in place, as the reference does:
+    from the row's probabilities over every key it sees, U and S_i over its sinks and W and R_i
+    over the others summed directly (no cancellation, R_i not taken as 1 − S_i), fp32
+    accumulation; on CUDA the products run on TF32 tensor cores, exact for bf16 inputs (8-bit
+    mantissas fit TF32's 10; fp16 rounds in its last bit). For the few rows whose factor c_i
+    exceeds C_MAX — on a model trained on real text (zoo:pycode-llama, every head, 1k tokens)
+    0.2-0.6% of a layer's (head, row) pairs, mostly rows right after a hidden sink."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    positions, member = lists
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for (b, h) in torch.unique(bad[:, :2], dim=0).tolist():
+            rows_all = bad[(bad[:, 0] == b) & (bad[:, 1] == h), 2]
+            kvh = h // (H // Hkv)
+            pb = 0 if positions.shape[0] == 1 else b
+            pos = positions[pb, kvh].long()
+            own = pos[(member[pb, h] != 0) & (pos >= 0) & (pos < K)]
+            beta = float(plan.act_beta[h])
+            step = max(1, (1 << 26) // K)
+            for r0 in range(0, rows_all.numel(), step):
+                rows = rows_all[r0: r0 + step]
+                n_keys = int(rows.max()) + (K - Q) + 1 if causal else K
+                s = torch.matmul(query[b, h, rows].float(), key[b, kvh, :n_keys].float().T) * scaling     # [r, n_keys]
+                p = torch.exp(s - lse[b, h, rows].float()[:, None])
+                if causal:
+                    p = p * (torch.arange(n_keys, device=p.device)[None, :] <= (rows + (K - Q))[:, None])
+                sink = torch.zeros(n_keys, dtype=torch.bool, device=p.device)
+                sink[own[own < n_keys]] = True
+                ps = p * sink
+                pr = p - ps
+                vf = value[b, kvh, :n_keys].float()
+                u, w = torch.matmul(ps, vf), torch.matmul(pr, vf)                                       # [r, D]
+                s_mass, r_mass = ps.sum(-1, keepdim=True), pr.sum(-1, keepdim=True)
+                movable = r_mass > torch.finfo(torch.float32).tiny
+                c = (1.0 - beta * s_mass) / torch.where(movable, r_mass, torch.ones_like(r_mass))
+                out = torch.where(movable, beta * u + c * w, u + w)
+                if scaled and plan.has_head_scale:
+                    out = out * plan.head_scale[h].to(out.device, out.dtype)
+                y[b, h, rows] = out.to(y.dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _note(route: str) -> None:
+    if route not in _logged:
+        _logged.add(route)
+        log.info("ACT plans: %s", route)
+
+
+def _correct(z, lse, query, key, value, lists, plan: LayerPlan, scaling: float, causal: bool,
+             masked: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(outputs, c [B, H, Q], whether the output scale is applied): the Triton kernel where it runs, else `apply_act`."""
+    positions, member = lists
+    if score_mod.use_kernel(query):
+        scale_here = not plan.edits_outputs
+        y, c = correct(z, lse, query, key, value, positions, member, plan, scaling, causal, masked, scale_here)
+        return y, c, scale_here
+    y, c = apply_act(z, lse, query, key, value, positions, member, plan.act_beta, scaling, causal, masked)
+    return y, c, False
+
+
+def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            positions: torch.Tensor, member: torch.Tensor, plan: LayerPlan, scaling: float, causal: bool,
+            masked: bool, head_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_act` (and, with `head_scale`, the plan's output scale) in one Triton launch:
+    (y [B, H, Q, D] in query.dtype, or fp32 without `head_scale`; c [B, H, Q] fp32)."""
+    B, H, Q, D = query.shape
+    K = key.shape[2]
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_beta32" not in cache:
+        cache["act_beta32"] = plan.act_beta.float().contiguous()
+        cache["head_scale32"] = plan.head_scale.float().contiguous()
+    y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
+    c = torch.empty(B, H, Q, device=query.device, dtype=torch.float32)
+    lse = lse.reshape(B, H, Q).float().contiguous()
+    block_m = 16 if Q <= 16 else 64
+    pb = 0 if positions.shape[0] == 1 else positions.stride(0)
+    mb = 0 if member.shape[0] == 1 else member.stride(0)
+    _act_correct[(triton.cdiv(Q, block_m), B * H)](
+        query, key, value, z, lse, positions, member, cache["act_beta32"], cache["head_scale32"], y, c,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *z.stride()[:3],
+        pb, positions.stride(1), mb, member.stride(1),
+        H, key.shape[1], Q, K, positions.shape[-1], K - Q, scaling,
+        CAUSAL=causal, MASKED=masked, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, HEAD_DIM=D,
+        num_warps=4 if block_m == 64 else 2,
+    )
+    return y.transpose(1, 2), c
+
+
+if triton is not None:
+    @triton.jit
+    def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm,
+                     spb, sph, smb, smh,
+                     H, HKV, QN, KN, M, q_offset, scale,
+                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // (H // HKV)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < QN
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        rest = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        s_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for m in range(0, M):
+            pos = tl.load(Pos + b * spb + kvh * sph + m)
+            mine = tl.load(Mem + b * smb + h * smh + m).to(tl.float32)
+            inside = (pos >= 0) & (pos < KN)
+            pos = tl.where(inside, pos, 0)
+            k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
+            v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
+            p = tl.exp(tl.sum(q * k[None, :], 1) * scale - lse)
+            seen = inside & (rows >= 0)
+            if CAUSAL:
+                seen = seen & (pos <= rows + q_offset)
+            p = tl.where(seen, p, 0.0)
+            u += (p * mine)[:, None] * v[None, :]
+            s_mass += p * mine
+            if MASKED:
+                rest += (p * (1.0 - mine))[:, None] * v[None, :]
+        if MASKED:
+            w = z + rest
+        else:
+            w = z - u
+        beta = tl.load(Beta + h)
+        r_mass = 1.0 - s_mass
+        movable = r_mass > 1.1754943508222875e-38
+        c = tl.where(movable, 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0), 1.0)
+        y = tl.where(movable[:, None], beta * u + c[:, None] * w, u + w)
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
+        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+        tl.store(Cp + (b * H + h) * QN + rows, c, mask=ok)
+
+
+__all__ = ["C_MAX", "apply_act", "attend", "correct", "fixed_lists", "received", "route_reason", "sink_lists",
+           "zeroed_values"]

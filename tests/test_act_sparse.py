@@ -1,0 +1,303 @@
+"""ACT on plain attention + the exact sparse sink correction (`headlab.kernels.act_sparse`), and
+calibrated sink sets (`InterventionPlan.act_with_sinks`, `analyses.act.calibrate_sinks`).
+
+The route is algebra on the plain attention's output; these tests hold it to the reference
+(`kernels.reference`, which calibrates the probability matrix itself) on the CPU: the formula in
+both modes, the Triton correction and the transposed column pass (Triton's interpreter), the
+switch to the exact masked mode when a row's factor c_i is large, and the whole model path. Sinks
+are planted: per query head, a direction shared by its queries and a few keys, so that the heads
+of one key/value group have different sink sets (the masked mode adds the others' keys back).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import headlab
+from headlab.errors import HeadlabError, PlanError
+from headlab.kernels import act_sparse, reference_attention, score_mod
+from headlab.kernels.reference import act_sink_sets
+from headlab.plan import InterventionPlan
+
+D = 16
+SCALE = D ** -0.5
+PLANTED = {0: [(1, 1.0), (4, 1.0), (9, 1.0)], 1: [(2, 1.0), (6, 1.0), (11, 1.0)], 2: [(3, 0.7), (5, 1.0)], 3: []}
+"""query head -> (key position, strength) aligned with its queries (heads 0, 1 share key/value
+head 0). Head 2's second sink outweighs its first: with strong planting its hidden sink takes
+most of each row (S_i near 1, c_i above C_MAX)."""
+
+
+def planted(n: int, strength: float, dtype=torch.float64, batch: int = 2, seed: int = 0):
+    """q [B, 4, n, D], k / v [B, 2, n, D] with the PLANTED sinks."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 4, n, D, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, 2, n, D, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, 2, n, D, generator=g, dtype=torch.float64)
+    for h, positions in PLANTED.items():
+        u = torch.randn(D, generator=g, dtype=torch.float64)
+        u = u / u.norm()
+        q[:, h] += strength * u
+        for p, f in positions:
+            if p < n:
+                k[:, h // 2, p] += f * strength * u
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def act_plan(heads=(0, 1, 2, 3), beta=0.4, tau=0.1, scale=None):
+    plan = InterventionPlan().act([(0, h) for h in heads], beta=beta, tau=tau)
+    if scale:
+        plan = plan.scale_heads(scale)
+    return plan.compile_layer(0, 4, D)
+
+
+def exact_plain(q, k, v, causal=True):
+    """(z, lse) of plain attention, computed directly (fp64 where the inputs are)."""
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = q @ kk.transpose(-1, -2) * SCALE
+    if causal:
+        Q, K = q.shape[2], k.shape[2]
+        visible = torch.arange(K)[None, :] <= (torch.arange(Q) + K - Q)[:, None]
+        s = s.masked_fill(~visible, float("-inf"))
+    return torch.softmax(s, -1) @ vv, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_correction_equals_the_reference(causal, masked):
+    q, k, v = planted(24, 3.0)
+    plan = act_plan()
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=causal, plan=plan)
+    z, lse = exact_plain(q, k, v, causal)
+    recv, cnt = act_sparse.received(q, k, lse, SCALE, causal)
+    sinks = act_sink_sets(recv, cnt, plan)
+    assert sinks[:, 0].any() and sinks[:, 1].any() and not torch.equal(sinks[:, 0], sinks[:, 1])  # a group's heads differ
+    positions, member = act_sparse.sink_lists(sinks, 2)
+    if masked:
+        z, lse = exact_plain(q, k, act_sparse.zeroed_values(v, positions), causal)
+    got, c = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, causal, masked)
+    torch.testing.assert_close(got.float(), expect.float(), atol=2e-6, rtol=1e-5)  # the reference computes in fp32
+    plain, _ = exact_plain(q, k, v, causal)
+    assert (expect - plain).abs().max() > 0.05  # ACT moves the outputs: the parity is not vacuous
+    assert c.max() > 1.05
+
+
+def test_the_received_attention_equals_the_reference():
+    """`act_sparse.received`: the transposed Triton column pass (interpreter) and the PyTorch one."""
+    q, k, v = planted(40, 2.0, dtype=torch.float32)
+    for causal in (True, False):
+        _, lse = exact_plain(q, k, v, causal)
+        attn = torch.softmax(
+            (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * SCALE).masked_fill(
+                causal & ~torch.ones(40, 40).tril().bool(), float("-inf")), -1)
+        recv, cnt = act_sparse.received(q, k, lse, SCALE, causal)
+        torch.testing.assert_close(recv, attn.sum(2), atol=1e-5, rtol=1e-5)
+        expect_cnt = (40 - torch.arange(40)).float() if causal else torch.full((40,), 40.0)
+        assert torch.equal(cnt, expect_cnt.expand(2, 4, 40))
+
+
+def test_the_transposed_column_pass_equals_the_general_one():
+    """`_attn_colsum_t` (plain logits, consecutive rows) against `_attn_colsum` on the same call:
+    causal prefill, a chunk after a cache (queries < keys), a row window and full attention."""
+    from headlab.kernels import fused
+
+    if not fused.interpreting():
+        pytest.skip("runs in Triton's interpreter on the CPU (the GPU run covers CUDA)")
+    q, k, v = planted(37, 1.5, dtype=torch.float32)
+    for qs, causal, lo, hi in ((slice(0, 37), True, 0, 37), (slice(20, 37), True, 0, 17), (slice(0, 37), True, 5, 29),
+                               (slice(0, 37), False, 0, 37)):
+        qq = q[:, :, qs]
+        run = fused._Launch(qq, k, v, SCALE, causal, None, None, None, 37 - qq.shape[2])
+        lse = run.forward(output=False)["lse"]
+        fast = run.received(lse, lo, hi)
+        general = run.received(lse, 0, 0, rows=torch.arange(lo, hi))
+        torch.testing.assert_close(fast[0], general[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(fast[1], general[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_triton_correction_equals_the_pytorch_one(dtype, masked):
+    """`_act_correct` (Triton's interpreter) against `apply_act`, with the output scale applied in the kernel."""
+    if not score_mod.use_kernel(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    q, k, v = planted(24, 3.0, dtype=dtype)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # the HF layout: a strided view
+    plan = act_plan(scale={(0, 1): 1.25, (0, 3): 0.5})
+    z, lse = exact_plain(q.double(), k.double(), v.double())
+    recv, cnt = act_sparse.received(q.double(), k.double(), lse, SCALE, True)
+    positions, member = act_sparse.sink_lists(act_sink_sets(recv, cnt, plan), 2)
+    if masked:
+        z, lse = exact_plain(q.double(), k.double(), act_sparse.zeroed_values(v, positions).double())
+    z, lse = z.to(dtype), lse.float()
+    expect, c_expect = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, True, masked)
+    got, c = act_sparse.correct(z, lse, q, k, v, positions, member, plan, SCALE, True, masked, head_scale=True)
+    assert got.dtype == dtype and got.shape == (2, 4, 24, D)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # the full mode is only used where c_i <= C_MAX (other rows: `_fix_rows`); there both agree
+    rows = (c_expect <= act_sparse.C_MAX)[..., None] if not masked else torch.ones(1, dtype=torch.bool)
+    assert rows.float().mean() > 0.8
+    want = (expect * plan.head_scale[None, :, None, None]).float()
+    torch.testing.assert_close(torch.where(rows, got.float(), 0.0), torch.where(rows, want, 0.0), atol=tol, rtol=tol)
+    torch.testing.assert_close(c, c_expect.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_rows_with_a_large_factor_are_recomputed_exactly(monkeypatch):
+    """Rows with c_i > C_MAX (a hidden sink takes most of the row: the full mode would amplify
+    z's rounding by c_i): a few are recomputed from their logits, many make the route redo the
+    call over sink-zeroed values; every result equals the reference."""
+    fixed_rows, masked_calls = [], []
+    original_fix, original_zero = act_sparse._fix_rows, act_sparse.zeroed_values
+    monkeypatch.setattr(act_sparse, "_fix_rows", lambda y, s, bad, *a: fixed_rows.append(bad.shape[0]) or original_fix(y, s, bad, *a))
+    monkeypatch.setattr(act_sparse, "zeroed_values", lambda *a: masked_calls.append(1) or original_zero(*a))
+    plan = act_plan()
+    counts = {}
+    for strength, limit in ((3.0, 256), (6.0, 256), (6.0, 16)):
+        fixed_rows.clear(), masked_calls.clear()
+        monkeypatch.setattr(act_sparse, "MAX_EXACT_ROWS", limit)
+        q, k, v = planted(24, strength, dtype=torch.float32)
+        expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
+        got, _ = act_sparse.attend(q, k, v, plan, SCALE, True)
+        # R_i = 1 − S_i in fp32 (the named difference the Triton path shares): with S_i = 0.9987
+        # (c_i up to 480 here) c_i carries ~1e-4 relative error — far below the bf16 / fp16
+        # rounding of the outputs where the route runs; the reference sums R_i directly
+        tol = 2e-5 if strength == 3.0 else 1e-3
+        torch.testing.assert_close(got.float(), expect, atol=tol, rtol=tol)
+        if (strength, limit) != (6.0, 16):
+            assert not masked_calls and fixed_rows
+            counts[strength] = fixed_rows[0]
+        else:
+            assert masked_calls and not fixed_rows
+    assert counts[3.0] <= 16 < counts[6.0]  # few (head, row) pairs, then many
+
+
+def test_calibrated_sinks_are_the_papers_calibration_on_fixed_positions():
+    """A plan whose fixed sinks equal what the paper finds on this input gives the input-adaptive
+    plan's outputs (reference and route); other positions give other outputs; positions past the
+    call's keys drop out; heads without ACT are untouched."""
+    q, k, v = planted(24, 3.0, dtype=torch.float32, batch=1)
+    adaptive = act_plan(heads=(0, 1, 2))
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=adaptive)
+    z, lse = exact_plain(q, k, v)
+    found = act_sink_sets(*act_sparse.received(q, k, lse, SCALE, True), adaptive)
+    sets = {(0, h): found[0, h].nonzero().flatten().tolist() for h in range(3)}
+    fixed = InterventionPlan().act_with_sinks({**sets, (0, 2): sets[(0, 2)] + [500]}).compile_layer(0, 4, D)
+    assert not fixed.has_adaptive_act and fixed.has_act
+    ref_fixed, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=fixed)
+    torch.testing.assert_close(ref_fixed, expect, atol=1e-5, rtol=1e-5)
+    routed, _ = act_sparse.attend(q, k, v, fixed, SCALE, True)
+    torch.testing.assert_close(routed.float(), expect, atol=2e-5, rtol=2e-5)
+    other = InterventionPlan().act_with_sinks({(0, 0): [7, 8]}).compile_layer(0, 4, D)
+    moved, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=other)
+    assert (moved - expect).abs().max() > 0.01
+    plain, _ = exact_plain(q, k, v)
+    torch.testing.assert_close(moved[:, 1:], plain[:, 1:].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_sinks_save_load_and_errors(tmp_path):
+    plan = InterventionPlan().act_with_sinks({(1, 2): [5, 3, 5]}, beta=0.3).act([(0, 1)])
+    assert plan.act_heads[(1, 2)].sinks == (3, 5)
+    again = InterventionPlan.from_dict(plan.to_dict())
+    assert again.act_heads == plan.act_heads
+    with pytest.raises(PlanError, match="non-empty list of key positions"):
+        InterventionPlan().act_with_sinks({(0, 0): []})
+    with pytest.raises(PlanError, match="key positions >= 0"):
+        InterventionPlan().act_with_sinks({(0, 0): [-1]})
+    with pytest.raises(PlanError, match="beta"):
+        InterventionPlan().act_with_sinks({(0, 0): [1]}, beta=1.5)
+    bad = plan.to_dict()
+    bad["act"][0] = [0, 1, 0.4]
+    with pytest.raises(PlanError, match="ACT entry"):
+        InterventionPlan.from_dict(bad)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ({"mask": True}, "an attention mask"),
+    ({"q_len": 1}, "not a whole prefill"),
+    ({"softcap": 30.0}, "soft-capped logits"),
+    ({"stats": True}, "probability stats"),
+    ({"bias": True}, "changes logits besides ACT"),
+])
+def test_the_route_is_refused_where_it_does_not_hold(case, reason):
+    plan = InterventionPlan().act([(0, 1)])
+    if case.get("bias"):
+        plan = plan.scale_first_token({(0, 2): 1.5})
+    lp = plan.compile_layer(0, 4, D)
+    q_len = case.get("q_len", 8)
+    mask = torch.ones(1, 1, q_len, 8, dtype=torch.bool) if case.get("mask") else None
+    got = act_sparse.route_reason(lp, q_len, 8, mask, True, case.get("softcap"), bool(case.get("stats")))
+    assert got is not None and reason in got
+    assert act_sparse.route_reason(act_plan(), 8, 8, None, True, None, False) is None
+
+
+def test_model_path_with_the_route_equals_the_reference(monkeypatch):
+    """zoo:pycode-llama (heads from real training): input-adaptive ACT with a head scale and a
+    pruned head, and a calibrated plan from `calibrate_sinks`, routed vs the exact reference."""
+    from headlab.analyses import act
+
+    model = headlab.load_model("zoo:pycode-llama")
+    text = 'VALUE = "alpha"\nprint(VALUE)\nassert VALUE == "alpha"\nfor i in range(3):\n    print(i)\n'
+    ids = model.tokenize(text)["input_ids"]
+    heads = [(l, h) for l in (1, 2, 3) for h in range(model.spec.n_heads)]
+    adaptive = InterventionPlan().act(heads).scale_heads({(2, 4): 1.3}).prune_heads([(1, 0)])
+    calibrated = act.calibrate_sinks(model, [text, text + "x = 1\n"], heads, progress=False)
+    assert calibrated.act_heads and all(s.sinks for s in calibrated.act_heads.values())
+    with model.patched(InterventionPlan()):
+        plain = model(ids).logits
+    for plan in (adaptive, calibrated):
+        with model.patched(plan):
+            expect = model(ids).logits
+        calls = []
+        original = act_sparse.attend
+        monkeypatch.setattr(score_mod, "enabled", lambda query: True)
+        monkeypatch.setattr(act_sparse, "attend", lambda *a, **k: calls.append(1) or original(*a, **k))
+        with model.patched(plan):
+            got = model(ids).logits
+        monkeypatch.undo()
+        assert len(calls) == 3
+        # fp32 on the CPU: R_i = 1 − S_i (the named difference) where a hidden sink takes a row
+        torch.testing.assert_close(got, expect, atol=1e-3, rtol=1e-4)
+        assert (expect - plain).abs().max() > 0.01  # the plan matters: the parity is not vacuous
+
+
+def test_calibrate_sinks_checks_its_input():
+    from headlab.analyses import act
+
+    model = headlab.load_model("zoo:pycode-llama")
+    with pytest.raises(HeadlabError, match="min_share"):
+        act.calibrate_sinks(model, ["x = 1"], [(1, 0)], min_share=0)
+    with pytest.raises(HeadlabError, match="at least one calibration input"):
+        act.calibrate_sinks(model, [], [(1, 0)])
+    with pytest.raises(HeadlabError):
+        act.calibrate_sinks(model, ["x = 1"], [(99, 0)])
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU (the GPU run of benchmarks/score_mod_bench.py records this)")
+@pytest.mark.parametrize("n, planting", [(1024, "even"), (1024, "first"), (3000, "first")])
+def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n, planting):
+    """bf16 at Llama-3-8B attention shapes (32 q / 8 kv heads, d=128) with the benchmark's planted
+    hidden sinks: input-adaptive ACT (cuDNN + column pass + correction, rows above C_MAX
+    recomputed or the masked pass) and calibrated sinks (the masked pass), against the fp32 reference."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("act_bench", Path(__file__).parents[1] / "benchmarks" / "act_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q, k, v = bench.inputs(n, seed=1, planting=planting)
+    H, Dh = 32, 128
+    adaptive = InterventionPlan().act([(0, h) for h in range(H)]).scale_heads({(0, 1): 1.2, (0, 2): 0.8})
+    fixed = InterventionPlan().act_with_sinks({(0, h): bench.hidden_positions(h) for h in range(0, H, 2)})
+    for plan in (adaptive, fixed):
+        lp = plan.compile_layer(0, H, Dh).to("cuda")
+        assert score_mod.enabled(q) and act_sparse.route_reason(lp, n, n, None, True, None, False) is None
+        expect, _ = reference_attention(q.float(), k.float(), v.float(), scaling=Dh ** -0.5, is_causal=True, plan=lp)
+        plain, _ = reference_attention(q.float(), k.float(), v.float(), scaling=Dh ** -0.5, is_causal=True)
+        got, scaled = act_sparse.attend(q, k, v, lp, Dh ** -0.5, True)
+        assert scaled and got.dtype == torch.bfloat16
+        assert (expect - plain).abs().max() > 0.05
+        err = (got.float() - expect).abs()
+        assert err.max() < 0.05 and err.mean() < 1e-3
