@@ -8,13 +8,16 @@ Hidden sinks are planted so that ACT has work to do at every length: in every ot
 a direction shared by its queries and three keys (position 0 and two head-specific positions),
 strong enough that r[j] > τ = 0.1 at every length, so the paper's sink set is the two hidden
 positions — planted "even" (all three alike: rows where a hidden sink takes most of the row are
-common) and "first" (the first token dominant, as in trained models); see `inputs`. Cases, ACT on all 32 heads (β = 0.4, τ = 0.1):
+common), "first" (the first token dominant, as in trained models) and "steady" ("first" with
+little per-row variation); see `inputs`. Cases, ACT on all 32 heads (β = 0.4, τ = 0.1):
 - `act_triton`: input-adaptive sinks on the Triton kernel (QK-only lse pass, column pass, fused pass);
 - `act_routed`: the route (cuDNN with its log-sum-exp, the transposed column pass, the correction);
 - `act_calibrated_triton` / `act_calibrated_routed`: the sink sets calibrated once and fixed in
   the plan (`InterventionPlan.act_with_sinks`) — the route is one cuDNN pass over sink-zeroed
   values + the correction;
-and a breakdown of the routed pieces at 16k. `--sweep` first picks `fused.COLSUM_T_BLOCKS[128]`.
+and a breakdown of the routed pieces (16k; 4k for the calibrated route and the fix-up); `generate`
+(1k prompt + 64 tokens) on a Llama-3-8B-shaped model with a calibrated plan on every layer
+(prefill and decode steps routed). `--sweep` first picks `fused.COLSUM_T_BLOCKS[128]`.
 Parity of every path with the fp32 reference on the same bf16 inputs at 2k. Ratios are against
 SDPA's default backend (cuDNN on Hopper) measured in the same run.
 """
@@ -58,7 +61,9 @@ def inputs(n: int, seed: int = 0, planting: str = "even"):
     "even": position 0 and the two hidden positions get the same logit boost ln(0.6 n), ~17% of
     a row each on average; per-row noise often lets one hidden sink take most of a row.
     "first": the first token dominates as in trained models (boost ln(4.95 n): ~55% of a row),
-    the hidden sinks take ~13% each (boost ln(1.155 n))."""
+    the hidden sinks take ~13% each (boost ln(1.155 n)). "steady": "first" without noise along
+    the planted direction, so a hidden sink rarely takes most of a row (few rows with c_i > C_MAX,
+    as on zoo:pycode-llama)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, n, H, D, device="cuda", generator=g)
     k = torch.randn(1, n, HKV, D, device="cuda", generator=g)
@@ -67,8 +72,12 @@ def inputs(n: int, seed: int = 0, planting: str = "even"):
     a = math.sqrt(first / SCALE)
     for h in range(0, H, 2):
         u = F.normalize(torch.randn(D, device="cuda", generator=g), dim=0)
-        q[0, :, h] += a * u
         kvh = h // (H // HKV)
+        if planting == "steady":  # no noise along u: a sink's logit varies only by the other dimensions' q·k
+            q[0, :, h] -= (q[0, :, h] @ u)[:, None] * u
+            for p in [0] + hidden_positions(h):
+                k[0, p, kvh] -= (k[0, p, kvh] @ u) * u
+        q[0, :, h] += a * u
         k[0, 0, kvh] += a * u
         k[0, hidden_positions(h), kvh] += (hidden / first) * a * u
     return (t.to(DT).transpose(1, 2) for t in (q, k, v))
@@ -96,7 +105,7 @@ def cases(q, k, v, adaptive, calibrated):
 def parity(adaptive, calibrated) -> list[dict]:
     out = []
     for planting, label, plan in (("even", "adaptive", adaptive), ("first", "adaptive", adaptive),
-                                  ("first", "calibrated", calibrated)):
+                                  ("steady", "adaptive", adaptive), ("first", "calibrated", calibrated)):
         q, k, v = inputs(2048, seed=3, planting=planting)
         plain, _ = reference_attention(q.float(), k.float(), v.float(), scaling=SCALE, is_causal=True)
         expect, _ = reference_attention(q.float(), k.float(), v.float(), scaling=SCALE, is_causal=True, plan=plan)
@@ -136,10 +145,10 @@ def sweep(rows: list[dict]) -> None:
 def kernel_rows(rows: list[dict], adaptive, calibrated) -> None:
     for n in (4096, 16384, 32768, 65536):
         base = None
-        for planting in ("even", "first"):
+        for planting in ("even", "first", "steady"):
             q, k, v = inputs(n, planting=planting)
             fns = cases(q, k, v, adaptive, calibrated)
-            if planting == "first":  # the Triton paths and SDPA do not depend on where the sinks are
+            if planting != "even":  # the Triton paths and SDPA do not depend on where the sinks are
                 fns = {name: fns[name] for name in ("act_routed", "act_calibrated_routed")}
             for name, fn in fns.items():
                 ms = bench(fn)
@@ -151,9 +160,8 @@ def kernel_rows(rows: list[dict], adaptive, calibrated) -> None:
             torch.cuda.empty_cache()
 
 
-def breakdown(rows: list[dict], adaptive, calibrated, planting: str) -> None:
-    """Where the routed ACT's time goes at 16k (and the Triton path's column pass for comparison)."""
-    n = 16384
+def breakdown(rows: list[dict], adaptive, calibrated, planting: str, n: int = 16384) -> None:
+    """Where the routed ACT's time goes (and the Triton path's column pass for comparison)."""
     q, k, v = inputs(n, planting=planting)
     z, lse = score_mod.attention_with_lse(q, k, v, SCALE, True)
     recv, cnt = act_sparse.received(q, k, lse, SCALE, True)
@@ -173,7 +181,16 @@ def breakdown(rows: list[dict], adaptive, calibrated, planting: str) -> None:
         ms = bench(fn)
         rows.append({"mode": "breakdown", "keys": n, "planting": planting, "part": name, "ms": round(ms, 4)})
         print(f"breakdown K={n} {name:<26} {ms:8.3f} ms", flush=True)
-    _, c = act_sparse.correct(z, lse, q, k, v, *lists, adaptive, SCALE, True, False, True)
+    y, c = act_sparse.correct(z, lse, q, k, v, *lists, adaptive, SCALE, True, False, True)
+    bad = torch.nonzero(c > act_sparse.C_MAX)
+    for count in (256, 2048):  # the fix-up's cost, to place MAX_EXACT_ROWS / FIX_MIN_QUERIES
+        some = bad[torch.randperm(bad.shape[0], device=bad.device)[:count]]
+        if not some.shape[0]:
+            break
+        ms = bench(lambda: act_sparse._fix_rows(y, True, some, lse, q, k, v, lists, adaptive, SCALE, True))
+        rows.append({"mode": "breakdown", "keys": n, "planting": planting, "part": f"fix_rows_{some.shape[0]}_pairs",
+                     "ms": round(ms, 4), "us_per_pair": round(ms * 1e3 / max(1, some.shape[0]), 3)})
+        print(f"breakdown K={n} fix_rows {some.shape[0]} pairs {ms:8.3f} ms", flush=True)
     rows.append({"mode": "breakdown", "keys": n, "planting": planting, "sinks_found": int(sinks.sum()),
                  "union_per_kv_head": lists[0].shape[-1],
                  "head_rows_above_c_max": int((c > act_sparse.C_MAX).sum()), "head_rows": c.numel(), "c_max": float(c.max())})
@@ -200,10 +217,53 @@ def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
         print(f"calibrated breakdown K={n} {name:<30} {ms:8.3f} ms", flush=True)
 
 
+def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
+    """`generate` on a 32-layer Llama-3-8B-shaped model (random weights): plain vs a calibrated ACT
+    plan (every other head of every layer, two sink positions each) routed and on the Triton
+    kernel; 5 interleaved rounds, medians (batch-1 decode is host-bound and the host drifts)."""
+    import time
+
+    from retrieval_bench import llama3_8b_shaped
+
+    model = llama3_8b_shaped(32)
+    ids = torch.randint(0, 128000, (1, prompt), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    plan = InterventionPlan().act_with_sinks({(l, h): hidden_positions(h) for l in range(32) for h in range(0, H, 2)})
+
+    def run(with_plan: bool, routed: bool):
+        original = score_mod.enabled
+        if not routed:
+            score_mod.enabled = lambda query: False
+        try:
+            with model.patched(plan if with_plan else None):
+                return model.generate(ids, **kw)
+        finally:
+            score_mod.enabled = original
+
+    configs = {"plain": lambda: run(False, True), "act_calibrated_routed": lambda: run(True, True),
+               "act_calibrated_triton": lambda: run(True, False)}
+    for fn in configs.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(5):
+        for name, fn in configs.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - t0)
+    med = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    for name, sec in med.items():
+        rows.append({"mode": "e2e_generate", "prompt": prompt, "new_tokens": new, "case": name, "s_median": round(sec, 4),
+                     "vs_plain": round(sec / med["plain"], 3), "samples_s": [round(x, 4) for x in samples[name]]})
+        print(f"e2e {name:<22} {sec:.3f} s  x{sec / med['plain']:.3f} of plain generate", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     adaptive, calibrated = plans()
@@ -216,10 +276,12 @@ def main() -> None:
     result["colsum_t_blocks"] = fused.COLSUM_T_BLOCKS[D]
     result["parity"] = parity(adaptive, calibrated)
     kernel_rows(rows, adaptive, calibrated)
-    for planting in ("even", "first"):
-        breakdown(rows, adaptive, calibrated, planting)
+    for planting, n in (("even", 16384), ("first", 16384), ("steady", 16384), ("steady", 4096)):
+        breakdown(rows, adaptive, calibrated, planting, n)
     for n in (4096, 16384):
         calibrated_breakdown(rows, calibrated, n)
+    if not args.skip_e2e:
+        end_to_end(rows, 1024, 64)
     emit(result, args.out)
 
 

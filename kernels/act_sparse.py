@@ -13,8 +13,9 @@ W_i is where the care goes:
   but z arrives rounded to the input dtype, and c_i multiplies that rounding: c_i ≤ C_MAX
   (S_i ≤ 0.83 at β = 0.4) keeps it within C_MAX half-ulps of |z|. The kernel returns every c_i;
   rows above C_MAX — typically the few rows right after a hidden sink, which see few other keys —
-  are recomputed exactly from their logits (`_fix_rows`); when there are more than MAX_EXACT_ROWS
-  such (head, row) pairs the call is redone in the masked mode (a device sync per call, in prefill).
+  are recomputed exactly from their logits (`_fix_rows`); with more than MAX_EXACT_ROWS such
+  (head, row) pairs, or a short call, it is redone in the masked mode (a device sync per call,
+  in prefill).
 - **mode "masked"** — from the attention over values whose rows at the sink keys are zeroed
   (z^m_i = Σ_{j∉P} A[i,j]·v_j, exactly the non-sink part, rounded once): W_i = z^m_i + Σ_{j∈P∖S_h} A[i,j]·v_j.
   P is the union of the sink sets of the query heads sharing a key/value head (the zeroed copy is
@@ -34,9 +35,11 @@ cuDNN with an additive per-key bias (−∞ on each head's sinks) would give R_i
 1.43× slower than plain cuDNN on the H100 (5.27 against 3.69 ms at 16k keys); the zeroed values
 cost ~4%.
 
-Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) whose
-plan changes no logit otherwise (no key bias, logit scale or VAR), without a mask, softcap or
-probability stats; `route_reason` says why not, and the Triton kernel (or the reference) runs.
+Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) and,
+with calibrated sinks only, decode steps (one query against the cache: FlashAttention with each
+key/value head's query heads as its rows over the sink-zeroed values, then the correction), for
+plans that change no logit otherwise (no key bias, logit scale or VAR), without a mask, softcap
+or probability stats; `route_reason` says why not, and the Triton kernel (or the reference) runs.
 The correction is one Triton kernel on CUDA (`_act_correct`) and the PyTorch `apply_act`
 elsewhere — the specification the kernel is tested against.
 """
@@ -60,11 +63,13 @@ except ImportError:  # CPU-only installs: the PyTorch correction runs
 log = logging.getLogger("headlab.kernels")
 C_MAX = 4.0
 """Largest non-sink factor c_i the full mode accepts (amplification of z's rounding)."""
-MAX_EXACT_ROWS = 256
-"""(head, row) pairs above C_MAX are recomputed directly (`_fix_rows`) up to this many; beyond,
-the whole call is redone in the masked mode. Measured on an H100 at 16k keys
-(benchmarks/results/act_bench_h100.json): ~1.8 µs per pair against 3.9 ms for the masked pass,
-so the masked pass wins from ~2000 pairs; 256 keeps the fix well under it at every length."""
+MAX_EXACT_ROWS = 512
+FIX_MIN_QUERIES = 8192
+"""(head, row) pairs above C_MAX are recomputed directly (`_fix_rows`) up to MAX_EXACT_ROWS of
+them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is redone in the
+masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
+`fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
+the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
 _logged: set[str] = set()
 
 
@@ -81,8 +86,12 @@ def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask:
         return "probability stats are measured in the kernel"
     if attention_mask is not None:
         return "an attention mask"
-    if q_len != k_len or q_len == 1:
-        return "not a whole prefill (decode or chunked prefill: the Triton kernel)"
+    if q_len == 1 and k_len > 1:
+        if plan.has_adaptive_act:
+            return "a decode step with input-adaptive sinks (found from the step's own row: the Triton kernel)"
+        return None
+    if q_len != k_len:
+        return "a chunked prefill (queries after a cache: the Triton kernel)"
     return None
 
 
@@ -139,9 +148,12 @@ def zeroed_values(value: torch.Tensor, positions: torch.Tensor, where: tuple[tor
 
 def _fixed_where(plan: LayerPlan, n_kv: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv heads, positions) of a calibrated plan's sink union below k_len, from the host copy of
-    the plan (built once per plan, length and device: no device sync)."""
+    the plan (built once per plan, device and set of positions present: a decode step past the
+    last sink reuses it, with no host-to-device copy)."""
     cache = plan.__dict__.setdefault("_kernel_cache", {})
-    slot = ("act_fixed_where", n_kv, k_len, device)
+    if "act_max_sink" not in cache:
+        cache["act_max_sink"] = int(plan.act_sinks.max())
+    slot = ("act_fixed_where", n_kv, min(k_len, cache["act_max_sink"] + 1), device)
     if slot not in cache:
         sets = plan.act_sinks.cpu()
         group = sets.shape[0] // n_kv
@@ -225,8 +237,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
     """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) under the
     plan's ACT, for a call `route_reason` accepted (see `score_mod.attend` for the output contract)."""
     Hkv = key.shape[1]
+    full_causal = causal and query.shape[2] > 1  # a decode step's one query sees every key
     if plan.has_adaptive_act:
-        z, lse = score_mod.attention_with_lse(query, key, value, scaling, causal)
+        z, lse = score_mod.attention_with_lse(query, key, value, scaling, full_causal)
         recv, cnt = received(query, key, lse, scaling, causal)
         lists = sink_lists(act_sink_sets(recv, cnt, plan), Hkv)
         if lists is None:
@@ -234,7 +247,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
             return z.float(), False
         y, c, scaled = _correct(z, lse, query, key, value, lists, plan, scaling, causal, masked=False)
         bad = torch.nonzero(c > C_MAX)  # [N, 3]: the (b, h, row) whose z rounding c_i would amplify
-        if bad.shape[0] <= MAX_EXACT_ROWS:
+        if bad.shape[0] <= MAX_EXACT_ROWS and (bad.shape[0] == 0 or query.shape[2] >= FIX_MIN_QUERIES):
             if bad.shape[0]:
                 _fix_rows(y, scaled, bad, lse, query, key, value, lists, plan, scaling, causal)
             _note("input-adaptive sinks: plain attention + column pass + sparse correction")
@@ -244,10 +257,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
     else:
         lists = fixed_lists(plan, Hkv, query.device)
         if lists is None:
-            return score_mod.attention_with_lse(query, key, value, scaling, causal)[0].float(), False
+            return score_mod.attention_with_lse(query, key, value, scaling, full_causal)[0].float(), False
         _note("calibrated sinks: one pass over sink-zeroed values + sparse correction")
     where = None if plan.has_adaptive_act else _fixed_where(plan, Hkv, key.shape[2], query.device)
-    zm, lse = score_mod.attention_with_lse(query, key, zeroed_values(value, lists[0], where), scaling, causal)
+    zm, lse = score_mod.attention_with_lse(query, key, zeroed_values(value, lists[0], where), scaling, full_causal)
     y, _, scaled = _correct(zm, lse, query, key, value, lists, plan, scaling, causal, masked=True)
     return y, scaled
 
@@ -264,40 +277,61 @@ def _fix_rows(y: torch.Tensor, scaled: bool, bad: torch.Tensor, lse: torch.Tenso
     0.2-0.6% of a layer's (head, row) pairs, mostly rows right after a hidden sink."""
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
     positions, member = lists
+    dev = query.device
+    # pairs grouped by (batch row, key/value head) — the rows of a group share their keys — and
+    # padded to [groups, slots]: a few batched products for any number of pairs (the step is
+    # host-bound: one Python loop per group cost ~1.2 ms each on the H100's host)
+    group_of = bad[:, 0] * Hkv + bad[:, 1] // G
+    order = torch.argsort(group_of, stable=True)
+    bad, group_of = bad[order], group_of[order]
+    groups, counts = torch.unique_consecutive(group_of, return_counts=True)
+    n_groups, n_slots, last_row = (int(x) for x in torch.stack([counts.new_tensor(groups.numel()), counts.max(),
+                                                                 bad[:, 2].max()]).tolist())
+    gidx = torch.repeat_interleave(torch.arange(n_groups, device=dev), counts)
+    slot = torch.arange(bad.shape[0], device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    b_n, h_n, r_n = bad[:, 0], bad[:, 1], bad[:, 2]
+    b_g, kvh_g = groups // Hkv, groups % Hkv
+    n_keys = last_row + (K - Q) + 1 if causal else K
+    qp = torch.zeros(n_groups, n_slots, D, device=dev)
+    qp[gidx, slot] = query[b_n, h_n, r_n].float()
+    lp = torch.zeros(n_groups, n_slots, device=dev)
+    lp[gidx, slot] = lse[b_n, h_n, r_n].float()
+    row_pos = torch.full((n_groups, n_slots), -1, dtype=torch.long, device=dev)  # padding sees no key
+    row_pos[gidx, slot] = r_n + (K - Q) if causal else torch.full_like(r_n, K)
+    pb = b_n if positions.shape[0] > 1 else torch.zeros_like(b_n)
+    pos = positions[pb, h_n // G].long()                                                  # [N, M]
+    own = torch.where((member[pb, h_n] != 0) & (pos >= 0) & (pos < n_keys), pos, torch.full_like(pos, n_keys))
+    sink = torch.zeros(n_groups, n_slots, n_keys + 1, dtype=torch.bool, device=dev)
+    sink[gidx, slot] = sink[gidx, slot].scatter(1, own, True)
+    beta = torch.zeros(n_groups, n_slots, 1, device=dev)
+    beta[gidx, slot] = plan.act_beta.to(dev, torch.float32)[h_n][:, None]
+    kg = key[b_g, kvh_g, :n_keys].float()                                                 # [groups, n_keys, D]
+    vg = value[b_g, kvh_g, :n_keys].float()
+    keys = torch.arange(n_keys, device=dev)
+    out = torch.empty(n_groups, n_slots, D, device=dev)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        for (b, h) in torch.unique(bad[:, :2], dim=0).tolist():
-            rows_all = bad[(bad[:, 0] == b) & (bad[:, 1] == h), 2]
-            kvh = h // (H // Hkv)
-            pb = 0 if positions.shape[0] == 1 else b
-            pos = positions[pb, kvh].long()
-            own = pos[(member[pb, h] != 0) & (pos >= 0) & (pos < K)]
-            beta = float(plan.act_beta[h])
-            step = max(1, (1 << 26) // K)
-            for r0 in range(0, rows_all.numel(), step):
-                rows = rows_all[r0: r0 + step]
-                n_keys = int(rows.max()) + (K - Q) + 1 if causal else K
-                s = torch.matmul(query[b, h, rows].float(), key[b, kvh, :n_keys].float().T) * scaling     # [r, n_keys]
-                p = torch.exp(s - lse[b, h, rows].float()[:, None])
-                if causal:
-                    p = p * (torch.arange(n_keys, device=p.device)[None, :] <= (rows + (K - Q))[:, None])
-                sink = torch.zeros(n_keys, dtype=torch.bool, device=p.device)
-                sink[own[own < n_keys]] = True
-                ps = p * sink
-                pr = p - ps
-                vf = value[b, kvh, :n_keys].float()
-                u, w = torch.matmul(ps, vf), torch.matmul(pr, vf)                                       # [r, D]
-                s_mass, r_mass = ps.sum(-1, keepdim=True), pr.sum(-1, keepdim=True)
-                movable = r_mass > torch.finfo(torch.float32).tiny
-                c = (1.0 - beta * s_mass) / torch.where(movable, r_mass, torch.ones_like(r_mass))
-                out = torch.where(movable, beta * u + c * w, u + w)
-                if scaled and plan.has_head_scale:
-                    out = out * plan.head_scale[h].to(out.device, out.dtype)
-                y[b, h, rows] = out.to(y.dtype)
+        step = max(1, (1 << 26) // (n_groups * n_keys))
+        for s0 in range(0, n_slots, step):
+            sl = slice(s0, s0 + step)
+            s = torch.bmm(qp[:, sl], kg.transpose(1, 2)) * scaling                       # [groups, slots, n_keys]
+            p = torch.exp(s - lp[:, sl, None]) * (keys[None, None, :] <= row_pos[:, sl, None])
+            ps = p * sink[:, sl, :n_keys]
+            pr = p - ps
+            u, w = torch.bmm(ps, vg), torch.bmm(pr, vg)
+            s_mass, r_mass = ps.sum(-1, keepdim=True), pr.sum(-1, keepdim=True)
+            movable = r_mass > torch.finfo(torch.float32).tiny
+            c = (1.0 - beta[:, sl] * s_mass) / torch.where(movable, r_mass, torch.ones_like(r_mass))
+            out[:, sl] = torch.where(movable, beta[:, sl] * u + c * w, u + w)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    fixed = out[gidx, slot]
+    if scaled and plan.has_head_scale:
+        fixed = fixed * plan.head_scale.to(dev, torch.float32)[h_n][:, None]
+    y[b_n, h_n, r_n] = fixed.to(y.dtype)
 
 
 def _note(route: str) -> None:

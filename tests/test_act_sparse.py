@@ -146,6 +146,7 @@ def test_rows_with_a_large_factor_are_recomputed_exactly(monkeypatch):
     """Rows with c_i > C_MAX (a hidden sink takes most of the row: the full mode would amplify
     z's rounding by c_i): a few are recomputed from their logits, many make the route redo the
     call over sink-zeroed values; every result equals the reference."""
+    monkeypatch.setattr(act_sparse, "FIX_MIN_QUERIES", 1)  # the tiny inputs here would take the masked pass
     fixed_rows, masked_calls = [], []
     original_fix, original_zero = act_sparse._fix_rows, act_sparse.zeroed_values
     monkeypatch.setattr(act_sparse, "_fix_rows", lambda y, s, bad, *a: fixed_rows.append(bad.shape[0]) or original_fix(y, s, bad, *a))
@@ -213,7 +214,8 @@ def test_calibrated_sinks_save_load_and_errors(tmp_path):
 
 @pytest.mark.parametrize("case, reason", [
     ({"mask": True}, "an attention mask"),
-    ({"q_len": 1}, "not a whole prefill"),
+    ({"q_len": 1}, "a decode step with input-adaptive sinks"),
+    ({"q_len": 4}, "a chunked prefill"),
     ({"softcap": 30.0}, "soft-capped logits"),
     ({"stats": True}, "probability stats"),
     ({"bias": True}, "changes logits besides ACT"),
@@ -228,11 +230,31 @@ def test_the_route_is_refused_where_it_does_not_hold(case, reason):
     got = act_sparse.route_reason(lp, q_len, 8, mask, True, case.get("softcap"), bool(case.get("stats")))
     assert got is not None and reason in got
     assert act_sparse.route_reason(act_plan(), 8, 8, None, True, None, False) is None
+    calibrated = InterventionPlan().act_with_sinks({(0, 1): [2]}).compile_layer(0, 4, D)
+    assert act_sparse.route_reason(calibrated, 1, 8, None, True, None, False) is None  # decode, fixed sinks
+
+
+@pytest.mark.parametrize("k_len", [9, 30])
+def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len):
+    """One query against a cache: FlashAttention-style grouped rows over the sink-zeroed values +
+    the correction; sinks past the cache (k_len 9 < position 11) drop out."""
+    q, k, v = planted(k_len, 3.0, dtype=torch.float32, seed=5)
+    q = q[:, :, -1:]
+    plan = (InterventionPlan().act_with_sinks({(0, 0): [4, 9], (0, 1): [6, 11], (0, 2): [5]})
+            .scale_heads({(0, 2): 1.5}).compile_layer(0, 4, D))
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
+    plain, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True)
+    got, scaled = act_sparse.attend(q, k, v, plan, SCALE, True)
+    if not scaled:
+        got = got * plan.head_scale[None, :, None, None]
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
+    assert (expect - plain).abs().max() > 0.01
 
 
 def test_model_path_with_the_route_equals_the_reference(monkeypatch):
     """zoo:pycode-llama (heads from real training): input-adaptive ACT with a head scale and a
-    pruned head, and a calibrated plan from `calibrate_sinks`, routed vs the exact reference."""
+    pruned head, and a calibrated plan from `calibrate_sinks`, routed vs the exact reference —
+    logits of a prefill and the greedy tokens of a cached generation."""
     from headlab.analyses import act
 
     model = headlab.load_model("zoo:pycode-llama")
@@ -247,14 +269,18 @@ def test_model_path_with_the_route_equals_the_reference(monkeypatch):
     for plan in (adaptive, calibrated):
         with model.patched(plan):
             expect = model(ids).logits
+            expect_gen = model.generate(ids, max_new_tokens=5, do_sample=False)
         calls = []
         original = act_sparse.attend
         monkeypatch.setattr(score_mod, "enabled", lambda query: True)
         monkeypatch.setattr(act_sparse, "attend", lambda *a, **k: calls.append(1) or original(*a, **k))
         with model.patched(plan):
             got = model(ids).logits
+            got_gen = model.generate(ids, max_new_tokens=5, do_sample=False)
         monkeypatch.undo()
-        assert len(calls) == 3
+        # prefill of both forwards; the decode steps too with calibrated sinks (adaptive: Triton / reference)
+        assert len(calls) == (3 * 2 if plan is adaptive else 3 * 2 + 3 * 4)
+        assert torch.equal(got_gen, expect_gen)
         # fp32 on the CPU: R_i = 1 − S_i (the named difference) where a hidden sink takes a row
         torch.testing.assert_close(got, expect, atol=1e-3, rtol=1e-4)
         assert (expect - plain).abs().max() > 0.01  # the plan matters: the parity is not vacuous
@@ -301,3 +327,10 @@ def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n, planting):
         assert (expect - plain).abs().max() > 0.05
         err = (got.float() - expect).abs()
         assert err.max() < 0.05 and err.mean() < 1e-3
+    # a decode step with the calibrated sinks: one query against the whole cache
+    lp = fixed.compile_layer(0, H, Dh).to("cuda")
+    q1 = q[:, :, -1:]
+    assert act_sparse.route_reason(lp, 1, n, None, True, None, False) is None
+    expect, _ = reference_attention(q1.float(), k.float(), v.float(), scaling=Dh ** -0.5, is_causal=True, plan=lp)
+    got, _ = act_sparse.attend(q1, k, v, lp, Dh ** -0.5, True)
+    assert (got.float() - expect).abs().max() < 0.03
