@@ -226,23 +226,16 @@ class _Call:
         Q, K = query.shape[2], key.shape[2]
         if plan is None and stats is None and self.softcap is None:
             return self.plain(query, key, value), None
-        if plan is not None and plan.has_bias:
-            from headlab.kernels import score_mod
-
-            if score_mod.enabled(query) and score_mod.route_reason(
-                    plan, Q, K, self.attention_mask, self.causal, self.softcap,
-                    stats is not None and stats.wants_probabilities) is None:
-                # a few keys' logits biased: the plain attention at full speed + an exact correction
-                z, scaled = score_mod.attend(query, key, value, plan, self.scaling, self.causal)
-                return self._finish(z, query, key, value, plan, stats, edited=scaled)
-        if plan is not None and plan.has_act:
+        if plan is not None and (plan.has_bias or plan.has_act):
             from headlab.kernels import act_sparse, score_mod
 
-            if score_mod.enabled(query) and act_sparse.route_reason(
+            # a few keys' logits biased, or ACT on a few sink keys: the plain attention at full
+            # speed + an exact sparse correction (each route refuses the other's plans)
+            route = act_sparse if plan.has_act else score_mod
+            if score_mod.enabled(query) and route.route_reason(
                     plan, Q, K, self.attention_mask, self.causal, self.softcap,
                     stats is not None and stats.wants_probabilities) is None:
-                # ACT on a few sink keys: the plain attention at full speed + an exact correction
-                z, scaled = act_sparse.attend(query, key, value, plan, self.scaling, self.causal)
+                z, scaled = route.attend(query, key, value, plan, self.scaling, self.causal)
                 return self._finish(z, query, key, value, plan, stats, edited=scaled)
         # SDPA computes every output at full speed unless the probabilities themselves change (or
         # softcap, which SDPA lacks); the patched attention then computes only the probability stats,

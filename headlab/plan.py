@@ -18,9 +18,9 @@ Semantics (METHODS.md), applied in this order inside the patched attention of ea
 4. ACT sink calibration (Yu et al. 2024, reference code GATECH-EIC/ACT): the sink set S of the head
    is {j : r[j] > τ} minus its first element, r[j] = Σ_i A[i,j] / #(queries that see j), computed
    on this same input (or, for a calibrated plan — `act_with_sinks` — fixed key positions found
-   once on calibration inputs, the way a deployment reuses them); then A'[i,s] = β·A[i,s] for s ∈ S and the removed mass goes to the
-   non-sink keys in proportion to their attention. The sinks keep exactly β·A (this is NOT a
-   logit bias of log β).
+   once on calibration inputs, the way a deployment reuses them); then A'[i,s] = β·A[i,s] for
+   s ∈ S and the removed mass goes to the non-sink keys in proportion to their attention. The
+   sinks keep exactly β·A (this is NOT a logit bias of log β).
 4b. VAR redistribution (Kang et al. 2025): a fraction p of the row's attention on the source keys
    (visual sinks) moves to the target keys (other image tokens) in proportion to their attention.
 5. z = A' v                                       (per-head output, before o_proj)
@@ -211,7 +211,10 @@ class InterventionPlan:
             raise PlanError(f"ACT beta must be in [0, 1], got {beta}")
         settings: dict[Head, ActSetting] = {}
         for head, positions in sinks.items():
-            pos = sorted({int(p) for p in positions})
+            try:
+                pos = sorted({operator.index(p) for p in positions})  # ints only: never a float or a str
+            except TypeError:
+                raise PlanError(f"ACT sinks of head {head} must be integer key positions, got {list(positions)}") from None
             if not pos or pos[0] < 0:
                 raise PlanError(f"ACT sinks of head {head} must be a non-empty list of key positions >= 0, got {list(positions)}")
             settings[_head(head)] = ActSetting(beta, ActSetting.tau, tuple(pos))

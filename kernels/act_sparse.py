@@ -80,12 +80,9 @@ def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask:
         return "no ACT"
     if plan.has_logit_scale or plan.has_bias or plan.has_var:
         return "the plan changes logits besides ACT (key bias, logit scale or VAR)"
-    if softcap is not None:
-        return "soft-capped logits"
-    if wants_probabilities:
-        return "probability stats are measured in the kernel"
-    if attention_mask is not None:
-        return "an attention mask"
+    reason = score_mod.plain_call_reason(attention_mask, softcap, wants_probabilities)
+    if reason is not None:
+        return reason
     if q_len == 1 and k_len > 1:
         if plan.has_adaptive_act:
             return "a decode step with input-adaptive sinks (found from the step's own row: the Triton kernel)"

@@ -71,6 +71,19 @@ def enabled(query: torch.Tensor) -> bool:
             and kernel_choice() == "auto")
 
 
+def plain_call_reason(attention_mask: torch.Tensor | None, softcap: float | None,
+                      wants_probabilities: bool) -> str | None:
+    """Why a call cannot take its plain attention from SDPA and correct it sparsely (None when it
+    can): what every sparse route (this one, `act_sparse`) needs of the call itself."""
+    if softcap is not None:
+        return "soft-capped logits"
+    if wants_probabilities:
+        return "probability stats are measured in the kernel"
+    if attention_mask is not None:
+        return "an attention mask"
+    return None
+
+
 def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask: torch.Tensor | None,
                  causal: bool, softcap: float | None, wants_probabilities: bool) -> str | None:
     """None when `plan` can run as plain attention + the exact sparse-bias correction; else why not."""
@@ -78,12 +91,9 @@ def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask:
         return "no key bias"
     if plan.has_logit_scale or plan.has_act or plan.has_var:
         return "the plan changes more than a few keys' logits (logit scale, ACT or VAR)"
-    if softcap is not None:
-        return "soft-capped logits"
-    if wants_probabilities:
-        return "probability stats are measured in the kernel"
-    if attention_mask is not None:
-        return "an attention mask"
+    reason = plain_call_reason(attention_mask, softcap, wants_probabilities)
+    if reason is not None:
+        return reason
     if causal and q_len not in (1, k_len):
         return "a chunked prefill (queries after a cache)"
     if plan.bias_positions.numel() > MAX_POSITIONS:
@@ -279,4 +289,4 @@ if triton is not None:
 
 
 __all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "decode_masked", "enabled",
-           "route_reason", "use_kernel"]
+           "plain_call_reason", "route_reason", "use_kernel"]

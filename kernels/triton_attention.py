@@ -348,6 +348,25 @@ def _attn_combine(
 
 
 @triton.jit
+def _row_phases(start_n, row_lo, row_hi, q_offset, KN, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """How a column pass over key block [start_n, start_n + BLOCK_N) splits rows [row_lo, row_hi)
+    (BLOCK_M-aligned from row_lo): (first, full_lo, full_end) — rows [first, full_lo) cross the
+    causal diagonal (masked), [full_lo, full_end) see every key of the block (unmasked),
+    [full_end, row_hi) are the ragged tail (masked); rows before `first` see none of the block."""
+    first = row_lo
+    full_lo = row_lo
+    if CAUSAL:
+        first = tl.maximum(row_lo, start_n - q_offset)
+        first = (first - row_lo) // BLOCK_M * BLOCK_M + row_lo
+        full_lo = tl.maximum(first, start_n + BLOCK_N - 1 - q_offset)
+        full_lo = tl.minimum(row_hi, row_lo + tl.cdiv(full_lo - row_lo, BLOCK_M) * BLOCK_M)
+    full_end = row_lo + (row_hi - row_lo) // BLOCK_M * BLOCK_M
+    full_end = tl.where(start_n + BLOCK_N <= KN, tl.maximum(full_end, full_lo), full_lo)
+    return first, full_lo, full_end
+
+
+@triton.jit
 def _attn_colsum(
     Q, K, Lse, Recv, Count, Rows,
     stride_qb, stride_qh, stride_qm,
@@ -391,12 +410,7 @@ def _attn_colsum(
     full_lo = row_hi
     full_end = row_hi
     if IS_CAUSAL and MASK_MODE == 0 and not ROW_LIST:
-        first = tl.maximum(row_lo, start_n - q_offset)
-        first = (first - row_lo) // BLOCK_M * BLOCK_M + row_lo
-        full_lo = tl.maximum(first, start_n + BLOCK_N - 1 - q_offset)
-        full_lo = tl.minimum(row_hi, row_lo + tl.cdiv(full_lo - row_lo, BLOCK_M) * BLOCK_M)
-        full_end = row_lo + (row_hi - row_lo) // BLOCK_M * BLOCK_M
-        full_end = tl.where(start_n + BLOCK_N <= KN, tl.maximum(full_end, full_lo), full_lo)
+        first, full_lo, full_end = _row_phases(start_n, row_lo, row_hi, q_offset, KN, True, BLOCK_M, BLOCK_N)
     for phase in tl.static_range(3):
         if phase == 0:
             r_start, r_stop = first, full_lo
@@ -468,18 +482,7 @@ def _attn_colsum_t(
     q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
     lse_base = Lse + (b64 * H + h) * QN
     recv = tl.zeros([BLOCK_N], tl.float32)
-    # rows [first, full_lo) cross the diagonal (masked), [full_lo, full_end) see every key of the
-    # block, [full_end, row_hi) is the ragged tail (masked)
-    first = row_lo
-    if IS_CAUSAL:
-        first = tl.maximum(row_lo, start_n - q_offset)
-        first = (first - row_lo) // BLOCK_M * BLOCK_M + row_lo
-        full_lo = tl.maximum(first, start_n + BLOCK_N - 1 - q_offset)
-        full_lo = tl.minimum(row_hi, row_lo + tl.cdiv(full_lo - row_lo, BLOCK_M) * BLOCK_M)
-    else:
-        full_lo = first
-    full_end = row_lo + (row_hi - row_lo) // BLOCK_M * BLOCK_M
-    full_end = tl.where(start_n + BLOCK_N <= KN, tl.maximum(full_end, full_lo), full_lo)
+    first, full_lo, full_end = _row_phases(start_n, row_lo, row_hi, q_offset, KN, IS_CAUSAL, BLOCK_M, BLOCK_N)
     for phase in tl.static_range(3):
         if phase == 0:
             r_start, r_stop = first, full_lo

@@ -204,6 +204,8 @@ def test_calibrated_sinks_save_load_and_errors(tmp_path):
         InterventionPlan().act_with_sinks({(0, 0): []})
     with pytest.raises(PlanError, match="key positions >= 0"):
         InterventionPlan().act_with_sinks({(0, 0): [-1]})
+    with pytest.raises(PlanError, match="integer key positions"):
+        InterventionPlan().act_with_sinks({(0, 0): [1.5]})
     with pytest.raises(PlanError, match="beta"):
         InterventionPlan().act_with_sinks({(0, 0): [1]}, beta=1.5)
     bad = plan.to_dict()
