@@ -15,7 +15,8 @@ little per-row variation); see `inputs`. Cases, ACT on all 32 heads (β = 0.4, �
 - `act_calibrated_triton` / `act_calibrated_routed`: the sink sets calibrated once and fixed in
   the plan (`InterventionPlan.act_with_sinks`) — the route is one cuDNN pass over sink-zeroed
   values + the correction;
-and a breakdown of the routed pieces (16k; 4k for the calibrated route and the fix-up); `generate`
+and a breakdown of the routed pieces (16k; 4k for the calibrated route and the fix-up); one
+decode step with the calibrated plan at 1k / 4k / 32k (and its host time at 1k); `generate`
 (1k prompt + 64 tokens) on a Llama-3-8B-shaped model with a calibrated plan on every layer
 (prefill and decode steps routed). `--sweep` first picks `fused.COLSUM_T_BLOCKS[128]`.
 Parity of every path with the fp32 reference on the same bf16 inputs at 2k. Ratios are against
@@ -217,6 +218,46 @@ def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
         print(f"calibrated breakdown K={n} {name:<30} {ms:8.3f} ms", flush=True)
 
 
+def decode_rows(rows: list[dict], calibrated) -> None:
+    """One decode step (batch 1) with the calibrated plan: SDPA vs the route (one attention call
+    without the sinks + the correction up to DECODE_EXCLUDE_MAX_KEYS, over sink-zeroed values
+    beyond) vs the Triton kernel; host time per call at 1k, where a step is host-bound."""
+    import time
+
+    for n in (1056, 4096, 32768):
+        q, k, v = inputs(n, planting="first")
+        q = q[:, :, -1:]
+        def zeroed():  # the long-cache route at this length: over sink-zeroed values
+            threshold = act_sparse.DECODE_EXCLUDE_MAX_KEYS
+            act_sparse.DECODE_EXCLUDE_MAX_KEYS = 0
+            try:
+                return act_sparse.attend(q, k, v, calibrated, SCALE, True)[0]
+            finally:
+                act_sparse.DECODE_EXCLUDE_MAX_KEYS = threshold
+
+        fns = {"sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+               "act_calibrated_routed": lambda: act_sparse.attend(q, k, v, calibrated, SCALE, True)[0],
+               "act_calibrated_zeroed_values": zeroed,
+               "act_calibrated_triton": lambda: patched_attention(q, k, v, scaling=SCALE, is_causal=True, plan=calibrated)[0]}
+        base = None
+        for name, fn in fns.items():
+            us = bench(fn) * 1e3
+            base = base or us
+            rows.append({"mode": "decode", "keys": n, "case": name, "us": round(us, 1), "vs_sdpa_default": round(base / us, 3)})
+            print(f"decode K={n:>6} {name:<22} {us:9.1f} us  x{base / us:.3f} of SDPA default", flush=True)
+            if n == 1056:
+                for _ in range(50):
+                    fn()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(300):
+                    fn()
+                host = (time.perf_counter() - t0) / 300
+                torch.cuda.synchronize()
+                rows.append({"mode": "decode_host", "keys": n, "case": name, "host_us_per_call": round(host * 1e6, 1)})
+                print(f"decode host K={n} {name:<22} {host * 1e6:7.1f} us/call", flush=True)
+
+
 def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
     """`generate` on a 32-layer Llama-3-8B-shaped model (random weights): plain vs a calibrated ACT
     plan (every other head of every layer, two sink positions each) routed and on the Triton
@@ -230,17 +271,20 @@ def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     plan = InterventionPlan().act_with_sinks({(l, h): hidden_positions(h) for l in range(32) for h in range(0, H, 2)})
 
-    def run(with_plan: bool, routed: bool):
-        original = score_mod.enabled
+    def run(with_plan: bool, routed: bool, excluded: bool = True):
+        original, threshold = score_mod.enabled, act_sparse.DECODE_EXCLUDE_MAX_KEYS
         if not routed:
             score_mod.enabled = lambda query: False
+        if not excluded:
+            act_sparse.DECODE_EXCLUDE_MAX_KEYS = 0
         try:
             with model.patched(plan if with_plan else None):
                 return model.generate(ids, **kw)
         finally:
-            score_mod.enabled = original
+            score_mod.enabled, act_sparse.DECODE_EXCLUDE_MAX_KEYS = original, threshold
 
     configs = {"plain": lambda: run(False, True), "act_calibrated_routed": lambda: run(True, True),
+               "act_calibrated_routed_zeroed_decode": lambda: run(True, True, excluded=False),
                "act_calibrated_triton": lambda: run(True, False)}
     for fn in configs.values():
         fn()
@@ -264,6 +308,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true", help="decode rows and generate only")
     args = ap.parse_args()
     torch.manual_seed(0)
     adaptive, calibrated = plans()
@@ -274,12 +319,14 @@ def main() -> None:
     if args.sweep:
         sweep(rows)
     result["colsum_t_blocks"] = fused.COLSUM_T_BLOCKS[D]
-    result["parity"] = parity(adaptive, calibrated)
-    kernel_rows(rows, adaptive, calibrated)
-    for planting, n in (("even", 16384), ("first", 16384), ("steady", 16384), ("steady", 4096)):
-        breakdown(rows, adaptive, calibrated, planting, n)
-    for n in (4096, 16384):
-        calibrated_breakdown(rows, calibrated, n)
+    if not args.skip_prefill:
+        result["parity"] = parity(adaptive, calibrated)
+        kernel_rows(rows, adaptive, calibrated)
+        for planting, n in (("even", 16384), ("first", 16384), ("steady", 16384), ("steady", 4096)):
+            breakdown(rows, adaptive, calibrated, planting, n)
+        for n in (4096, 16384):
+            calibrated_breakdown(rows, calibrated, n)
+    decode_rows(rows, calibrated)
     if not args.skip_e2e:
         end_to_end(rows, 1024, 64)
     emit(result, args.out)

@@ -51,7 +51,7 @@ import logging
 import torch
 
 from headlab.kernels import score_mod
-from headlab.kernels.reference import act_row_factors, act_sink_sets
+from headlab.kernels.reference import act_row_factors, act_sink_sets, fixed_sink_mask
 from headlab.plan import LayerPlan
 
 try:
@@ -70,6 +70,10 @@ them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is 
 masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
 `fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
 the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
+DECODE_EXCLUDE_MAX_KEYS = score_mod.DECODE_MASK_MAX_KEYS
+"""Decode steps with calibrated sinks over caches up to this length run as `decode_excluded`
+(one masked attention call: the masked kernel does not split a long cache over the GPU, as
+score_mod's decode threshold measured); longer ones over sink-zeroed values."""
 _logged: set[str] = set()
 
 
@@ -229,6 +233,86 @@ def apply_act(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torc
     return out, c
 
 
+def apply_act_excluded(o_n: torch.Tensor, lse_n: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, positions: torch.Tensor, member: torch.Tensor,
+                       beta: torch.Tensor, scaling: float) -> torch.Tensor:
+    """z' [B, H, Q, D] fp32 from the attention without each head's own sinks (o_n [B, H, Q, D],
+    lse_n [B, H, Q]; queries that see every key): with the sinks' weights w_s = exp(s_s − m)
+    relative to their largest logit m, A = Σ w_s, U = Σ w_s v_s and r = exp(lse_n − m),
+    z' = (β·U + (r + (1 − β)·A)·o_n) / (r + A) — exact, no cancellation and R_i = r / (r + A)
+    exactly; rows with no non-sink key (r = 0) stay as they are, U / A."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    pos = positions.long().expand(B, Hkv, positions.shape[-1])
+    M = pos.shape[-1]
+    idx = pos.clamp(0, K - 1)[..., None].expand(B, Hkv, M, D)
+    kp, vp = torch.gather(key.float(), 2, idx), torch.gather(value.float(), 2, idx)
+    s = torch.matmul(query.float().view(B, Hkv, G, Q, D), kp.unsqueeze(2).transpose(-1, -2)).view(B, H, Q, M) * scaling
+    own = ((member.expand(B, H, M) != 0) & ((pos >= 0) & (pos < K)).repeat_interleave(G, 1))[:, :, None, :]
+    s = torch.where(own, s, torch.full_like(s, float("-inf")))
+    top = s.amax(-1, keepdim=True)
+    has_sink = torch.isfinite(top)
+    w = torch.exp(s - torch.where(has_sink, top, torch.zeros_like(top)))
+    a = w.sum(-1, keepdim=True)
+    u = torch.matmul(w.view(B, Hkv, G, Q, M), vp.unsqueeze(2)).view(B, H, Q, D)
+    b = beta.to(query.device, torch.float32)[None, :, None, None]
+    r = torch.where(has_sink, torch.exp(lse_n.float()[..., None] - torch.where(has_sink, top, torch.zeros_like(top))),
+                    torch.ones_like(top))
+    y = (b * u + (r + (1.0 - b) * a) * o_n.float()) / (r + a)
+    return torch.where(r > 0, y, u / torch.where(has_sink, a, torch.ones_like(a)))
+
+
+def decode_excluded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan,
+                    scaling: float) -> tuple[torch.Tensor, bool]:
+    """A decode step with calibrated sinks over a cache up to DECODE_EXCLUDE_MAX_KEYS: one attention
+    call with each head's own sinks masked out (an additive bias row per query head, the query
+    heads of a key/value head as its rows, kept per plan and grown by doubling) that returns
+    its log-sum-exp, then the exact correction (`apply_act_excluded`; the Triton kernel
+    `_act_excluded` on CUDA). No copy of the cache and no cancellation. Returns (outputs
+    [B, H, 1, D], whether the output scale is applied)."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    positions, member = fixed_lists(plan, Hkv, query.device)
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    slot = ("act_exclude_bias", query.dtype, query.device)
+    buf = cache.get(slot)
+    if buf is None or buf.shape[-1] < K:
+        cap = 1 << max(10, (K - 1).bit_length())
+        buf = torch.zeros(H, cap, dtype=query.dtype)
+        buf[fixed_sink_mask(plan, cap, torch.device("cpu"))] = torch.finfo(query.dtype).min  # exp() of it is 0, no NaN
+        buf = cache[slot] = buf.to(query.device)
+    bias = buf.view(1, Hkv, G, -1)[..., :K]
+    if query.device.type == "cuda":
+        o_n, lse_n = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query.reshape(B, Hkv, G, D), key, value, bias.expand(B, Hkv, G, K), True, 0.0, False, scale=scaling)[:2]
+        lse_n = lse_n[..., :G].reshape(B, H, 1).float()
+    else:  # the CPU: the same call spelled out (tests)
+        s = torch.matmul(query.float().view(B, Hkv, G, D), key.float().transpose(-1, -2)) * scaling + bias.float()
+        lse_n = torch.logsumexp(s, -1)
+        o_n = torch.matmul(torch.softmax(s, -1), value.float())
+        lse_n = lse_n.reshape(B, H, 1)
+    o_n = o_n.reshape(B, H, 1, D)
+    if not score_mod.use_kernel(query):
+        return apply_act_excluded(o_n, lse_n, query, key, value, positions, member, plan.act_beta, scaling), False
+    head_scale = not plan.edits_outputs
+    cache_t = plan.__dict__["_kernel_cache"]
+    if "act_beta32" not in cache_t:
+        cache_t["act_beta32"] = plan.act_beta.float().contiguous()
+        cache_t["head_scale32"] = plan.head_scale.float().contiguous()
+    y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
+    lse_n = lse_n.contiguous()
+    _act_excluded[(1, B * H)](
+        query, key, value, o_n, lse_n, positions, member, cache_t["act_beta32"], cache_t["head_scale32"], y,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *o_n.stride()[:3],
+        0, positions.stride(1), 0, member.stride(1),
+        H, Hkv, Q, K, positions.shape[-1], scaling,
+        HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=16, HEAD_DIM=D, num_warps=2,
+    )
+    return y.transpose(1, 2), head_scale
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
            causal: bool) -> tuple[torch.Tensor, bool]:
     """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) under the
@@ -252,6 +336,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
         _note(f"input-adaptive sinks: over {MAX_EXACT_ROWS} (head, row) pairs with a non-sink factor above {C_MAX:g}, "
               "the exact masked pass")
     else:
+        if query.shape[2] == 1 and key.shape[2] <= DECODE_EXCLUDE_MAX_KEYS:
+            _note("calibrated sinks, a short decode step: one attention call without the sinks + the correction")
+            return decode_excluded(query, key, value, plan, scaling)
         lists = fixed_lists(plan, Hkv, query.device)
         if lists is None:
             return score_mod.attention_with_lse(query, key, value, scaling, full_causal)[0].float(), False
@@ -431,5 +518,53 @@ if triton is not None:
         tl.store(Cp + (b * H + h) * QN + rows, c, mask=ok)
 
 
-__all__ = ["C_MAX", "apply_act", "attend", "correct", "fixed_lists", "received", "route_reason", "sink_lists",
-           "zeroed_values"]
+    @triton.jit
+    def _act_excluded(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm, spb, sph, smb, smh,
+                      H, HKV, QN, KN, M, scale,
+                      HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head), from the attention without the head's own sinks
+        (O_N, lse_N): z' = (β·U + (r + (1 − β)·A)·O_N) / (r + A), A and U the sinks' weights and
+        weighted values relative to their largest logit m, r = exp(lse_N − m); r = 0 (no
+        non-sink key): the row as it is, U / A."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // (H // HKV)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < QN
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        o_n = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lse_n = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        top = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        for m in range(0, M):  # the largest own-sink logit: weights relative to it cannot overflow
+            pos = tl.load(Pos + b * spb + kvh * sph + m)
+            mine = tl.load(Mem + b * smb + h * smh + m)
+            if (mine != 0) & (pos >= 0) & (pos < KN):
+                k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
+                top = tl.maximum(top, tl.sum(q * k[None, :], 1) * scale)
+        a = tl.zeros([BLOCK_M], dtype=tl.float32)
+        u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for m in range(0, M):
+            pos = tl.load(Pos + b * spb + kvh * sph + m)
+            mine = tl.load(Mem + b * smb + h * smh + m)
+            if (mine != 0) & (pos >= 0) & (pos < KN):
+                k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
+                v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
+                w = tl.exp(tl.sum(q * k[None, :], 1) * scale - top)
+                a += w
+                u += w[:, None] * v[None, :]
+        beta = tl.load(Beta + h)
+        has_sink = a > 0
+        r = tl.where(has_sink, tl.exp(lse_n - tl.where(has_sink, top, 0.0)), 1.0)
+        y = (beta * u + (r + (1.0 - beta) * a)[:, None] * o_n) / (r + a)[:, None]
+        y = tl.where((r > 0)[:, None], y, u / tl.where(has_sink, a, 1.0)[:, None])
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
+        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+
+
+__all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_excluded", "fixed_lists", "received",
+           "route_reason", "sink_lists", "zeroed_values"]

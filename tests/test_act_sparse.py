@@ -236,10 +236,17 @@ def test_the_route_is_refused_where_it_does_not_hold(case, reason):
     assert act_sparse.route_reason(calibrated, 1, 8, None, True, None, False) is None  # decode, fixed sinks
 
 
+@pytest.mark.parametrize("excluded", [True, False])
 @pytest.mark.parametrize("k_len", [9, 30])
-def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len):
-    """One query against a cache: FlashAttention-style grouped rows over the sink-zeroed values +
-    the correction; sinks past the cache (k_len 9 < position 11) drop out."""
+def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len, excluded, monkeypatch):
+    """One query against a cache: a short cache as one attention call without each head's sinks
+    + the exact correction (`decode_excluded`), a long one (forced here) as grouped rows over the
+    sink-zeroed values + the correction; sinks past the cache (k_len 9 < position 11) drop out."""
+    if not excluded:
+        monkeypatch.setattr(act_sparse, "DECODE_EXCLUDE_MAX_KEYS", 0)
+    calls = []
+    original = act_sparse.decode_excluded
+    monkeypatch.setattr(act_sparse, "decode_excluded", lambda *a: calls.append(1) or original(*a))
     q, k, v = planted(k_len, 3.0, dtype=torch.float32, seed=5)
     q = q[:, :, -1:]
     plan = (InterventionPlan().act_with_sinks({(0, 0): [4, 9], (0, 1): [6, 11], (0, 2): [5]})
@@ -251,6 +258,38 @@ def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len):
         got = got * plan.head_scale[None, :, None, None]
     torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
     assert (expect - plain).abs().max() > 0.01
+    assert bool(calls) == excluded
+
+
+def test_the_excluded_correction_kernel_and_a_row_that_sees_only_sinks():
+    """`_act_excluded` (Triton's interpreter) against `apply_act_excluded`, and a decode step whose
+    row sees only its head's sinks (cache of 2 keys, both sinks): left as it is, as the reference."""
+    q, k, v = planted(2, 3.0, dtype=torch.float32, seed=6)
+    q = q[:, :, -1:]
+    plan = InterventionPlan().act_with_sinks({(0, 0): [0, 1], (0, 2): [1]}).compile_layer(0, 4, D)
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
+    got, _ = act_sparse.decode_excluded(q, k, v, plan, SCALE)
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
+    plain, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True)
+    torch.testing.assert_close(expect[:, 0], plain[:, 0], atol=1e-6, rtol=1e-6)  # all on sinks: unchanged
+    if not score_mod.use_kernel(q):
+        pytest.skip("the kernel half needs triton (its interpreter on the CPU)")
+    q2, k2, v2 = planted(40, 3.0, dtype=torch.float32, seed=7)
+    q2 = q2[:, :, -1:]
+    plan2 = InterventionPlan().act_with_sinks({(0, 0): [4, 9], (0, 1): [6, 11], (0, 3): [2]}).compile_layer(0, 4, D)
+    positions, member = act_sparse.fixed_lists(plan2, 2, q2.device)
+    bias = torch.zeros(4, 40)
+    from headlab.kernels.reference import fixed_sink_mask
+
+    bias[fixed_sink_mask(plan2, 40, q2.device)] = float("-inf")
+    s = (q2 @ k2.repeat_interleave(2, 1).transpose(-1, -2)) * SCALE + bias[None, :, None, :]
+    o_n, lse_n = torch.softmax(s, -1) @ v2.repeat_interleave(2, 1), torch.logsumexp(s, -1)
+    spec = act_sparse.apply_act_excluded(o_n, lse_n, q2, k2, v2, positions, member, plan2.act_beta, SCALE)
+    expect2, _ = reference_attention(q2, k2, v2, scaling=SCALE, is_causal=True, plan=plan2)
+    torch.testing.assert_close(spec, expect2, atol=2e-5, rtol=2e-5)
+    got2, scaled = act_sparse.decode_excluded(q2, k2, v2, plan2, SCALE)
+    assert scaled
+    torch.testing.assert_close(got2.float(), expect2, atol=2e-5, rtol=2e-5)
 
 
 def test_model_path_with_the_route_equals_the_reference(monkeypatch):
