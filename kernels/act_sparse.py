@@ -297,14 +297,11 @@ def decode_excluded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not score_mod.use_kernel(query):
         return apply_act_excluded(o_n, lse_n, query, key, value, positions, member, plan.act_beta, scaling), False
     head_scale = not plan.edits_outputs
-    cache_t = plan.__dict__["_kernel_cache"]
-    if "act_beta32" not in cache_t:
-        cache_t["act_beta32"] = plan.act_beta.float().contiguous()
-        cache_t["head_scale32"] = plan.head_scale.float().contiguous()
+    beta32, scale32 = _kernel_factors(plan)
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     lse_n = lse_n.contiguous()
     _act_excluded[(1, B * H)](
-        query, key, value, o_n, lse_n, positions, member, cache_t["act_beta32"], cache_t["head_scale32"], y,
+        query, key, value, o_n, lse_n, positions, member, beta32, scale32, y,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *o_n.stride()[:3],
         0, positions.stride(1), 0, member.stride(1),
         H, Hkv, Q, K, positions.shape[-1], scaling,
@@ -436,6 +433,15 @@ def _correct(z, lse, query, key, value, lists, plan: LayerPlan, scaling: float, 
     return y, c, False
 
 
+def _kernel_factors(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(β [H], output scale [H]) as the kernels read them, fp32 and contiguous, kept per plan."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_beta32" not in cache:
+        cache["act_beta32"] = plan.act_beta.float().contiguous()
+        cache["head_scale32"] = plan.head_scale.float().contiguous()
+    return cache["act_beta32"], cache["head_scale32"]
+
+
 def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             positions: torch.Tensor, member: torch.Tensor, plan: LayerPlan, scaling: float, causal: bool,
             masked: bool, head_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,10 +449,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
     (y [B, H, Q, D] in query.dtype, or fp32 without `head_scale`; c [B, H, Q] fp32)."""
     B, H, Q, D = query.shape
     K = key.shape[2]
-    cache = plan.__dict__.setdefault("_kernel_cache", {})
-    if "act_beta32" not in cache:
-        cache["act_beta32"] = plan.act_beta.float().contiguous()
-        cache["head_scale32"] = plan.head_scale.float().contiguous()
+    beta32, scale32 = _kernel_factors(plan)
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     c = torch.empty(B, H, Q, device=query.device, dtype=torch.float32)
     lse = lse.reshape(B, H, Q).float().contiguous()
@@ -454,7 +457,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
     pb = 0 if positions.shape[0] == 1 else positions.stride(0)
     mb = 0 if member.shape[0] == 1 else member.stride(0)
     _act_correct[(triton.cdiv(Q, block_m), B * H)](
-        query, key, value, z, lse, positions, member, cache["act_beta32"], cache["head_scale32"], y, c,
+        query, key, value, z, lse, positions, member, beta32, scale32, y, c,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *z.stride()[:3],
         pb, positions.stride(1), mb, member.stride(1),
         H, key.shape[1], Q, K, positions.shape[-1], K - Q, scaling,
@@ -466,13 +469,9 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
 
 if triton is not None:
     @triton.jit
-    def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
-                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm,
-                     spb, sph, smb, smh,
-                     H, HKV, QN, KN, M, q_offset, scale,
-                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)."""
+    def _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """This program's (batch, head, kv head, rows, row mask, dims) and its rows' q, attention
+        output and log-sum-exp, fp32 (program_id(1) = batch × head, program_id(0) = row block)."""
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -483,6 +482,26 @@ if triton is not None:
         q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        return b, h, kvh, rows, ok, d, q, z, lse
+
+    @triton.jit
+    def _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """y (× the head's output scale) into [B, Q, H, D] memory: the layout the model reads next."""
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM
+        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm,
+                     spb, sph, smb, smh,
+                     H, HKV, QN, KN, M, q_offset, scale,
+                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)."""
+        b, h, kvh, rows, ok, d, q, z, lse = _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
+                                                       BLOCK_M, HEAD_DIM)
         u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         rest = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         s_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -511,10 +530,7 @@ if triton is not None:
         movable = r_mass > 1.1754943508222875e-38
         c = tl.where(movable, 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0), 1.0)
         y = tl.where(movable[:, None], beta * u + c[:, None] * w, u + w)
-        if HAS_SCALE:
-            y = y * tl.load(Scale + h)
-        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
-        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
         tl.store(Cp + (b * H + h) * QN + rows, c, mask=ok)
 
 
@@ -527,16 +543,8 @@ if triton is not None:
         (O_N, lse_N): z' = (β·U + (r + (1 − β)·A)·O_N) / (r + A), A and U the sinks' weights and
         weighted values relative to their largest logit m, r = exp(lse_N − m); r = 0 (no
         non-sink key): the row as it is, U / A."""
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kvh = h // (H // HKV)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ok = rows < QN
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        o_n = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        lse_n = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        b, h, kvh, rows, ok, d, q, o_n, lse_n = _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
+                                                           BLOCK_M, HEAD_DIM)
         top = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         for m in range(0, M):  # the largest own-sink logit: weights relative to it cannot overflow
             pos = tl.load(Pos + b * spb + kvh * sph + m)
@@ -560,10 +568,7 @@ if triton is not None:
         r = tl.where(has_sink, tl.exp(lse_n - tl.where(has_sink, top, 0.0)), 1.0)
         y = (beta * u + (r + (1.0 - beta) * a)[:, None] * o_n) / (r + a)[:, None]
         y = tl.where((r > 0)[:, None], y, u / tl.where(has_sink, a, 1.0)[:, None])
-        if HAS_SCALE:
-            y = y * tl.load(Scale + h)
-        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
-        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
 
 
 __all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_excluded", "fixed_lists", "received",
