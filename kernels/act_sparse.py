@@ -468,29 +468,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
 
 
 if triton is not None:
-    @triton.jit
-    def _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """This program's (batch, head, kv head, rows, row mask, dims) and its rows' q, attention
-        output and log-sum-exp, fp32 (program_id(1) = batch × head, program_id(0) = row block)."""
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        kvh = h // (H // HKV)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ok = rows < QN
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
-        return b, h, kvh, rows, ok, d, q, z, lse
-
-    @triton.jit
-    def _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """y (× the head's output scale) into [B, Q, H, D] memory: the layout the model reads next."""
-        if HAS_SCALE:
-            y = y * tl.load(Scale + h)
-        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM
-        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+    from headlab.kernels.score_mod import _row_tile, _store_rows
 
     @triton.jit
     def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,

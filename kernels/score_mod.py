@@ -252,13 +252,11 @@ def correct(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torc
 
 
 if triton is not None:
-    @triton.jit(do_not_specialize=["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
-                                   "H", "HKV", "QN", "P", "q_offset"])
-    def _correct(Qp, Kp, Vp, Op, Lp, Pos, W, Scale, Yp,
-                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                 H, HKV, QN, P, q_offset, scale,
-                 CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """BLOCK_M rows of one (batch, head): O' = (O + Σ_p w_p v_p) / (1 + Σ_p w_p), w_p = W[h, p]·exp(s_p − L)."""
+    @triton.jit
+    def _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """This program's (batch, head, kv head, rows, row mask, dims) and its rows' q, attention
+        output and log-sum-exp, fp32 (program_id(1) = batch × head, program_id(0) = row block):
+        the prologue of every sparse correction kernel (`_correct` here, `act_sparse`'s two)."""
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -267,8 +265,27 @@ if triton is not None:
         ok = rows < QN
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        o = tl.load(Op + b * sob + h * soh + rows[:, None] * som + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        return b, h, kvh, rows, ok, d, q, z, lse
+
+    @triton.jit
+    def _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """y (× the head's output scale) into [B, Q, H, D] memory: the layout the model reads next."""
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM
+        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit(do_not_specialize=["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
+                                   "H", "HKV", "QN", "P", "q_offset"])
+    def _correct(Qp, Kp, Vp, Op, Lp, Pos, W, Scale, Yp,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                 H, HKV, QN, P, q_offset, scale,
+                 CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head): O' = (O + Σ_p w_p v_p) / (1 + Σ_p w_p), w_p = W[h, p]·exp(s_p − L)."""
+        b, h, kvh, rows, ok, d, q, o, lse = _row_tile(Qp, Op, Lp, sqb, sqh, sqm, sob, soh, som, H, HKV, QN,
+                                                       BLOCK_M, HEAD_DIM)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         den = tl.zeros([BLOCK_M], dtype=tl.float32)
         for p in range(0, P):
@@ -282,10 +299,7 @@ if triton is not None:
             acc += w[:, None] * v[None, :]
             den += w
         y = (o + acc) / (1.0 + den)[:, None]
-        if HAS_SCALE:
-            y = y * tl.load(Scale + h)
-        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM  # [B, Q, H, D] memory
-        tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
 
 
 __all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "decode_masked", "enabled",
