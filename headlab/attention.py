@@ -8,6 +8,8 @@ session's plan and records its stats for the calling layer (`module.layer_idx`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +28,28 @@ call (TransformerLens's hook_attn_scores / hook_pattern / hook_rot_q / hook_rot_
 [B, H, Q, K] fp32 (O(N²) memory, on demand only), "q" [B, H, Q, D] and "k" [B, Hkv, Q, D] (the
 call's new keys) after the rotary embedding."""
 OBSERVED_ATTR = "_headlab_observed"
+MASKED_DECODE_SPLIT_KEYS = 4096
+"""A plain decode step (≤ 16 queries) with an attention mask over more keys than this — or any,
+inside `static_decode_steps()` — runs on the Triton decode kernel. transformers' SDPA path copies
+the keys and values to every query head when a mask is given (`repeat_kv`: GQA in SDPA is used
+only without a mask), 0.5 GB per layer at a 32k cache; at 1k keys that path's host time (~190 µs
+a call) is below the Triton launch's (~370 µs), which is what counts unless the step is replayed
+from a CUDA graph — there the Triton call takes 10.7 µs against that path's 36.9 µs
+(benchmarks/results/decode_graph_bench_h100.json, `plain_masked*` / `sdpa_masked` rows)."""
+_static_steps = 0
+
+
+@contextlib.contextmanager
+def static_decode_steps() -> Iterator[None]:
+    """Within: the decode steps of `headlab.decode` (a static cache with a key mask, replayed from a
+    CUDA graph, where only GPU time counts): plain masked decode calls take the Triton decode
+    kernel whatever the cache length, and the eager steps run the same kernels as the graph."""
+    global _static_steps
+    _static_steps += 1
+    try:
+        yield
+    finally:
+        _static_steps -= 1
 
 
 @dataclass
@@ -91,6 +115,18 @@ class PatchSession:
 
     def tokens_seen(self, layer: int) -> int:
         return self._seen.get(layer, 0)
+
+    def positions(self) -> dict[int, int]:
+        """Tokens seen per layer: a snapshot for `restore_positions` (a captured CUDA graph step
+        runs this Python once at capture and never at replay; `headlab.decode` keeps the count)."""
+        return dict(self._seen)
+
+    def restore_positions(self, seen: dict[int, int]) -> None:
+        self._seen = dict(seen)
+
+    def skip_positions(self, n: int) -> None:
+        """Count `n` more tokens in every layer (decode steps replayed without running this Python)."""
+        self._seen = {layer: count + n for layer, count in self._seen.items()}
 
 
 def _plain_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> torch.Tensor:
@@ -225,6 +261,13 @@ class _Call:
 
         Q, K = query.shape[2], key.shape[2]
         if plan is None and stats is None and self.softcap is None:
+            if (self.attention_mask is not None and Q <= 16 and query.is_cuda
+                    and (K > MASKED_DECODE_SPLIT_KEYS or _static_steps)):
+                from headlab.kernels import uses_triton
+
+                if uses_triton(query, key, value, self.attention_mask):
+                    return patched_attention(query, key, value, scaling=self.scaling, is_causal=self.causal,
+                                             attention_mask=self.attention_mask)
             return self.plain(query, key, value), None
         if plan is not None and (plan.has_bias or plan.has_act):
             from headlab.kernels import act_sparse, score_mod
@@ -235,7 +278,8 @@ class _Call:
             if score_mod.enabled(query) and route.route_reason(
                     plan, Q, K, self.attention_mask, self.causal, self.softcap,
                     stats is not None and stats.wants_probabilities) is None:
-                z, scaled = route.attend(query, key, value, plan, self.scaling, self.causal)
+                mask = self.attention_mask if route is act_sparse else None  # only ACT takes a key mask
+                z, scaled = route.attend(query, key, value, plan, self.scaling, self.causal, attention_mask=mask)
                 return self._finish(z, query, key, value, plan, stats, edited=scaled)
         # SDPA computes every output at full speed unless the probabilities themselves change (or
         # softcap, which SDPA lacks); the patched attention then computes only the probability stats,

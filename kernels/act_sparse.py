@@ -84,16 +84,26 @@ def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask:
         return "no ACT"
     if plan.has_logit_scale or plan.has_bias or plan.has_var:
         return "the plan changes logits besides ACT (key bias, logit scale or VAR)"
+    decode = q_len == 1 and k_len > 1
+    calibrated_decode = decode and not plan.has_adaptive_act
+    if calibrated_decode and attention_mask is not None and is_key_mask(attention_mask, k_len):
+        attention_mask = None  # a key mask (padding, a static cache's free slots): `decode_excluded_split` takes it
     reason = score_mod.plain_call_reason(attention_mask, softcap, wants_probabilities)
     if reason is not None:
         return reason
-    if q_len == 1 and k_len > 1:
+    if decode:
         if plan.has_adaptive_act:
             return "a decode step with input-adaptive sinks (found from the step's own row: the Triton kernel)"
         return None
     if q_len != k_len:
         return "a chunked prefill (queries after a cache: the Triton kernel)"
     return None
+
+
+def is_key_mask(mask: torch.Tensor, k_len: int) -> bool:
+    """True for a boolean mask [B | 1, 1, 1, ≥ K] (True = attend): which keys every query head of
+    a decode step sees — left padding, or the slots of a static cache not written yet."""
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.shape[3] >= k_len
 
 
 def sink_lists(sinks: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -147,14 +157,20 @@ def zeroed_values(value: torch.Tensor, positions: torch.Tensor, where: tuple[tor
     return out
 
 
+def _max_sink(plan: LayerPlan) -> int:
+    """The largest calibrated sink position of the plan, read once per plan (later calls: no device read)."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_max_sink" not in cache:
+        cache["act_max_sink"] = int(plan.act_sinks.max())
+    return cache["act_max_sink"]
+
+
 def _fixed_where(plan: LayerPlan, n_kv: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv heads, positions) of a calibrated plan's sink union below k_len, from the host copy of
     the plan (built once per plan, device and set of positions present: a decode step past the
     last sink reuses it, with no host-to-device copy)."""
     cache = plan.__dict__.setdefault("_kernel_cache", {})
-    if "act_max_sink" not in cache:
-        cache["act_max_sink"] = int(plan.act_sinks.max())
-    slot = ("act_fixed_where", n_kv, min(k_len, cache["act_max_sink"] + 1), device)
+    slot = ("act_fixed_where", n_kv, min(k_len, _max_sink(plan) + 1), device)
     if slot not in cache:
         sets = plan.act_sinks.cpu()
         group = sets.shape[0] // n_kv
@@ -296,24 +312,106 @@ def decode_excluded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     o_n = o_n.reshape(B, H, 1, D)
     if not score_mod.use_kernel(query):
         return apply_act_excluded(o_n, lse_n, query, key, value, positions, member, plan.act_beta, scaling), False
+    return _excluded_correction(o_n, lse_n, query, key, value, positions, member, plan, scaling)
+
+
+def triton_decode_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> str | None:
+    """Why `decode_excluded_split` cannot use the Triton kernels for this call (None when it can)."""
+    if not score_mod.use_kernel(query):
+        return "no Triton correction kernel for these tensors"
+    from headlab.kernels.fused import unsupported_reason
+
+    return unsupported_reason(query, key, value, attention_mask, None, None)
+
+
+def decode_excluded_split(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan,
+                          scaling: float, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """`decode_excluded` on headlab's Triton decode kernel, which splits a long cache over the GPU
+    and takes a key mask [B | 1, 1, 1, ≥ K] (`is_key_mask`: left padding, the free slots of
+    `headlab.decode`'s static cache): the attention with each head's own sinks excluded (a logit
+    bias of −1e30 on them: weight 0, and no −∞ arithmetic) and its log-sum-exp, then
+    `_act_excluded`. A sink the mask hides is no sink of that row. No device sync and no copy of
+    the cache: a CUDA graph can hold it. Where the Triton kernels cannot run, the same in PyTorch.
+    Returns (outputs [B, H, 1, D], whether the output scale is applied)."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    lists = fixed_lists(plan, Hkv, query.device)
+    bias = _exclusion_bias(plan, min(K, _max_sink(plan) + 1), query.device)
+    kernel = triton_decode_reason(query, key, value, attention_mask) is None
+    if kernel:
+        from headlab.kernels.fused import _Launch
+
+        run = _Launch(query, key, value, scaling, False, attention_mask, None, None, K - Q)
+        if lists is not None:
+            run.bias, run.kb = bias, bias.shape[1]
+        res = run.forward(output=True)
+        o_n, lse_n = res["out"], res["lse"]
+    else:  # spelled out: [B, Hkv, G, K] logits of the step's one query per head
+        s = torch.matmul(query.float().view(B, Hkv, G, D), key.float().transpose(-1, -2)) * scaling
+        if lists is not None:
+            s[..., : bias.shape[1]] += bias.view(Hkv, G, -1)
+        if attention_mask is not None:
+            s = s.masked_fill(~attention_mask[:, :, :, :K].view(-1, 1, 1, K), float("-inf"))
+        lse_n = torch.logsumexp(s, -1).reshape(B, H, 1)
+        o_n = torch.matmul(torch.softmax(s, -1), value.float()).reshape(B, H, 1, D)
+    if lists is None:
+        return o_n.float(), False
+    positions, member = lists
+    if kernel:  # the kernel reads the key mask at the sink positions itself
+        return _excluded_correction(o_n, lse_n, query, key, value, positions, member, plan, scaling, attention_mask)
+    if attention_mask is not None:  # a hidden key is no sink of this row
+        pos = positions.long().repeat_interleave(G, 1)  # [1, H, M]
+        seen = attention_mask[:, 0, 0, :K].expand(B, K)
+        visible = torch.gather(seen, 1, pos.clamp(0, K - 1).expand(B, H, -1).reshape(B, -1)).view(B, H, -1)
+        member = (member.bool() & visible & (pos >= 0)).to(torch.int8)
+    return apply_act_excluded(o_n, lse_n, query, key, value, positions, member, plan.act_beta, scaling), False
+
+
+def _exclusion_bias(plan: LayerPlan, width: int, device: torch.device) -> torch.Tensor:
+    """[H, width] fp32: −1e30 at each head's calibrated sink positions below `width`, 0 elsewhere (kept per plan)."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    slot = ("act_exclusion_bias", width, device)
+    if slot not in cache:
+        bias = torch.zeros(plan.act_heads.shape[0], width)
+        bias[fixed_sink_mask(plan, width, torch.device("cpu"))] = -1e30
+        cache[slot] = bias.to(device)
+    return cache[slot]
+
+
+def _excluded_correction(o_n: torch.Tensor, lse_n: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, positions: torch.Tensor, member: torch.Tensor, plan: LayerPlan,
+                         scaling: float, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """`_act_excluded` over o_n [B, H, 1, D] and lse_n [B, H, 1] (natural log): (y [B, H, 1, D],
+    whether the output scale is applied). `member` [1, H, M]; `key_mask` [B | 1, 1, 1, ≥ K] bool
+    (`is_key_mask`): a sink it hides is no sink of that row."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
     head_scale = not plan.edits_outputs
     beta32, scale32 = _kernel_factors(plan)
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
-    lse_n = lse_n.contiguous()
+    lse_n = lse_n.reshape(B, H, Q).float().contiguous()
+    if key_mask is not None:
+        kmask, kmb, kmk = key_mask.view(torch.uint8), key_mask.stride(0) if key_mask.shape[0] > 1 else 0, key_mask.stride(3)
+    else:
+        kmask, kmb, kmk = member, 0, 0  # not read
     _act_excluded[(1, B * H)](
-        query, key, value, o_n, lse_n, positions, member, beta32, scale32, y,
+        query, key, value, o_n, lse_n, positions, member, beta32, scale32, y, kmask,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *o_n.stride()[:3],
-        0, positions.stride(1), 0, member.stride(1),
+        0, positions.stride(1), 0, member.stride(1), kmb, kmk,
         H, Hkv, Q, K, positions.shape[-1], scaling,
-        HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=16, HEAD_DIM=D, num_warps=2,
+        HAS_SCALE=head_scale and plan.has_head_scale, HAS_KMASK=key_mask is not None, BLOCK_M=16, HEAD_DIM=D,
+        num_warps=2,
     )
     return y.transpose(1, 2), head_scale
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
-           causal: bool) -> tuple[torch.Tensor, bool]:
+           causal: bool, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) under the
-    plan's ACT, for a call `route_reason` accepted (see `score_mod.attend` for the output contract)."""
+    plan's ACT, for a call `route_reason` accepted (see `score_mod.attend` for the output contract).
+    `attention_mask`: only a decode step's key mask (`is_key_mask`), with calibrated sinks."""
     Hkv = key.shape[1]
     full_causal = causal and query.shape[2] > 1  # a decode step's one query sees every key
     if plan.has_adaptive_act:
@@ -333,6 +431,11 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
         _note(f"input-adaptive sinks: over {MAX_EXACT_ROWS} (head, row) pairs with a non-sink factor above {C_MAX:g}, "
               "the exact masked pass")
     else:
+        long_decode = query.shape[2] == 1 and key.shape[2] > DECODE_EXCLUDE_MAX_KEYS
+        if attention_mask is not None or (long_decode and triton_decode_reason(query, key, value, None) is None):
+            _note("calibrated sinks, a decode step with a key mask or a long cache: the decode kernel without the "
+                  "sinks + the correction")
+            return decode_excluded_split(query, key, value, plan, scaling, attention_mask)
         if query.shape[2] == 1 and key.shape[2] <= DECODE_EXCLUDE_MAX_KEYS:
             _note("calibrated sinks, a short decode step: one attention call without the sinks + the correction")
             return decode_excluded(query, key, value, plan, scaling)
@@ -513,29 +616,36 @@ if triton is not None:
 
 
     @triton.jit
-    def _act_excluded(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp,
-                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm, spb, sph, smb, smh,
+    def _own_sink(Pos, Mem, KMask, b, h, kvh, m, spb, sph, smb, smh, skmb, skmk, KN, HAS_KMASK: tl.constexpr):
+        """(position, whether it is a sink of head h that row b sees) of the m-th listed key."""
+        pos = tl.load(Pos + b * spb + kvh * sph + m)
+        mine = (tl.load(Mem + b * smb + h * smh + m) != 0) & (pos >= 0) & (pos < KN)
+        if HAS_KMASK:
+            mine = mine & (tl.load(KMask + b * skmb + tl.where(mine, pos, 0) * skmk) != 0)
+        return pos, mine
+
+    @triton.jit
+    def _act_excluded(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, KMask,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm, spb, sph, smb, smh, skmb, skmk,
                       H, HKV, QN, KN, M, scale,
-                      HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                      HAS_SCALE: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
         """BLOCK_M rows of one (batch, head), from the attention without the head's own sinks
         (O_N, lse_N): z' = (β·U + (r + (1 − β)·A)·O_N) / (r + A), A and U the sinks' weights and
         weighted values relative to their largest logit m, r = exp(lse_N − m); r = 0 (no
-        non-sink key): the row as it is, U / A."""
+        non-sink key): the row as it is, U / A. With HAS_KMASK a sink the key mask hides is none."""
         b, h, kvh, rows, ok, d, q, o_n, lse_n = _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
                                                            BLOCK_M, HEAD_DIM)
         top = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         for m in range(0, M):  # the largest own-sink logit: weights relative to it cannot overflow
-            pos = tl.load(Pos + b * spb + kvh * sph + m)
-            mine = tl.load(Mem + b * smb + h * smh + m)
-            if (mine != 0) & (pos >= 0) & (pos < KN):
+            pos, mine = _own_sink(Pos, Mem, KMask, b, h, kvh, m, spb, sph, smb, smh, skmb, skmk, KN, HAS_KMASK)
+            if mine:
                 k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
                 top = tl.maximum(top, tl.sum(q * k[None, :], 1) * scale)
         a = tl.zeros([BLOCK_M], dtype=tl.float32)
         u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for m in range(0, M):
-            pos = tl.load(Pos + b * spb + kvh * sph + m)
-            mine = tl.load(Mem + b * smb + h * smh + m)
-            if (mine != 0) & (pos >= 0) & (pos < KN):
+            pos, mine = _own_sink(Pos, Mem, KMask, b, h, kvh, m, spb, sph, smb, smh, skmb, skmk, KN, HAS_KMASK)
+            if mine:
                 k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
                 v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
                 w = tl.exp(tl.sum(q * k[None, :], 1) * scale - top)
@@ -549,5 +659,5 @@ if triton is not None:
         _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
 
 
-__all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_excluded", "fixed_lists", "received",
-           "route_reason", "sink_lists", "zeroed_values"]
+__all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_excluded", "decode_excluded_split",
+           "fixed_lists", "is_key_mask", "received", "route_reason", "sink_lists", "triton_decode_reason", "zeroed_values"]

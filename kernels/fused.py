@@ -293,11 +293,17 @@ class _Launch:
         )
         return recv, cnt
 
-    def sink_mass(self, sinks: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """S_i = Σ_{s ∈ sinks} A[i, s] per row: [B, H, Q], from the few sink keys gathered in PyTorch."""
+    def sink_mass(self, sinks: torch.Tensor, lse: torch.Tensor, plan_sinks: int | None = None) -> torch.Tensor:
+        """S_i = Σ_{s ∈ sinks} A[i, s] per row: [B, H, Q], from the few sink keys gathered in PyTorch.
+        `plan_sinks`: the most sink positions any head has when every set is calibrated (then the
+        sets' size is known on the host and nothing is read back from the GPU — a CUDA graph can
+        hold the call)."""
         B, H, QN, _ = self.q.shape
-        counts = sinks.sum(-1)
-        M = int(counts.max()) if counts.numel() else 0
+        if plan_sinks is not None:  # calibrated sets only: at most the plan's positions per head, no device read
+            M = min(plan_sinks, self.KN)
+        else:
+            counts = sinks.sum(-1)
+            M = int(counts.max()) if counts.numel() else 0
         if M == 0:
             return torch.zeros(B, H, QN, device=self.device)
         # positions of each head's sinks, padded with K (an invalid key) to M
@@ -430,7 +436,7 @@ def patched_attention(
         else:  # calibrated sink sets only: no column pass
             recv = cnt = torch.zeros(B, H, K, device=query.device)
         sinks = act_sink_sets(recv, cnt, plan)
-        s_mass = run.sink_mass(sinks, lse0)
+        s_mass = run.sink_mass(sinks, lse0, None if plan.has_adaptive_act else plan.act_sinks.shape[-1])
         beta = plan.act_beta.to(query.device, torch.float32)[None, :, None]
         c, movable = act_row_factors(s_mass, 1.0 - s_mass, beta)
         bias = torch.log(beta.expand_as(c)) - torch.log(c)

@@ -164,11 +164,13 @@ def apply_sparse_bias(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
-           causal: bool) -> tuple[torch.Tensor, bool]:
+           causal: bool, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """(head outputs [B, H, Q, D], whether the plan's output scale is already applied) of the
     biased attention, for a call `route_reason` accepted. With the Triton correction the outputs
     are in query.dtype and scaled unless the plan also replaces or shifts outputs (then they are
     fp32 and unscaled, like the PyTorch correction's, for `apply_output_interventions`)."""
+    if attention_mask is not None:
+        raise ValueError("score_mod.attend takes no attention mask (route_reason refuses masked calls)")
     Q, K = query.shape[2], key.shape[2]
     where = query.device.type
     if where not in _logged:

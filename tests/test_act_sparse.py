@@ -236,17 +236,25 @@ def test_the_route_is_refused_where_it_does_not_hold(case, reason):
     assert act_sparse.route_reason(calibrated, 1, 8, None, True, None, False) is None  # decode, fixed sinks
 
 
-@pytest.mark.parametrize("excluded", [True, False])
+@pytest.mark.parametrize("route", ["excluded", "split", "zeroed"])
 @pytest.mark.parametrize("k_len", [9, 30])
-def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len, excluded, monkeypatch):
+def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len, route, monkeypatch):
     """One query against a cache: a short cache as one attention call without each head's sinks
-    + the exact correction (`decode_excluded`), a long one (forced here) as grouped rows over the
-    sink-zeroed values + the correction; sinks past the cache (k_len 9 < position 11) drop out."""
-    if not excluded:
+    + the exact correction (`decode_excluded`); a long one (forced here) on the decode kernel
+    without the sinks (`decode_excluded_split`), or, where the Triton kernels cannot run, as
+    grouped rows over the sink-zeroed values + the correction; sinks past the cache (k_len 9 <
+    position 11) drop out."""
+    if route != "excluded":
         monkeypatch.setattr(act_sparse, "DECODE_EXCLUDE_MAX_KEYS", 0)
-    calls = []
-    original = act_sparse.decode_excluded
-    monkeypatch.setattr(act_sparse, "decode_excluded", lambda *a: calls.append(1) or original(*a))
+    if route == "zeroed":
+        monkeypatch.setattr(act_sparse, "triton_decode_reason", lambda *a: "forced off")
+    elif route == "split" and act_sparse.triton_decode_reason(*planted(4, 1.0, dtype=torch.float32)[:3], None):
+        pytest.skip("the split route needs the Triton kernels (their interpreter on the CPU)")
+    calls = {"excluded": [], "split": []}
+    for name in calls:
+        original = getattr(act_sparse, f"decode_{name}" if name == "excluded" else "decode_excluded_split")
+        monkeypatch.setattr(act_sparse, f"decode_{name}" if name == "excluded" else "decode_excluded_split",
+                            lambda *a, _o=original, _n=name: calls[_n].append(1) or _o(*a))
     q, k, v = planted(k_len, 3.0, dtype=torch.float32, seed=5)
     q = q[:, :, -1:]
     plan = (InterventionPlan().act_with_sinks({(0, 0): [4, 9], (0, 1): [6, 11], (0, 2): [5]})
@@ -258,7 +266,35 @@ def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len, exclude
         got = got * plan.head_scale[None, :, None, None]
     torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
     assert (expect - plain).abs().max() > 0.01
-    assert bool(calls) == excluded
+    assert bool(calls["excluded"]) == (route == "excluded") and bool(calls["split"]) == (route == "split")
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_masked_decode_step_with_calibrated_sinks_equals_the_reference(kernel, monkeypatch):
+    """A decode step with a key mask (`headlab.decode`'s static cache: left padding and free slots
+    past the step) takes the route (`decode_excluded_split`): equal to the reference under the same
+    mask, where row 1's padding hides one of head 0's sinks and the free slots hide a sink past the
+    step. On the Triton decode kernel (interpreter) and spelled out in PyTorch."""
+    if not kernel:
+        monkeypatch.setattr(act_sparse, "triton_decode_reason", lambda *a: "forced off")
+    elif act_sparse.triton_decode_reason(*planted(4, 1.0, dtype=torch.float32)[:3], None):
+        pytest.skip("the kernel half needs the Triton kernels (their interpreter on the CPU)")
+    q, k, v = planted(40, 3.0, dtype=torch.float32, seed=8)
+    q = q[:, :, 29:30]  # the step's query at position 29; slots 30.. are free
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[:, ..., :30] = True
+    mask[1, ..., :5] = False  # row 1 left-padded over positions 0-4 (hides head 0's sink 4)
+    plan = (InterventionPlan().act_with_sinks({(0, 0): [4, 9], (0, 1): [6, 33], (0, 3): [2, 7]})
+            .scale_heads({(0, 3): 0.5}).compile_layer(0, 4, D))
+    assert act_sparse.route_reason(plan, 1, 40, mask, True, None, False) is None
+    assert "mask" in act_sparse.route_reason(plan, 1, 40, mask.float(), True, None, False)  # not a boolean key mask
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=False, attention_mask=mask, plan=plan)
+    plain, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=False, attention_mask=mask)
+    got, scaled = act_sparse.attend(q, k, v, plan, SCALE, True, attention_mask=mask)
+    if not scaled:
+        got = got * plan.head_scale[None, :, None, None]
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
+    assert (expect - plain).abs().max() > 0.01
 
 
 def test_the_excluded_correction_kernel_and_a_row_that_sees_only_sinks():
@@ -375,3 +411,20 @@ def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n, planting):
     expect, _ = reference_attention(q1.float(), k.float(), v.float(), scaling=Dh ** -0.5, is_causal=True, plan=lp)
     got, _ = act_sparse.attend(q1, k, v, lp, Dh ** -0.5, True)
     assert (got.float() - expect).abs().max() < 0.03
+    # the same step over a static cache with a key mask (free slots past the step, row padding),
+    # and over a long cache: the Triton decode kernel without the sinks + the correction
+    free = torch.zeros_like(k[:, :, :64])
+    k2, v2 = torch.cat([k, free], 2), torch.cat([v, free], 2)
+    mask = torch.zeros(1, 1, 1, n + 64, dtype=torch.bool, device="cuda")
+    mask[..., :n] = True
+    assert act_sparse.route_reason(lp, 1, n + 64, mask, True, None, False) is None
+    expect_m, _ = reference_attention(q1.float(), k2.float(), v2.float(), scaling=Dh ** -0.5, is_causal=False,
+                                      attention_mask=mask, plan=lp)
+    got_m, _ = act_sparse.attend(q1, k2, v2, lp, Dh ** -0.5, True, attention_mask=mask)
+    assert (got_m.float() - expect_m).abs().max() < 0.03
+    torch.testing.assert_close(expect_m, expect, atol=1e-5, rtol=1e-5)  # the free slots are no keys
+    long_k, long_v = k.repeat(1, 1, 4, 1), v.repeat(1, 1, 4, 1)  # past DECODE_EXCLUDE_MAX_KEYS: split over the GPU
+    expect_l, _ = reference_attention(q1.float(), long_k.float(), long_v.float(), scaling=Dh ** -0.5, is_causal=True,
+                                      plan=lp)
+    got_l, _ = act_sparse.attend(q1, long_k, long_v, lp, Dh ** -0.5, True)
+    assert (got_l.float() - expect_l).abs().max() < 0.03
