@@ -19,11 +19,13 @@ come first), with and without a leading space (a byte-level BPE tokenizes " V1" 
 differently; the reference tokenizes the answer alone), and — where the prompt's tokens merge the
 answer with its neighbours — by the tokenizer's character offsets instead of token ids.
 
-How it runs here: one `generate()` inside `HeadModel.patched(None, StatsRequest(argmax=True,
-queries=slice(-1, None)))`. The prefill computes the prompt at full speed and only the last
-prompt position's argmax is kept — that row is exactly the reference's first decode step (whose
-input is the last prompt token) — and each later decode step emits one argmax per head: O(N) per
-step, never `output_attentions`. Decoding stops at <eos>, a newline token or `max_new_tokens`.
+How it runs here: one greedy generation (`headlab.generate.greedy_tokens`: `generate()`'s tokens;
+on a GPU each decode step replayed from a CUDA graph) inside `HeadModel.patched(None,
+StatsRequest(argmax=True, queries=slice(-1, None)))`. The prefill computes the prompt at full speed
+and only the last prompt position's argmax is kept — that row is exactly the reference's first
+decode step (whose input is the last prompt token) — and each later decode step emits one argmax
+per head: O(N) per step, never `output_attentions`. Decoding stops at <eos>, a newline token or
+`max_new_tokens`.
 
 Teacher-forced variant (`teacher_forced=True`): one forward pass over prompt + reference answer,
 argmax on the answer window, w = the answer's tokens. When the model's greedy answer equals the
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 from headlab.checkpoint import cached
 from headlab.datasets import records_to, text_field
 from headlab.errors import HeadlabError
+from headlab.generate import greedy_tokens
 from headlab.io import read_text
 from headlab.model import HeadModel
 from headlab.plan import InterventionPlan
@@ -266,8 +269,7 @@ def sample_scores(model: HeadModel, sample: NeedleSample, config: RetrievalConfi
     else:
         stops = _stop_ids(model)
         with model.patched(plan, StatsRequest(argmax=True, queries=slice(-1, None))) as rec:
-            out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                 eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
+            out = greedy_tokens(model, ids, config.max_new_tokens, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id)
         produced = out[0, n:].tolist()  # the stop token too: the reference scores and decodes it (then strips)
         while produced and produced[-1] == tok.pad_token_id != tok.eos_token_id:
             produced.pop()
@@ -345,8 +347,7 @@ def greedy_answer(model: HeadModel, prompt: str, plan: InterventionPlan | None =
     tok = model.text_tokenizer
     ids = model.tokenize(prompt)["input_ids"]
     with model.patched(plan):
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(_stop_ids(model)),
-                             pad_token_id=tok.pad_token_id)
+        out = greedy_tokens(model, ids, max_new_tokens, eos_token_id=sorted(_stop_ids(model)), pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -81,6 +81,24 @@ def last_token_outputs(model: HeadModel, prompts: Sequence[str] | Sequence[Seque
     return torch.cat(out)
 
 
+def greedy_tokens(model: HeadModel, input_ids: torch.Tensor, max_new_tokens: int, *,
+                  attention_mask: torch.Tensor | None = None, eos_token_id: int | Sequence[int] | None = None,
+                  pad_token_id: int | None = None) -> torch.Tensor:
+    """The tokens [B, T + n] of `model.generate(input_ids, do_sample=False, ...)` (left-padded rows),
+    inside whatever `patched(...)` session is active. On a GPU through `headlab.decode.greedy_decode`
+    (the decode step replayed from a CUDA graph where the session allows it: batch-1 decoding is
+    otherwise host-bound); on the CPU, or for a model whose generation settings greedy_decode does
+    not implement, through `generate()` itself."""
+    from headlab.decode import generation_blocker, greedy_decode
+
+    if model.device.type == "cuda" and generation_blocker(model) is None:
+        return greedy_decode(model, input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id)
+    kwargs = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=pad_token_id, **kwargs)
+
+
 def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: InterventionPlan | None = None,
                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy continuation of each prompt (special tokens dropped, whitespace stripped) under `plan`."""
@@ -89,8 +107,7 @@ def greedy_generate(model: HeadModel, prompts: Sequence[str], plan: Intervention
     for sl in batch_slices(len(rows), batch_size):
         ids, mask = _padded(model, rows[sl], left=True)  # decoder-only generation continues on the right
         with model.patched(plan):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=_pad_id(model))
+            out = greedy_tokens(model, ids, max_new_tokens, attention_mask=mask, pad_token_id=_pad_id(model))
         for row in out[:, ids.shape[1]:]:
             texts.append(model.text_tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts

@@ -85,6 +85,13 @@ class HeadModel:
         with torch.no_grad():
             return self.model.generate(*args, **kwargs)
 
+    def greedy_decode(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        """Greedy generation with the decode step replayed from a CUDA graph where it can be
+        (`headlab.decode.greedy_decode`): the tokens `generate(do_sample=False)` returns, at GPU speed."""
+        from headlab.decode import greedy_decode
+
+        return greedy_decode(self, input_ids, max_new_tokens, **kwargs)
+
     @property
     def text_tokenizer(self) -> Any:
         """The tokenizer of text: `tokenizer` itself, or a vision-language processor's `.tokenizer`."""
