@@ -32,9 +32,9 @@ MASKED_DECODE_SPLIT_KEYS = 4096
 """A plain decode step (≤ 16 queries) with an attention mask over more keys than this — or any,
 inside `static_decode_steps()` — runs on the Triton decode kernel. transformers' SDPA path copies
 the keys and values to every query head when a mask is given (`repeat_kv`: GQA in SDPA is used
-only without a mask), 0.5 GB per layer at a 32k cache; at 1k keys that path's host time (~190 µs
-a call) is below the Triton launch's (~370 µs), which is what counts unless the step is replayed
-from a CUDA graph — there the Triton call takes 10.7 µs against that path's 36.9 µs
+only without a mask), 0.5 GB per layer at a 32k cache; at 1k keys that path's host time (100–190
+µs a call, by host) is below the Triton launch's (280–400 µs), which is what counts unless the step
+is replayed from a CUDA graph — there the Triton call takes 11 µs against that path's 37 µs
 (benchmarks/results/decode_graph_bench_h100.json, `plain_masked*` / `sdpa_masked` rows)."""
 _static_steps = 0
 

@@ -525,6 +525,15 @@ class InterventionPlan:
             return cls.from_dict(d, tensors)
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. A CPU tensor goes to a GPU through pinned memory without blocking: a copy
+    from pageable memory waits for all the work queued on the stream first, so plans and kernel
+    caches built mid-forward (each layer's first call of a session) would stall the GPU pipeline."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class LayerPlan:
     """One layer's interventions as flat per-head tensors (what a kernel reads).
@@ -575,6 +584,9 @@ class LayerPlan:
             }
             if self.facts["var"]:
                 self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())
+            if self.act_sinks is not None:  # the calibrated sink positions, for host-side kernel setup
+                self.facts["act_sinks_host"] = self.act_sinks.detach().cpu().clone()
+                self.facts["act_max_sink"] = int(self.act_sinks.max())
 
     @property
     def has_bias(self) -> bool:
@@ -599,6 +611,17 @@ class LayerPlan:
         if self.act_sinks is None:
             return torch.zeros_like(self.act_heads)
         return (self.act_sinks >= 0).any(-1)
+
+    @property
+    def act_sinks_host(self) -> torch.Tensor | None:
+        """`act_sinks` [H, S] (−1 padded) on the CPU, kept from where the plan was built: kernels
+        set up from it without reading the device copy back (a synchronization per layer)."""
+        return self.facts.get("act_sinks_host")
+
+    @property
+    def act_max_sink(self) -> int:
+        """The largest calibrated sink position (−1 when none)."""
+        return self.facts.get("act_max_sink", -1)
 
     @property
     def has_adaptive_act(self) -> bool:
@@ -636,23 +659,26 @@ class LayerPlan:
             device = torch.device("cuda", torch.cuda.current_device())
         if self.head_scale.device == device:
             return self  # plans are never mutated: sharing is safe, and keeps kernel caches warm
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else upload(t, device)
+
         return LayerPlan(
             layer=self.layer,
-            head_scale=self.head_scale.to(device),
-            logit_scale=self.logit_scale.to(device),
-            bias_positions=self.bias_positions.to(device),
-            bias=self.bias.to(device),
-            act_heads=self.act_heads.to(device),
-            act_beta=self.act_beta.to(device),
-            act_tau=self.act_tau.to(device),
-            act_sinks=None if self.act_sinks is None else self.act_sinks.to(device),
-            replace_mode=self.replace_mode.to(device),
-            mean_out=None if self.mean_out is None else self.mean_out.to(device),
-            patches={h: z.to(device) for h, z in self.patches.items()},
-            shift_out=None if self.shift_out is None else self.shift_out.to(device),
-            var_p=None if self.var_p is None else self.var_p.to(device),
-            var_sources=None if self.var_sources is None else self.var_sources.to(device),
-            var_targets=None if self.var_targets is None else self.var_targets.to(device),
+            head_scale=move(self.head_scale),
+            logit_scale=move(self.logit_scale),
+            bias_positions=move(self.bias_positions),
+            bias=move(self.bias),
+            act_heads=move(self.act_heads),
+            act_beta=move(self.act_beta),
+            act_tau=move(self.act_tau),
+            act_sinks=move(self.act_sinks),
+            replace_mode=move(self.replace_mode),
+            mean_out=move(self.mean_out),
+            patches={h: move(z) for h, z in self.patches.items()},
+            shift_out=move(self.shift_out),
+            var_p=move(self.var_p),
+            var_sources=move(self.var_sources),
+            var_targets=move(self.var_targets),
             facts=self.facts,
         )
 

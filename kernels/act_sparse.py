@@ -52,7 +52,7 @@ import torch
 
 from headlab.kernels import score_mod
 from headlab.kernels.reference import act_row_factors, act_sink_sets, fixed_sink_mask
-from headlab.plan import LayerPlan
+from headlab.plan import LayerPlan, upload
 
 try:
     import triton
@@ -130,14 +130,14 @@ def fixed_lists(plan: LayerPlan, n_kv: int, device: torch.device) -> tuple[torch
     cache = plan.__dict__.setdefault("_kernel_cache", {})
     slot = ("act_fixed_lists", n_kv, device)
     if slot not in cache:
-        sets = plan.act_sinks.cpu()
+        sets = plan.act_sinks_host
         H = sets.shape[0]
         sinks = torch.zeros(1, H, int(sets.max()) + 1, dtype=torch.bool)
         for h in range(H):
             row = sets[h][sets[h] >= 0]
             sinks[0, h, row] = True
         lists = sink_lists(sinks, n_kv)
-        cache[slot] = None if lists is None else (lists[0].to(device), lists[1].to(device))
+        cache[slot] = None if lists is None else (upload(lists[0], device), upload(lists[1], device))
     return cache[slot]
 
 
@@ -157,27 +157,19 @@ def zeroed_values(value: torch.Tensor, positions: torch.Tensor, where: tuple[tor
     return out
 
 
-def _max_sink(plan: LayerPlan) -> int:
-    """The largest calibrated sink position of the plan, read once per plan (later calls: no device read)."""
-    cache = plan.__dict__.setdefault("_kernel_cache", {})
-    if "act_max_sink" not in cache:
-        cache["act_max_sink"] = int(plan.act_sinks.max())
-    return cache["act_max_sink"]
-
-
 def _fixed_where(plan: LayerPlan, n_kv: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv heads, positions) of a calibrated plan's sink union below k_len, from the host copy of
     the plan (built once per plan, device and set of positions present: a decode step past the
     last sink reuses it, with no host-to-device copy)."""
     cache = plan.__dict__.setdefault("_kernel_cache", {})
-    slot = ("act_fixed_where", n_kv, min(k_len, _max_sink(plan) + 1), device)
+    slot = ("act_fixed_where", n_kv, min(k_len, plan.act_max_sink + 1), device)
     if slot not in cache:
-        sets = plan.act_sinks.cpu()
+        sets = plan.act_sinks_host
         group = sets.shape[0] // n_kv
         pairs = sorted({(h // group, int(p)) for h in range(sets.shape[0]) for p in sets[h].tolist() if 0 <= p < k_len})
         kv = torch.tensor([a for a, _ in pairs], dtype=torch.long)
         pos = torch.tensor([b for _, b in pairs], dtype=torch.long)
-        cache[slot] = (kv.to(device), pos.to(device))
+        cache[slot] = (upload(kv, device), upload(pos, device))
     return cache[slot]
 
 
@@ -298,7 +290,7 @@ def decode_excluded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         cap = 1 << max(10, (K - 1).bit_length())
         buf = torch.zeros(H, cap, dtype=query.dtype)
         buf[fixed_sink_mask(plan, cap, torch.device("cpu"))] = torch.finfo(query.dtype).min  # exp() of it is 0, no NaN
-        buf = cache[slot] = buf.to(query.device)
+        buf = cache[slot] = upload(buf, query.device)
     bias = buf.view(1, Hkv, G, -1)[..., :K]
     if query.device.type == "cuda":
         o_n, lse_n = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -338,7 +330,7 @@ def decode_excluded_split(query: torch.Tensor, key: torch.Tensor, value: torch.T
     Hkv, K = key.shape[1], key.shape[2]
     G = H // Hkv
     lists = fixed_lists(plan, Hkv, query.device)
-    bias = _exclusion_bias(plan, min(K, _max_sink(plan) + 1), query.device)
+    bias = _exclusion_bias(plan, min(K, plan.act_max_sink + 1), query.device)
     kernel = triton_decode_reason(query, key, value, attention_mask) is None
     if kernel:
         from headlab.kernels.fused import _Launch
@@ -376,7 +368,7 @@ def _exclusion_bias(plan: LayerPlan, width: int, device: torch.device) -> torch.
     if slot not in cache:
         bias = torch.zeros(plan.act_heads.shape[0], width)
         bias[fixed_sink_mask(plan, width, torch.device("cpu"))] = -1e30
-        cache[slot] = bias.to(device)
+        cache[slot] = upload(bias, device)
     return cache[slot]
 
 

@@ -179,7 +179,8 @@ def fixed_sink_mask(plan: LayerPlan, k_len: int, device: torch.device) -> torch.
     n_heads = plan.act_heads.shape[0]
     mask = torch.zeros(n_heads, k_len + 1, dtype=torch.bool, device=device)
     if plan.act_sinks is not None:
-        pos = plan.act_sinks.to(device)
+        # the host copy for the CPU: building a mask there never waits on the GPU
+        pos = (plan.act_sinks_host if device.type == "cpu" else plan.act_sinks).to(device)
         pos = torch.where((pos >= 0) & (pos < k_len), pos, torch.full_like(pos, k_len))
         mask.scatter_(1, pos, True)
     return mask[:, :k_len]

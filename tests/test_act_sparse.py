@@ -198,6 +198,10 @@ def test_calibrated_sinks_are_the_papers_calibration_on_fixed_positions():
 def test_calibrated_sinks_save_load_and_errors(tmp_path):
     plan = InterventionPlan().act_with_sinks({(1, 2): [5, 3, 5]}, beta=0.3).act([(0, 1)])
     assert plan.act_heads[(1, 2)].sinks == (3, 5)
+    lp = plan.compile_layer(1, 4, D)  # the host copy kernels set up from (no device read per layer)
+    assert lp.act_max_sink == 5 and lp.act_sinks_host.device.type == "cpu"
+    assert torch.equal(lp.act_sinks_host, lp.act_sinks) and lp.act_sinks_host.data_ptr() != lp.act_sinks.data_ptr()
+    assert plan.compile_layer(0, 4, D).act_sinks_host is None and plan.compile_layer(0, 4, D).act_max_sink == -1
     again = InterventionPlan.from_dict(plan.to_dict())
     assert again.act_heads == plan.act_heads
     with pytest.raises(PlanError, match="non-empty list of key positions"):
