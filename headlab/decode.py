@@ -45,6 +45,10 @@ _SAMPLING_SETTINGS = {
 }
 """generation_config settings that change greedy decoding (their neutral values); `greedy_decode`
 implements none of them, so a model whose config sets one is refused rather than decoded differently."""
+MIN_GRAPH_STEPS = 3
+"""Fewer decode steps than this run eagerly even where a graph could hold them: the capture costs
+about one eager step (30-40 ms each for the 8B shape on an H100, `phases_s` in
+benchmarks/results/decode_graph_bench_h100.json), so the graph pays from the third step on."""
 
 
 class StepCache:
@@ -161,7 +165,8 @@ def greedy_decode(model: "HeadModel", input_ids: torch.Tensor, max_new_tokens: i
     Runs inside or outside `model.patched(plan, stats)`: the plan applies to every step and the
     stats are recorded per call as `generate()` records them. `cuda_graph`: None replays the decode
     step from a CUDA graph where it can be captured (`graph_blocker` says when not) and runs it
-    eagerly otherwise; True requires the graph (HeadlabError naming why not); False never uses one.
+    eagerly otherwise; True requires that it can be (HeadlabError naming why not); False never uses
+    one. Under MIN_GRAPH_STEPS decode steps run eagerly either way (the capture would cost more).
     `eos_token_id` defaults to the model's generation_config. The all-finished check reads the GPU
     every `check_every` steps.
     """
@@ -264,7 +269,8 @@ class _Decoder:
         self.step_positions = position_ids[:, -1:] + 1
         self.T, self.steps = T, steps
         self._mark("static_cache")
-        done = self._eager_steps(steps, check_every) if not use_graph else self._graph_steps(steps, check_every)
+        graphed = use_graph and steps >= MIN_GRAPH_STEPS
+        done = self._graph_steps(steps, check_every) if graphed else self._eager_steps(steps, check_every)
         n_new = self._generated(done + 1)
         return torch.cat([self.ids, self.tokens[:, :n_new]], dim=1)
 

@@ -42,12 +42,14 @@ def left_padded(rows, pad=0, device="cpu"):
 TEXTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os\nfor name in os.listdir(", "class Point:\n"]
 
 
-def test_matches_generate_without_a_session(pycode):
+def test_matches_generate_without_a_session(pycode, caplog):
     ids = torch.tensor(prompt_ids(pycode, TEXTS[:1]))
     for n in (1, 2, 17):
         want = pycode.generate(ids, max_new_tokens=n, do_sample=False)
-        got = greedy_decode(pycode, ids, n)
+        with caplog.at_level("DEBUG", logger="headlab.decode"):
+            got = greedy_decode(pycode, ids, n)
         assert torch.equal(got, want), n
+    assert "'prefill'" in caplog.text and "'eager_steps_16'" in caplog.text  # the DEBUG phase timings
     assert torch.equal(pycode.greedy_decode(ids, 5), pycode.generate(ids, max_new_tokens=5, do_sample=False))
 
 
@@ -177,7 +179,7 @@ CUDA_PLANS = {
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("plan_name", list(CUDA_PLANS))
 @pytest.mark.parametrize("stats", [False, True])
-def test_graph_replay_equals_the_eager_step(plan_name, stats):
+def test_graph_replay_equals_the_eager_step(plan_name, stats, caplog):
     model = tiny_cuda_llama()
     plan = CUDA_PLANS[plan_name]
     g = torch.Generator().manual_seed(1)
@@ -188,10 +190,13 @@ def test_graph_replay_equals_the_eager_step(plan_name, stats):
     assert graph_blocker(model, None) is None
     results = {}
     for graphed in (False, True):
-        with model.patched(plan, request) as rec:
+        caplog.clear()
+        with model.patched(plan, request) as rec, caplog.at_level("DEBUG", logger="headlab.decode"):
             if graphed:
                 assert graph_blocker(model, rec) is None
             out = greedy_decode(model, ids, 12, attention_mask=mask, eos_token_id=[], cuda_graph=graphed)
+        # the phases it went through: 10 replays after the eager first step and the capture
+        assert ("replays_10" if graphed else "eager_steps_11") in caplog.text
         results[graphed] = (out, rec.stats)
     (a, sa), (b, sb) = results[False], results[True]
     assert torch.equal(a, b)
@@ -216,6 +221,20 @@ def test_graph_stops_at_end_tokens_like_generate():
     eos = int(free[0, 30 + 11])
     want = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(greedy_decode(model, ids, 20, eos_token_id=eos, pad_token_id=0, cuda_graph=True), want)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_short_generations_run_eagerly(caplog):
+    """Under MIN_GRAPH_STEPS decode steps the capture would cost more than it saves: eager steps."""
+    from headlab.decode import MIN_GRAPH_STEPS
+
+    model = tiny_cuda_llama()
+    ids = torch.randint(3, 512, (1, 20), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    n = MIN_GRAPH_STEPS  # new tokens: the prefill's + MIN_GRAPH_STEPS - 1 decode steps
+    with caplog.at_level("DEBUG", logger="headlab.decode"):
+        got = greedy_decode(model, ids, n, eos_token_id=[], cuda_graph=True)
+    assert f"eager_steps_{n - 1}" in caplog.text and "replays" not in caplog.text
+    assert torch.equal(got, model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0))
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
