@@ -89,9 +89,9 @@ def graph_blocker(model: "HeadModel", session: "PatchSession | None") -> str | N
     """Why a decode step of `model` under `session` cannot be captured in a CUDA graph (None when it can).
 
     A captured step may not read a GPU value on the host or change shape: the calls that do are
-    VAR plans and input-adaptive ACT sink sets (their sets are found on each input), token-match
-    stats, row plans and attribution captures, and any patched call the Triton kernels do not run
-    (the reference kernel decides on the host).
+    VAR plans, token-match stats, row plans and attribution captures, and any patched call the
+    Triton kernels do not run (the reference kernel decides on the host). ACT's input-adaptive sink
+    sets are held: a decode step's sets are bounded on the host (`LayerPlan.act_decode_sink_bound`).
     """
     if model.device.type != "cuda":
         return f"the model is on {model.device.type}; CUDA graphs need a GPU"
@@ -113,9 +113,6 @@ def graph_blocker(model: "HeadModel", session: "PatchSession | None") -> str | N
             continue
         if plan.has_var:
             return f"layer {layer}: VAR attention redistribution runs on the reference kernel"
-        if plan.has_adaptive_act:
-            return (f"layer {layer}: ACT with sink sets found on each input (their size is read on the host); "
-                    "a calibrated plan (InterventionPlan.act_with_sinks) can be captured")
     patched = not session.plan.is_empty() or (request is not None and request.wants_probabilities())
     if patched:
         from headlab.kernels import _kernel_for

@@ -584,6 +584,9 @@ class LayerPlan:
             }
             if self.facts["var"]:
                 self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())
+            adaptive = self.act_heads & ~self.act_fixed_heads
+            if bool(adaptive.any()):  # bounds the size of a decode step's sink sets on the host
+                self.facts["act_tau_min_adaptive"] = float(self.act_tau[adaptive].min())
             if self.act_sinks is not None:  # the calibrated sink positions, for host-side kernel setup
                 self.facts["act_sinks_host"] = self.act_sinks.detach().cpu().clone()
                 self.facts["act_max_sink"] = int(self.act_sinks.max())
@@ -622,6 +625,18 @@ class LayerPlan:
     def act_max_sink(self) -> int:
         """The largest calibrated sink position (−1 when none)."""
         return self.facts.get("act_max_sink", -1)
+
+    def act_decode_sink_bound(self, k_len: int) -> int:
+        """The most sink keys any head can have in a call with one query per row over `k_len`
+        keys: a calibrated head its positions; an input-adaptive head at most ⌊1/τ⌋, since its r[j]
+        is that row's A[0, j] and a row's probabilities sum to 1 (every key when τ = 0). Known on
+        the host, so the call never reads the sets' size back from the GPU."""
+        bound = 0 if self.act_sinks is None else self.act_sinks.shape[-1]
+        tau = self.facts.get("act_tau_min_adaptive")
+        if tau is not None:
+            # 1 + 1e-3: room for the probabilities' rounding (and τ's in fp32: 0.1 is 0.100000001)
+            bound = max(bound, k_len if tau <= 0 else int((1.0 + 1e-3) / tau))
+        return min(bound, k_len)
 
     @property
     def has_adaptive_act(self) -> bool:

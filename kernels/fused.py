@@ -295,11 +295,11 @@ class _Launch:
 
     def sink_mass(self, sinks: torch.Tensor, lse: torch.Tensor, plan_sinks: int | None = None) -> torch.Tensor:
         """S_i = Σ_{s ∈ sinks} A[i, s] per row: [B, H, Q], from the few sink keys gathered in PyTorch.
-        `plan_sinks`: the most sink positions any head has when every set is calibrated (then the
-        sets' size is known on the host and nothing is read back from the GPU — a CUDA graph can
-        hold the call)."""
+        `plan_sinks`: a bound on the sink count of any head known on the host (`LayerPlan.act_decode_sink_bound`:
+        calibrated sets, or a decode step's adaptive ones) — then nothing is read back from the GPU
+        and a CUDA graph can hold the call."""
         B, H, QN, _ = self.q.shape
-        if plan_sinks is not None:  # calibrated sets only: at most the plan's positions per head, no device read
+        if plan_sinks is not None:  # a host-side bound: no device read
             M = min(plan_sinks, self.KN)
         else:
             counts = sinks.sum(-1)
@@ -436,7 +436,10 @@ def patched_attention(
         else:  # calibrated sink sets only: no column pass
             recv = cnt = torch.zeros(B, H, K, device=query.device)
         sinks = act_sink_sets(recv, cnt, plan)
-        s_mass = run.sink_mass(sinks, lse0, None if plan.has_adaptive_act else plan.act_sinks.shape[-1])
+        # the sets' size from the host where it is bounded there (calibrated sets; a decode step's
+        # adaptive sets): no device read, so a CUDA graph can hold the call
+        bounded = not plan.has_adaptive_act or Q == 1
+        s_mass = run.sink_mass(sinks, lse0, plan.act_decode_sink_bound(K) if bounded else None)
         beta = plan.act_beta.to(query.device, torch.float32)[None, :, None]
         c, movable = act_row_factors(s_mass, 1.0 - s_mass, beta)
         bias = torch.log(beta.expand_as(c)) - torch.log(c)

@@ -141,6 +141,25 @@ def test_sliding_window_models_are_refused(tiny_dirs):
         greedy_decode(model, torch.tensor([[1, 2, 3]]), 3)
 
 
+def test_decode_sink_sets_are_bounded_on_the_host():
+    """A decode step's ACT sink sets have a size known without reading the GPU: a calibrated head's
+    positions, an input-adaptive head's ⌊1/τ⌋ (one row's probabilities sum to 1) — what lets a CUDA
+    graph hold input-adaptive ACT; and the bound is a bound: no row of a decode step exceeds it."""
+    from headlab.kernels.reference import act_sink_sets
+
+    plan = (headlab.InterventionPlan().act([(0, 0)], tau=0.1).act([(0, 1)], tau=0.3)
+            .act_with_sinks({(0, 2): [1, 4, 9]}))
+    lp = plan.compile_layer(0, 4, 16)
+    assert lp.act_decode_sink_bound(100) == 10 and lp.act_decode_sink_bound(6) == 6
+    assert headlab.InterventionPlan().act([(0, 0)], tau=0.0).compile_layer(0, 4, 16).act_decode_sink_bound(50) == 50
+    assert headlab.InterventionPlan().act_with_sinks({(0, 3): [2, 7]}).compile_layer(0, 4, 16).act_decode_sink_bound(50) == 2
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # rows as flat as ACT allows: many keys just above τ
+        probs = torch.softmax(torch.randn(3, 4, 64, generator=g) * 0.3 + torch.linspace(0, 6, 64), -1)
+        sets = act_sink_sets(probs, torch.ones_like(probs), lp)
+        assert int(sets.sum(-1).max()) <= lp.act_decode_sink_bound(64)
+
+
 def test_step_cache_writes_at_the_device_position():
     keys = [torch.zeros(1, 2, 5, 4)]
     values = [torch.zeros(1, 2, 5, 4)]
@@ -173,6 +192,7 @@ CUDA_PLANS = {
     "zerotuning": headlab.InterventionPlan().scale_first_token({(l, h): 1.8 for l in range(3) for h in (0, 3)}),
     "prune_scale": headlab.InterventionPlan().prune_heads([(1, 1)]).scale_heads({(2, 2): 1.4}),
     "act_calibrated": headlab.InterventionPlan().act_with_sinks({(l, h): [0, 5] for l in range(3) for h in range(4)}),
+    "act_adaptive": headlab.InterventionPlan().act([(l, h) for l in range(3) for h in range(4)], beta=0.4, tau=0.05),
 }
 
 
@@ -241,13 +261,13 @@ def test_short_generations_run_eagerly(caplog):
 def test_sessions_a_graph_cannot_hold_say_why_and_decode_eagerly():
     model = tiny_cuda_llama()
     ids = torch.randint(3, 512, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    adaptive = headlab.InterventionPlan().act([(0, 1)], beta=0.4, tau=0.1)
-    with model.patched(adaptive) as rec:
-        assert "ACT with sink sets found on each input" in graph_blocker(model, rec)
-        with pytest.raises(HeadlabError, match="cuda_graph=True, but.*ACT"):
+    var = headlab.InterventionPlan().redistribute([(0, 1)], sources=[0, 1], targets=[2, 3, 4])
+    with model.patched(var) as rec:
+        assert "VAR" in graph_blocker(model, rec)
+        with pytest.raises(HeadlabError, match="cuda_graph=True, but.*VAR"):
             greedy_decode(model, ids, 4, cuda_graph=True)
         auto = greedy_decode(model, ids, 6)
-    with model.patched(adaptive):
+    with model.patched(var):
         assert torch.equal(auto, greedy_decode(model, ids, 6, cuda_graph=False))
     with model.patched(None, headlab.StatsRequest(matches={"m": headlab.stats.TokenMatch(torch.zeros(40, dtype=torch.long),
                                                                                             torch.zeros(40, dtype=torch.long))})) as rec:
