@@ -9,8 +9,8 @@ Llama-3-8B shapes, bf16, batch 1. Two parts:
   (no mask, only the keys), eagerly and captured; SDPA over the static cache with the key mask;
   the plain attention function on that call (`plain_masked`: transformers' SDPA path, or the
   Triton decode kernel past 4k keys; `..._in_decode_steps`: as `headlab.decode` runs it); the
-  patched call under a ZeroTuning plan, a calibrated ACT plan, retrieval stats (argmax) and stats
-  (argmax + entropy + a span). Each eagerly (host-bound) and captured. Ratios: SDPA's eager call
+  patched call under a ZeroTuning plan, a calibrated ACT plan, the paper's input-adaptive ACT,
+  retrieval stats (argmax) and stats (argmax + entropy + a span). Each eagerly (host-bound) and captured. Ratios: SDPA's eager call
   time (what a decode step of `generate()` costs) / the call's time, and the same against SDPA captured.
 - end to end on a 32-layer Llama-3-8B-shaped model (random weights): 1k prompt + 64 new tokens
   with each plan / retrieval scoring, `generate()` eagerly and `greedy_decode` with the graph;
@@ -50,6 +50,11 @@ def zerotuning(layers: int) -> InterventionPlan:
 
 def act_calibrated(layers: int) -> InterventionPlan:
     return InterventionPlan().act_with_sinks({(l, h): [3 + h, 40 + 7 * h] for l in range(layers) for h in range(0, H, 2)})
+
+
+def act_adaptive(layers: int) -> InterventionPlan:
+    """The paper's ACT: sink sets found on each input (τ = 0.1), every other head."""
+    return InterventionPlan().act([(l, h) for l in range(layers) for h in range(0, H, 2)], beta=0.4, tau=0.1)
 
 
 RETRIEVAL = headlab.StatsRequest(argmax=True, queries=slice(-1, None))
@@ -112,6 +117,7 @@ def attention_calls(rows: list[dict], n: int, free: int = 16) -> None:
                "plain_masked": (per_call(plain_masked), per_call(captured(plain_masked))),
                "plain_masked_in_decode_steps": (per_call(plain_masked_steps), per_call(captured(plain_masked_steps)))}
     cases = {"zerotuning": (zerotuning(1), None), "act_calibrated": (act_calibrated(1), None),
+             "act_adaptive": (act_adaptive(1), None),
              "stats_argmax": (None, RETRIEVAL), "stats_argmax_entropy_span": (None, RICH)}
     for name, (plan, request) in cases.items():
         module = SimpleNamespace(layer_idx=0, is_causal=True, training=False, num_key_value_groups=H // HKV)
@@ -234,7 +240,8 @@ def main() -> None:
     attention_calls(rows, 32768)
     attention_calls(rows, 1024)
     short = {"plain": (None, None), "zerotuning": (zerotuning(LAYERS), None),
-             "act_calibrated": (act_calibrated(LAYERS), None), "retrieval": (None, RETRIEVAL)}
+             "act_calibrated": (act_calibrated(LAYERS), None), "act_adaptive": (act_adaptive(LAYERS), None),
+             "retrieval": (None, RETRIEVAL)}
     end_to_end(rows, 1024, 64, short, args.rounds)
     torch.cuda.empty_cache()  # the first model is gone with end_to_end's frame
     if not args.skip_long:
