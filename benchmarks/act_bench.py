@@ -40,7 +40,7 @@ from headlab.kernels import act_sparse, fused, patched_attention, reference_atte
 from headlab.kernels.reference import act_sink_sets  # noqa: E402
 from headlab.plan import InterventionPlan  # noqa: E402
 
-from record import emit, header  # noqa: E402
+from record import emit, header, interleaved  # noqa: E402
 
 H, HKV, D = 32, 8, 128
 DT = torch.bfloat16
@@ -262,8 +262,6 @@ def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
     """`generate` on a 32-layer Llama-3-8B-shaped model (random weights): plain vs a calibrated ACT
     plan (every other head of every layer, two sink positions each) routed and on the Triton
     kernel; 5 interleaved rounds, medians (batch-1 decode is host-bound and the host drifts)."""
-    import time
-
     from retrieval_bench import llama3_8b_shaped
 
     model = llama3_8b_shaped(32)
@@ -288,15 +286,7 @@ def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
                "act_calibrated_triton": lambda: run(True, False)}
     for fn in configs.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(5):
-        for name, fn in configs.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
-    med = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    med, samples = interleaved(configs, 5)
     for name, sec in med.items():
         rows.append({"mode": "e2e_generate", "prompt": prompt, "new_tokens": new, "case": name, "s_median": round(sec, 4),
                      "vs_plain": round(sec / med["plain"], 3), "samples_s": [round(x, 4) for x in samples[name]]})

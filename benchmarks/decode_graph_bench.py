@@ -38,7 +38,7 @@ from headlab import attention  # noqa: E402
 from headlab.decode import greedy_decode  # noqa: E402
 from headlab.plan import InterventionPlan  # noqa: E402
 
-from record import emit, header  # noqa: E402
+from record import emit, header, interleaved  # noqa: E402
 
 H, HKV, D, LAYERS = 32, 8, 128, 32
 DT = torch.bfloat16
@@ -198,15 +198,7 @@ def end_to_end(rows: list[dict], prompt: int, new: int, cases: dict, rounds: int
     for name, (plan, request) in cases.items():
         with model.patched(plan, request):
             eager_steps[name] = greedy_decode(model, ids, new, eos_token_id=[], cuda_graph=False)
-    samples: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, fn in configs.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
-    med = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    med, samples = interleaved(configs, rounds)
     breakdown = {name: phases(configs[name]) for name in configs if name.endswith("_graphed")}
     base = med["plain_generate"]
     for name, sec in med.items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,3 +26,20 @@ def emit(result: dict[str, Any], out: Path) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     atomic_write_text(text + "\n", out)
+
+
+def interleaved(configs: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median seconds, every sample) per config over `rounds` rounds that run each config once in
+    turn, synchronized around each run: host-bound runs drift with the host, and interleaving
+    spreads that drift over every config alike. Warm the configs first."""
+    import torch
+
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, fn in configs.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}, samples

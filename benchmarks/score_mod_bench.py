@@ -33,7 +33,7 @@ from headlab.kernels import patched_attention, reference_attention, score_mod  #
 from headlab.kernels.reference import apply_output_interventions  # noqa: E402
 from headlab.plan import InterventionPlan  # noqa: E402
 
-from record import emit, header  # noqa: E402
+from record import emit, header, interleaved  # noqa: E402
 from retrieval_bench import llama3_8b_shaped  # noqa: E402
 
 H, HKV, D = 32, 8, 128
@@ -167,15 +167,7 @@ def end_to_end(rows: list[dict], prompt: int, new: int) -> None:
                "zerotuning_triton": lambda: run(True, False)}
     for fn in configs.values():
         fn()  # warm every path (kernel compilation, cuDNN plans) before timing any
-    samples: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(7):  # interleaved rounds: the host's speed drifts between runs, and this is host-bound
-        for name, fn in configs.items():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - t0)
-    med = {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+    med, samples = interleaved(configs, 7)
     plain, routed, triton_path = med["plain"], med["zerotuning_routed"], med["zerotuning_triton"]
     same = torch.equal(run(True, True), run(True, False))
     for name, s in (("plain", plain), ("zerotuning_routed", routed), ("zerotuning_triton", triton_path)):
