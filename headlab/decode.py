@@ -136,8 +136,7 @@ def generation_blocker(model: "HeadModel") -> str | None:
         return "sliding-window attention keeps a cache of another length"
     gen = getattr(model.model, "generation_config", None)
     if gen is not None:
-        changed = [name for name, neutral in _SAMPLING_SETTINGS.items() if getattr(gen, name, neutral) not in (neutral, None)
-                   and not (name == "repetition_penalty" and getattr(gen, name) == 1.0)]
+        changed = [name for name, neutral in _SAMPLING_SETTINGS.items() if getattr(gen, name, neutral) not in (neutral, None)]
         if changed:
             return f"its generation_config sets {', '.join(changed)}, which change greedy decoding"
     return None

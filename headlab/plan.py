@@ -674,6 +674,7 @@ class LayerPlan:
             device = torch.device("cuda", torch.cuda.current_device())
         if self.head_scale.device == device:
             return self  # plans are never mutated: sharing is safe, and keeps kernel caches warm
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else upload(t, device)
 

@@ -36,10 +36,12 @@ cuDNN with an additive per-key bias (−∞ on each head's sinks) would give R_i
 cost ~4%.
 
 Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) and,
-with calibrated sinks only, decode steps (one query against the cache: FlashAttention with each
-key/value head's query heads as its rows over the sink-zeroed values, then the correction), for
-plans that change no logit otherwise (no key bias, logit scale or VAR), without a mask, softcap
-or probability stats; `route_reason` says why not, and the Triton kernel (or the reference) runs.
+with calibrated sinks only, decode steps: one query against the cache, as one attention call
+without each head's sinks + an exact correction (`decode_excluded`, up to 4096 keys), or on the
+Triton decode kernel that splits the cache over the GPU (`decode_excluded_split`: longer caches,
+and steps with a key mask — left padding, `headlab.decode`'s static cache); for plans that change
+no logit otherwise (no key bias, logit scale or VAR), without softcap, probability stats or any
+other mask; `route_reason` says why not, and the Triton kernel (or the reference) runs.
 The correction is one Triton kernel on CUDA (`_act_correct`) and the PyTorch `apply_act`
 elsewhere — the specification the kernel is tested against.
 """
