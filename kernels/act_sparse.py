@@ -25,7 +25,9 @@ W_i is where the care goes:
 Calibrated sink sets (`InterventionPlan.act_with_sinks`) run the masked mode directly: one cuDNN
 pass, no sync. Input-adaptive sinks (the paper's) need the received attention r[j] first: the
 plain attention with its log-sum-exp, the transposed QK-only column pass (`_attn_colsum_t`), the
-sink sets, then the full mode (rows above C_MAX fixed, or the masked mode).
+sink sets, then the full mode (rows above C_MAX fixed, or the masked mode). In a decode step r[j]
+is the one row's A[j]: `decode_adaptive` finds and calibrates the sinks in one pass after the
+row's log-sum-exp.
 
 Named difference, shared with the Triton kernel's ACT: the correction kernel takes R_i = 1 − S_i,
 so R_i carries the absolute error of S_i — that of the row's log-sum-exp (cuDNN's: ~2e-6,
@@ -35,13 +37,14 @@ cuDNN with an additive per-key bias (−∞ on each head's sinks) would give R_i
 1.43× slower than plain cuDNN on the H100 (5.27 against 3.69 ms at 16k keys); the zeroed values
 cost ~4%.
 
-Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) and,
-with calibrated sinks only, decode steps: one query against the cache, as one attention call
+Taken for fp16/bf16 CUDA prefills (queries = keys, causal, or non-causal full attention) and
+decode steps — input-adaptive sinks as `decode_adaptive`, calibrated ones as one attention call
 without each head's sinks + an exact correction (`decode_excluded`, up to 4096 keys), or on the
 Triton decode kernel that splits the cache over the GPU (`decode_excluded_split`: longer caches,
 and steps with a key mask — left padding, `headlab.decode`'s static cache); for plans that change
-no logit otherwise (no key bias, logit scale or VAR), without softcap, probability stats or any
-other mask; `route_reason` says why not, and the Triton kernel (or the reference) runs.
+no logit otherwise (no key bias, logit scale or VAR) and do not mix calibrated and adaptive
+heads in a decode step, without softcap, probability stats or any other mask; `route_reason`
+says why not, and the Triton kernel (or the reference) runs.
 The correction is one Triton kernel on CUDA (`_act_correct`) and the PyTorch `apply_act`
 elsewhere — the specification the kernel is tested against.
 """
@@ -87,15 +90,14 @@ def route_reason(plan: LayerPlan | None, q_len: int, k_len: int, attention_mask:
     if plan.has_logit_scale or plan.has_bias or plan.has_var:
         return "the plan changes logits besides ACT (key bias, logit scale or VAR)"
     decode = q_len == 1 and k_len > 1
-    calibrated_decode = decode and not plan.has_adaptive_act
-    if calibrated_decode and attention_mask is not None and is_key_mask(attention_mask, k_len):
-        attention_mask = None  # a key mask (padding, a static cache's free slots): `decode_excluded_split` takes it
+    if decode and attention_mask is not None and is_key_mask(attention_mask, k_len):
+        attention_mask = None  # a key mask (padding, a static cache's free slots): the decode routes take it
     reason = score_mod.plain_call_reason(attention_mask, softcap, wants_probabilities)
     if reason is not None:
         return reason
     if decode:
-        if plan.has_adaptive_act:
-            return "a decode step with input-adaptive sinks (found from the step's own row: the Triton kernel)"
+        if plan.has_adaptive_act and plan.act_sinks is not None:
+            return "a decode step mixing input-adaptive and calibrated sink sets (the Triton kernel)"
         return None
     if q_len != k_len:
         return "a chunked prefill (queries after a cache: the Triton kernel)"
@@ -363,6 +365,83 @@ def decode_excluded_split(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return apply_act_excluded(o_n, lse_n, query, key, value, positions, member, plan.act_beta, scaling), False
 
 
+def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """A decode step under the paper's input-adaptive ACT: (outputs [B, H, 1, D], whether the output
+    scale is applied). With one query per row, r[j] is that row's A[j], so the sink set is
+    {j : A[j] > τ} without its first key, and the calibration needs only the row's log-sum-exp:
+    on CUDA a QK-only pass for it (the Triton decode kernel, split over the GPU), then
+    `_act_adaptive_split`, which finds each key's sink status from its probability and sums
+    U = Σ_sinks A·v, W = Σ_rest A·v, S and R directly (R exact, as the reference), each split
+    keeping its first sink apart, and `_act_adaptive_combine`, which moves the row's first sink
+    back to the rest and writes β·U + c·W. Four launches, no device read: a CUDA graph holds it.
+    `attention_mask`: none, or a key mask (`is_key_mask`). Elsewhere spelled out in PyTorch, the
+    specification the kernels are tested against."""
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    G = H // Hkv
+    head_scale = not plan.edits_outputs
+    if triton_decode_reason(query, key, value, attention_mask) is not None:
+        s = torch.matmul(query.float().view(B, Hkv, G, D), key.float().transpose(-1, -2)).view(B, H, K) * scaling
+        seen = torch.ones(B, 1, K, dtype=torch.bool, device=query.device)
+        if attention_mask is not None:
+            seen = attention_mask[:, 0, :1, :K].expand(B, 1, K)
+        s = s.masked_fill(~seen, float("-inf"))
+        p = torch.softmax(s, -1)
+        sinks = (p > plan.act_tau.to(p.device)[None, :, None]) & plan.act_heads.to(p.device)[None, :, None] & seen
+        first = sinks.int().argmax(-1, keepdim=True)  # the paper drops the set's first key (normally key 0)
+        sinks = sinks.scatter(-1, first, torch.zeros_like(first, dtype=torch.bool))
+        ps = torch.where(sinks, p, torch.zeros_like(p))
+        pn = p - ps
+        v = value.float().repeat_interleave(G, 1)  # [B, H, K, D]
+        u, w = torch.matmul(ps[:, :, None], v)[:, :, 0], torch.matmul(pn[:, :, None], v)[:, :, 0]
+        c, movable = act_row_factors(ps.sum(-1), pn.sum(-1), plan.act_beta.to(p.device, torch.float32)[None, :])
+        beta = plan.act_beta.to(p.device, torch.float32)[None, :, None]
+        y = torch.where(movable[..., None], beta * u + c[..., None] * w, u + w)
+        return y[:, :, None], False
+    from headlab.kernels.fused import _Launch, _num_sms, interpreting
+
+    lse = _Launch(query, key, value, scaling, False, attention_mask, None, None, K - Q).forward(output=False)["lse"]
+    block_g = max(16, triton.next_power_of_2(G))
+    block_n = 16 if interpreting() else 64
+    splits = max(1, min(triton.cdiv(2 * _num_sms(query.device), B * Hkv), triton.cdiv(K, 4 * block_n)))
+    if interpreting() and K > 2 * block_n:
+        splits = 2  # exercise the split + combine path in the tests
+    split_size = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
+    splits = triton.cdiv(K, split_size)
+    rows = B * H
+    f32 = dict(device=query.device, dtype=torch.float32)
+    u, w, fv = (torch.empty(splits, rows, D, **f32) for _ in range(3))
+    sm, rm, fp = (torch.empty(splits, rows, **f32) for _ in range(3))
+    fi = torch.empty(splits, rows, device=query.device, dtype=torch.int32)
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_adaptive32" not in cache:
+        cache["act_adaptive32"] = (plan.act_tau.float().contiguous(), plan.act_heads.to(torch.int8).contiguous())
+    tau32, act8 = cache["act_adaptive32"]
+    beta32, scale32 = _kernel_factors(plan)
+    if attention_mask is not None:
+        kmask, kmb, kmk = attention_mask.view(torch.uint8), attention_mask.stride(0) if attention_mask.shape[0] > 1 else 0, \
+            attention_mask.stride(3)
+    else:
+        kmask, kmb, kmk = act8, 0, 0  # not read
+    upcast = interpreting() and query.dtype == torch.bfloat16
+    _act_adaptive_split[(splits, B * Hkv)](
+        query, key, value, lse, tau32, act8, kmask, u, w, sm, rm, fi, fp, fv,
+        query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], kmb, kmk,
+        H, Hkv, K, split_size, rows, scaling,
+        GROUP=G, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=D, HAS_KMASK=attention_mask is not None, UPCAST=upcast,
+        num_warps=4,
+    )
+    y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
+    _act_adaptive_combine[(rows,)](
+        u, w, sm, rm, fi, fp, fv, beta32, scale32, y,
+        H, K, splits, rows,
+        NS_P=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D, HAS_SCALE=head_scale and plan.has_head_scale,
+        num_warps=1 if D <= 64 else 2,
+    )
+    return y.transpose(1, 2), head_scale
+
+
 def _exclusion_bias(plan: LayerPlan, width: int, device: torch.device) -> torch.Tensor:
     """[H, width] fp32: −1e30 at each head's calibrated sink positions below `width`, 0 elsewhere (kept per plan)."""
     cache = plan.__dict__.setdefault("_kernel_cache", {})
@@ -408,6 +487,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
     `attention_mask`: only a decode step's key mask (`is_key_mask`), with calibrated sinks."""
     Hkv = key.shape[1]
     full_causal = causal and query.shape[2] > 1  # a decode step's one query sees every key
+    if plan.has_adaptive_act and query.shape[2] == 1:
+        _note("input-adaptive sinks, a decode step: the log-sum-exp pass + one pass that finds the sinks and calibrates")
+        return decode_adaptive(query, key, value, plan, scaling, attention_mask)
     if plan.has_adaptive_act:
         z, lse = score_mod.attention_with_lse(query, key, value, scaling, full_causal)
         recv, cnt = received(query, key, lse, scaling, causal)
@@ -653,5 +735,106 @@ if triton is not None:
         _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
 
 
-__all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_excluded", "decode_excluded_split",
+if triton is not None:
+    @triton.jit
+    def _act_adaptive_split(Qp, Kp, Vp, Lp, Tau, Act, KMask, Up, Wp, Sp, Rp, Fi, Fp, Fv,
+                            sqb, sqh, skb, skh, skn, svb, svh, svn, skmb, skmk,
+                            H, HKV, KN, split_size, n_rows, scale,
+                            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr):
+        """One key split of one (batch, kv head), its query heads as the tile's rows (a decode
+        step: one query each): with the rows' final log-sum-exp, each key's probability A, its sink
+        status A > τ (ACT heads only), and the sums U = Σ_sinks A·v, W = Σ_rest A·v, S, R; the
+        split's first sink key per row (index, A, A·v) is kept in them too, for the combine to move."""
+        sp = tl.program_id(0)
+        bk = tl.program_id(1)
+        b = bk // HKV
+        kvh = bk % HKV
+        g = tl.arange(0, BLOCK_G)
+        gok = g < GROUP
+        h = kvh * GROUP + g
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Qp + b * sqb + h[:, None] * sqh + d[None, :], mask=gok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        lse = tl.load(Lp + b * H + h, mask=gok, other=0.0)
+        tau = tl.load(Tau + h, mask=gok, other=2.0)
+        act = tl.load(Act + h, mask=gok, other=0) != 0
+        u = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        w = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        fv = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        s_mass = tl.zeros([BLOCK_G], dtype=tl.float32)
+        r_mass = tl.zeros([BLOCK_G], dtype=tl.float32)
+        fp = tl.zeros([BLOCK_G], dtype=tl.float32)
+        first = tl.zeros([BLOCK_G], dtype=tl.int32) + KN
+        lo = sp * split_size
+        hi = tl.minimum(lo + split_size, KN)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cok = cols < hi
+            k = tl.load(Kp + b * skb + kvh * skh + cols[:, None] * skn + d[None, :], mask=cok[:, None], other=0.0)
+            v = tl.load(Vp + b * svb + kvh * svh + cols[:, None] * svn + d[None, :], mask=cok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale
+            allowed = gok[:, None] & cok[None, :]
+            if HAS_KMASK:
+                allowed = allowed & (tl.load(KMask + b * skmb + cols * skmk, mask=cok, other=0) != 0)[None, :]
+            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            sink = (p > tau[:, None]) & act[:, None] & allowed
+            block_first = tl.min(tl.where(sink, cols[None, :], KN), 1)
+            take = (first == KN) & (block_first < KN)
+            one = tl.where((cols[None, :] == block_first[:, None]) & take[:, None], p, 0.0)
+            fp += tl.sum(one, 1)
+            fv += tl.dot(one.to(v.dtype), v)
+            first = tl.where(take, block_first, first)
+            ps = tl.where(sink, p, 0.0)
+            pn = p - ps
+            s_mass += tl.sum(ps, 1)
+            r_mass += tl.sum(pn, 1)
+            u += tl.dot(ps.to(v.dtype), v)
+            w += tl.dot(pn.to(v.dtype), v)
+        row = sp * n_rows + b * H + h
+        tl.store(Sp + row, s_mass, mask=gok)
+        tl.store(Rp + row, r_mass, mask=gok)
+        tl.store(Fi + row, first, mask=gok)
+        tl.store(Fp + row, fp, mask=gok)
+        at = row[:, None] * HEAD_DIM + d[None, :]
+        tl.store(Up + at, u, mask=gok[:, None])
+        tl.store(Wp + at, w, mask=gok[:, None])
+        tl.store(Fv + at, fv, mask=gok[:, None])
+
+    @triton.jit
+    def _act_adaptive_combine(Up, Wp, Sp, Rp, Fi, Fp, Fv, Beta, Scale, Yp, H, KN, NS, n_rows,
+                              NS_P: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """One (batch, head) row: the splits' sums, the row's first sink (the one with the smallest
+        index over the splits) moved back to the rest — the paper drops it from the set — then
+        y = β·U + c·W, c = 1 + (1 − β)·S / R (rows with R at most the smallest normal float: U + W)."""
+        row = tl.program_id(0)
+        h = row % H
+        b = row // H
+        s_i = tl.arange(0, NS_P)
+        ok = s_i < NS
+        d = tl.arange(0, HEAD_DIM)
+        fi = tl.load(Fi + s_i * n_rows + row, mask=ok, other=KN)
+        first = tl.min(fi, 0)
+        sel = ok & (fi == first) & (first < KN)
+        at = (s_i[:, None] * n_rows + row) * HEAD_DIM + d[None, :]
+        f_mass = tl.sum(tl.where(sel, tl.load(Fp + s_i * n_rows + row, mask=ok, other=0.0), 0.0), 0)
+        f_out = tl.sum(tl.where(sel[:, None], tl.load(Fv + at, mask=ok[:, None], other=0.0), 0.0), 0)
+        s_mass = tl.sum(tl.load(Sp + s_i * n_rows + row, mask=ok, other=0.0), 0) - f_mass
+        r_mass = tl.sum(tl.load(Rp + s_i * n_rows + row, mask=ok, other=0.0), 0) + f_mass
+        u = tl.sum(tl.load(Up + at, mask=ok[:, None], other=0.0), 0) - f_out
+        w = tl.sum(tl.load(Wp + at, mask=ok[:, None], other=0.0), 0) + f_out
+        beta = tl.load(Beta + h)
+        movable = r_mass > 1.1754943508222875e-38
+        c = 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0)
+        y = tl.where(movable, beta * u + c * w, u + w)
+        if HAS_SCALE:
+            y = y * tl.load(Scale + h)
+        tl.store(Yp + (b * H + h) * HEAD_DIM + d, y.to(Yp.dtype.element_ty))
+
+
+__all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_adaptive", "decode_excluded", "decode_excluded_split",
            "fixed_lists", "is_key_mask", "received", "route_reason", "sink_lists", "triton_decode_reason", "zeroed_values"]

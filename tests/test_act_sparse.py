@@ -220,7 +220,7 @@ def test_calibrated_sinks_save_load_and_errors(tmp_path):
 
 @pytest.mark.parametrize("case, reason", [
     ({"mask": True}, "an attention mask"),
-    ({"q_len": 1}, "a decode step with input-adaptive sinks"),
+    ({"q_len": 1, "mixed": True}, "mixing input-adaptive and calibrated"),
     ({"q_len": 4}, "a chunked prefill"),
     ({"softcap": 30.0}, "soft-capped logits"),
     ({"stats": True}, "probability stats"),
@@ -228,6 +228,8 @@ def test_calibrated_sinks_save_load_and_errors(tmp_path):
 ])
 def test_the_route_is_refused_where_it_does_not_hold(case, reason):
     plan = InterventionPlan().act([(0, 1)])
+    if case.get("mixed"):
+        plan = plan.act_with_sinks({(0, 2): [3]})
     if case.get("bias"):
         plan = plan.scale_first_token({(0, 2): 1.5})
     lp = plan.compile_layer(0, 4, D)
@@ -271,6 +273,43 @@ def test_a_decode_step_with_calibrated_sinks_equals_the_reference(k_len, route, 
     torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
     assert (expect - plain).abs().max() > 0.01
     assert bool(calls["excluded"]) == (route == "excluded") and bool(calls["split"]) == (route == "split")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_decode_step_with_input_adaptive_sinks_equals_the_reference(kernel, masked, monkeypatch):
+    """The paper's ACT in a decode step (`decode_adaptive`): the sink set from the step's own row
+    (A > τ, its first key dropped), calibrated with S and R summed directly — on the Triton kernels
+    (interpreter: the cache split in two, the first sink of a row in either split) and spelled out
+    in PyTorch, equal to the reference; with a key mask (left padding over row 1's first keys and
+    free slots past the step), a hidden key is no sink. Heads 0-2 ACT (head 2 with an output
+    scale), head 3 untouched."""
+    if not kernel:
+        monkeypatch.setattr(act_sparse, "triton_decode_reason", lambda *a: "forced off")
+    elif act_sparse.triton_decode_reason(*planted(4, 1.0, dtype=torch.float32)[:3], None):
+        pytest.skip("the kernel half needs the Triton kernels (their interpreter on the CPU)")
+    q, k, v = planted(48, 3.0, dtype=torch.float32, seed=9)
+    q = q[:, :, 39:40]  # the step's query at position 39
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 1, 1, 48, dtype=torch.bool)
+        mask[:, ..., :40] = True
+        mask[1, ..., :2] = False  # row 1's padding hides key 1, one of head 0's sinks
+    else:
+        k, v = k[:, :, :40], v[:, :, :40]
+    plan = (InterventionPlan().act([(0, 0), (0, 1), (0, 2)], beta=0.3, tau=0.08).scale_heads({(0, 2): 1.5})
+            .compile_layer(0, 4, D))
+    assert act_sparse.route_reason(plan, 1, k.shape[2], mask, True, None, False) is None
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=mask is None, attention_mask=mask, plan=plan)
+    plain, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=mask is None, attention_mask=mask)
+    got, scaled = act_sparse.attend(q, k, v, plan, SCALE, True, attention_mask=mask)
+    if not scaled:
+        got = got * plan.head_scale[None, :, None, None]
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
+    assert (expect - plain)[:, :3].abs().amax() > 0.05  # ACT moved the outputs
+    torch.testing.assert_close(expect[:, 3], plain[:, 3])  # head 3 has no ACT
+    mixed = InterventionPlan().act([(0, 0)]).act_with_sinks({(0, 1): [3]}).compile_layer(0, 4, D)
+    assert "mixing" in act_sparse.route_reason(mixed, 1, 40, None, True, None, False)
 
 
 @pytest.mark.parametrize("kernel", [True, False])
@@ -359,8 +398,8 @@ def test_model_path_with_the_route_equals_the_reference(monkeypatch):
             got = model(ids).logits
             got_gen = model.generate(ids, max_new_tokens=5, do_sample=False)
         monkeypatch.undo()
-        # prefill of both forwards; the decode steps too with calibrated sinks (adaptive: Triton / reference)
-        assert len(calls) == (3 * 2 if plan is adaptive else 3 * 2 + 3 * 4)
+        # the prefill of both forwards and the 4 decode steps, 3 layers each (adaptive decode: `decode_adaptive`)
+        assert len(calls) == 3 * 2 + 3 * 4
         assert torch.equal(got_gen, expect_gen)
         # fp32 on the CPU: R_i = 1 − S_i (the named difference) where a hidden sink takes a row
         torch.testing.assert_close(got, expect, atol=1e-3, rtol=1e-4)
@@ -432,3 +471,36 @@ def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n, planting):
                                       plan=lp)
     got_l, _ = act_sparse.attend(q1, long_k, long_v, lp, Dh ** -0.5, True)
     assert (got_l.float() - expect_l).abs().max() < 0.03
+    # the paper's input-adaptive sinks in a decode step (`decode_adaptive`), with and without the key mask
+    la = adaptive.compile_layer(0, H, Dh).to("cuda")
+    for kk, vv, m in ((k, v, None), (k2, v2, mask)):
+        assert act_sparse.route_reason(la, 1, kk.shape[2], m, True, None, False) is None
+        expect_a, _ = reference_attention(q1.float(), kk.float(), vv.float(), scaling=Dh ** -0.5, is_causal=m is None,
+                                          attention_mask=m, plan=la)
+        got_a, scaled = act_sparse.attend(q1, kk, vv, la, Dh ** -0.5, True, attention_mask=m)
+        assert scaled and (got_a.float() - expect_a).abs().max() < 0.03
+
+
+def test_adaptive_decode_moves_the_first_sink_of_the_right_split():
+    """`_act_adaptive_combine` takes the row's first sink from whichever split holds it: sinks planted
+    only in the second split (keys 35, 38 of 40) for head 0, in both splits (4, 36) for head 2."""
+    q, k, v = planted(40, 0.0, dtype=torch.float32, seed=10, batch=1)
+    if act_sparse.triton_decode_reason(q, k, v, None):
+        pytest.skip("needs the Triton kernels (their interpreter on the CPU)")
+    q = q[:, :, -1:]
+    g = torch.Generator().manual_seed(11)
+    for h, positions in ((0, [35, 38]), (2, [4, 36])):
+        u = torch.randn(D, generator=g, dtype=torch.float64).float()
+        u = u / u.norm()
+        q[0, h, 0] += 4.0 * u
+        for p_ in positions:
+            k[0, h // 2, p_] = 3.0 * u  # alike: the two planted keys share the row's sink mass
+    probs = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * SCALE, -1)[0, :, 0]
+    for h, positions in ((0, [35, 38]), (2, [4, 36])):
+        assert (probs[h, positions] > 0.1).all()  # both planted keys are sinks: the second one stays one
+    plan = InterventionPlan().act([(0, 0), (0, 2)], beta=0.2, tau=0.1).compile_layer(0, 4, D)
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
+    plain, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True)
+    got, _ = act_sparse.attend(q, k, v, plan, SCALE, True)
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
+    assert (expect - plain)[:, 0].abs().amax() > 0.01 and (expect - plain)[:, 2].abs().amax() > 0.01
