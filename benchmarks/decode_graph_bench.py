@@ -174,6 +174,39 @@ def teacher_forced(model, tokens: torch.Tensor, prompt: int, plan, request) -> d
             "logit_std": round(float(logits.std()), 3)}
 
 
+def sweep_adaptive(rows: list[dict]) -> None:
+    """Time `act_sparse.ADAPTIVE_DECODE_BLOCKS` choices for the input-adaptive ACT decode call
+    (captured, 32k and 1k keys with the static cache's key mask), set the best at 32k."""
+    import itertools
+
+    from headlab.kernels import act_sparse
+
+    plan = act_adaptive(1).compile_layer(0, H, D).to("cuda")
+    results = []
+    for n in (32768, 1024):
+        L = n + 16
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, H, 1, D, device="cuda", dtype=DT, generator=g)
+        k = torch.randn(1, HKV, L, D, device="cuda", dtype=DT, generator=g)
+        v = torch.randn(1, HKV, L, D, device="cuda", dtype=DT, generator=g)
+        mask = torch.zeros(1, 1, 1, L, dtype=torch.bool, device="cuda")
+        mask[..., : n + 1] = True
+        for cfg in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (2, 4, 8)):
+            act_sparse.ADAPTIVE_DECODE_BLOCKS = cfg
+            try:
+                us = per_call(captured(lambda: act_sparse.decode_adaptive(q, k, v, plan, D ** -0.5, mask)))
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (shared memory)
+                print(f"adaptive K={n} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            results.append((n, cfg, us))
+            rows.append({"mode": "sweep_adaptive", "keys": n, "blocks": list(cfg), "graphed_us": round(us, 1)})
+            print(f"adaptive K={n} {cfg}: {us:.1f} us", flush=True)
+    best = min((r for r in results if r[0] == 32768), key=lambda r: r[2])
+    act_sparse.ADAPTIVE_DECODE_BLOCKS = best[1]
+    rows.append({"mode": "sweep_adaptive", "best_at_32k": list(best[1]), "graphed_us": round(best[2], 1)})
+    print(f"adaptive best at 32k: {best[1]} {best[2]:.1f} us", flush=True)
+
+
 def end_to_end(rows: list[dict], prompt: int, new: int, cases: dict, rounds: int) -> None:
     from retrieval_bench import llama3_8b_shaped
 
@@ -227,10 +260,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-long", action="store_true", help="skip the 32k + 16 run")
+    ap.add_argument("--sweep-adaptive", action="store_true", help="first pick act_sparse.ADAPTIVE_DECODE_BLOCKS")
+    ap.add_argument("--only-calls", action="store_true", help="the decode calls only, no generation")
     args = ap.parse_args()
     rows: list[dict] = []
+    if args.sweep_adaptive:
+        sweep_adaptive(rows)
     attention_calls(rows, 32768)
     attention_calls(rows, 1024)
+    if args.only_calls:
+        emit({**header(), "command": " ".join(sys.argv), "shape": "Llama-3-8B: 32 q / 8 kv heads, d=128, bf16, batch 1",
+              "seed": 0, "rows": rows}, args.out)
+        return
     short = {"plain": (None, None), "zerotuning": (zerotuning(LAYERS), None),
              "act_calibrated": (act_calibrated(LAYERS), None), "act_adaptive": (act_adaptive(LAYERS), None),
              "retrieval": (None, RETRIEVAL)}

@@ -75,6 +75,9 @@ them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is 
 masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
 `fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
 the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
+ADAPTIVE_DECODE_BLOCKS: tuple[int, int, int, int] = (64, 4, 3, 2)
+"""(BLOCK_N, num_warps, num_stages, programs per SM) of `_act_adaptive_split`, the calibrating pass
+of `decode_adaptive` (`benchmarks/decode_graph_bench.py --sweep-adaptive` times the choices)."""
 DECODE_EXCLUDE_MAX_KEYS = score_mod.DECODE_MASK_MAX_KEYS
 """Decode steps with calibrated sinks over caches up to this length run as `decode_excluded`
 (one masked attention call: the masked kernel does not split a long cache over the GPU, as
@@ -403,8 +406,10 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     lse = _Launch(query, key, value, scaling, False, attention_mask, None, None, K - Q).forward(output=False)["lse"]
     block_g = max(16, triton.next_power_of_2(G))
-    block_n = 16 if interpreting() else 64
-    splits = max(1, min(triton.cdiv(2 * _num_sms(query.device), B * Hkv), triton.cdiv(K, 4 * block_n)))
+    block_n, warps, stages, per_sm = ADAPTIVE_DECODE_BLOCKS
+    if interpreting():
+        block_n = 16
+    splits = max(1, min(triton.cdiv(per_sm * _num_sms(query.device), B * Hkv), triton.cdiv(K, 4 * block_n)))
     if interpreting() and K > 2 * block_n:
         splits = 2  # exercise the split + combine path in the tests
     split_size = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
@@ -430,7 +435,7 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], kmb, kmk,
         H, Hkv, K, split_size, rows, scaling,
         GROUP=G, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=D, HAS_KMASK=attention_mask is not None, UPCAST=upcast,
-        num_warps=4,
+        num_warps=warps, num_stages=stages,
     )
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     _act_adaptive_combine[(rows,)](
