@@ -87,7 +87,9 @@ def captured(fn):
     return graph.replay
 
 
-def attention_calls(rows: list[dict], n: int, free: int = 16) -> None:
+def step_inputs(n: int, free: int = 16):
+    """One decode step as the graphed decoder's static cache holds it: q [1, H, 1, D], k / v
+    [1, HKV, n + free, D] (seed 0) and the key mask [1, 1, 1, n + free] (the first n + 1 keys seen)."""
     L = n + free
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, H, 1, D, device="cuda", dtype=DT, generator=g)
@@ -95,6 +97,11 @@ def attention_calls(rows: list[dict], n: int, free: int = 16) -> None:
     v = torch.randn(1, HKV, L, D, device="cuda", dtype=DT, generator=g)
     mask = torch.zeros(1, 1, 1, L, dtype=torch.bool, device="cuda")
     mask[..., : n + 1] = True
+    return q, k, v, mask
+
+
+def attention_calls(rows: list[dict], n: int, free: int = 16) -> None:
+    q, k, v, mask = step_inputs(n, free)
     k_dyn, v_dyn = k[:, :, : n + 1].contiguous(), v[:, :, : n + 1].contiguous()
 
     def sdpa():
@@ -184,13 +191,7 @@ def sweep_adaptive(rows: list[dict]) -> None:
     plan = act_adaptive(1).compile_layer(0, H, D).to("cuda")
     results = []
     for n in (32768, 1024):
-        L = n + 16
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, H, 1, D, device="cuda", dtype=DT, generator=g)
-        k = torch.randn(1, HKV, L, D, device="cuda", dtype=DT, generator=g)
-        v = torch.randn(1, HKV, L, D, device="cuda", dtype=DT, generator=g)
-        mask = torch.zeros(1, 1, 1, L, dtype=torch.bool, device="cuda")
-        mask[..., : n + 1] = True
+        q, k, v, mask = step_inputs(n)
         for cfg in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (2, 4, 8)):
             act_sparse.ADAPTIVE_DECODE_BLOCKS = cfg
             try:
