@@ -41,9 +41,9 @@ DT = torch.bfloat16
 SCALE = D ** -0.5
 
 
-def bench(fn) -> float:
+def bench(fn, rep_ms: int = 100) -> float:
     """Median milliseconds (CUDA events, after warm-up)."""
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def plan_for_layer():
@@ -84,6 +84,10 @@ def cases(q, k, v, layer_plan, causal: bool):
         "plan_triton": lambda: patched_attention(q, k, v, scaling=SCALE, is_causal=causal, plan=layer_plan)[0],
         "plan_routed": routed,
     }
+    if Q > 1:  # the route's two pieces: cuDNN with its log-sum-exp, the correction of the changed heads alone
+        out, lse = score_mod.attention_with_lse(q, k, v, SCALE, causal)
+        fns["piece_attention_with_lse"] = lambda: score_mod.attention_with_lse(q, k, v, SCALE, causal)
+        fns["piece_correction"] = lambda: score_mod.correct(out, lse, q, k, v, layer_plan, SCALE, 0, causal, True)
     if Q == 1:  # both decode routes, to see where one overtakes the other
         fns["route_masked_sdpa"] = lambda: score_mod.decode_masked(q, k, v, layer_plan, SCALE)[0]
         fns["route_lse_correction"] = lse_correction
@@ -96,7 +100,7 @@ def kernel_rows(rows: list[dict], layer_plan) -> None:
         q, k, v = inputs(n_q, n_k)
         base = None
         for name, fn in cases(q, k, v, layer_plan, True).items():
-            ms = bench(fn)
+            ms = bench(fn, 100 if n_q * n_k <= 16384 ** 2 else 1000)  # ≥ 15 calls of the longest
             base = base or ms
             rows.append({"mode": mode, "keys": n_k, "case": name, "us": round(ms * 1e3, 1),
                          "vs_sdpa_default": round(base / ms, 3)})

@@ -581,6 +581,8 @@ class LayerPlan:
                 "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
                 "var": self.var_p is not None and bool((self.var_p > 0).any()),
                 "bias_range": (float(self.bias.min()), float(self.bias.max())) if self.bias.numel() else (0.0, 0.0),
+                "changed_heads": tuple(int(h) for h in ((self.bias != 0).any(-1) | (self.head_scale != 1)).nonzero()[:, 0])
+                if self.bias.numel() else tuple(int(h) for h in (self.head_scale != 1).nonzero()[:, 0]),
             }
             if self.facts["var"]:
                 self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())
@@ -662,6 +664,13 @@ class LayerPlan:
     @property
     def has_head_scale(self) -> bool:
         return self.facts["head_scaled"]
+
+    @property
+    def biased_or_scaled_heads(self) -> tuple[int, ...]:
+        """Heads (ascending) with a nonzero key bias or an output scale other than 1: the heads a
+        key-bias plan's correction has to rewrite; every other head's output is the plain one."""
+        changed = self.facts.get("changed_heads")
+        return tuple(range(self.head_scale.shape[0])) if changed is None else changed
 
     @property
     def touches_probabilities(self) -> bool:

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from headlab.plan import LayerPlan
+from headlab.plan import LayerPlan, upload
 
 try:
     import triton
@@ -230,7 +230,10 @@ def use_kernel(query: torch.Tensor) -> bool:
 def correct(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             plan: LayerPlan, scaling: float, q_offset: int, causal: bool, head_scale: bool) -> torch.Tensor:
     """`apply_sparse_bias` (and, with `head_scale`, the plan's output scale) in one Triton launch;
-    [B, H, Q, D] in query.dtype, or fp32 without `head_scale`."""
+    [B, H, Q, D] in query.dtype, or fp32 without `head_scale`. With `head_scale` only the heads the
+    plan changes (`LayerPlan.biased_or_scaled_heads`) are read and rewritten, in place in `out`
+    (the attention's own output, which the caller owns): every other head's output is already
+    final, and at 4k tokens a pass over all heads' q and O is ~10% of cuDNN's attention time."""
     B, H, Q, D = query.shape
     cache = plan.__dict__.setdefault("_kernel_cache", {})
     if "expm1_bias" not in cache:
@@ -238,30 +241,48 @@ def correct(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torc
         cache["positions32"] = plan.bias_positions.to(torch.int32).contiguous()
         cache["head_scale32"] = plan.head_scale.float().contiguous()
     weights, positions = cache["expm1_bias"], cache["positions32"]
-    # y as [B, Q, H, D] memory (the layout the attention returns to the model), lse contiguous:
-    # their strides follow from the shape, fewer launch arguments (the launch is host-bound in decode)
-    y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     lse = lse.reshape(B, H, Q).contiguous()
+    subset = head_scale and out.dtype == query.dtype and out.stride(-1) == 1
+    if subset:
+        changed = plan.biased_or_scaled_heads
+        if not changed:
+            return out
+        if ("changed_heads32", query.device) not in cache:
+            cache[("changed_heads32", query.device)] = upload(torch.tensor(changed, dtype=torch.int32), query.device)
+        heads, n_heads = cache[("changed_heads32", query.device)], len(changed)
+        y, y_strides = out, out.stride()[:3]
+    else:
+        heads, n_heads = weights, H  # not read
+        # y as [B, Q, H, D] memory (the layout the attention returns to the model)
+        y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
+        y_strides = (Q * H * D, D, H * D)
     block_m = 16 if Q <= 16 else 64
-    _correct[(triton.cdiv(Q, block_m), B * H)](
-        query, key, value, out, lse, positions, weights, cache["head_scale32"], y,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
-        H, key.shape[1], Q, positions.numel(), q_offset, scaling,
-        CAUSAL=causal, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, HEAD_DIM=D,
+    _correct[(triton.cdiv(Q, block_m), B * n_heads)](
+        query, key, value, out, lse, positions, weights, cache["head_scale32"], y, heads,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *y_strides,
+        H, key.shape[1], Q, positions.numel(), n_heads, q_offset, scaling,
+        CAUSAL=causal, HAS_SCALE=head_scale and plan.has_head_scale, SUBSET=subset, BLOCK_M=block_m, HEAD_DIM=D,
         num_warps=4 if block_m == 64 else 2,
     )
-    return y.transpose(1, 2)
+    return y if subset else y.transpose(1, 2)
 
 
 if triton is not None:
     @triton.jit
-    def _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """This program's (batch, head, kv head, rows, row mask, dims) and its rows' q, attention
-        output and log-sum-exp, fp32 (program_id(1) = batch × head, program_id(0) = row block):
-        the prologue of every sparse correction kernel (`_correct` here, `act_sparse`'s two)."""
+    def _program_head(H, Heads, NH, SUBSET: tl.constexpr):
+        """(batch, head) of this program (program_id(1) = batch × head; with SUBSET, batch × the
+        index of a listed head in Heads[NH])."""
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        if SUBSET:
+            return bh // NH, tl.load(Heads + bh % NH)
+        return bh // H, bh % H
+
+    @triton.jit
+    def _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+        """The kv head, rows, row mask and dims of this program's (batch b, head h, row block
+        program_id(0)), and its rows' q, attention output and log-sum-exp, fp32: the prologue of
+        every sparse correction kernel (`_correct` here, `act_sparse`'s two)."""
         kvh = h // (H // HKV)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = rows < QN
@@ -269,25 +290,31 @@ if triton is not None:
         q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
-        return b, h, kvh, rows, ok, d, q, z, lse
+        return kvh, rows, ok, d, q, z, lse
 
     @triton.jit
-    def _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """y (× the head's output scale) into [B, Q, H, D] memory: the layout the model reads next."""
+    def _store_rows(Yp, Scale, y, b, h, rows, ok, d, syb, syh, sym, HAS_SCALE: tl.constexpr):
+        """y (× the head's output scale) at Yp's (b, h, rows) with strides syb, syh, sym: a new
+        [B, Q, H, D] buffer (the layout the model reads next), or the attention's own output."""
         if HAS_SCALE:
             y = y * tl.load(Scale + h)
-        y_rows = Yp + ((b * QN + rows[:, None]) * H + h) * HEAD_DIM
+        y_rows = Yp + b * syb + h * syh + rows[:, None] * sym
         tl.store(y_rows + d[None, :], y.to(Yp.dtype.element_ty), mask=ok[:, None])
 
-    @triton.jit(do_not_specialize=["sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som",
-                                   "H", "HKV", "QN", "P", "q_offset"])
-    def _correct(Qp, Kp, Vp, Op, Lp, Pos, W, Scale, Yp,
-                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                 H, HKV, QN, P, q_offset, scale,
-                 CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """BLOCK_M rows of one (batch, head): O' = (O + Σ_p w_p v_p) / (1 + Σ_p w_p), w_p = W[h, p]·exp(s_p − L)."""
-        b, h, kvh, rows, ok, d, q, o, lse = _row_tile(Qp, Op, Lp, sqb, sqh, sqm, sob, soh, som, H, HKV, QN,
-                                                       BLOCK_M, HEAD_DIM)
+    # q's, O's and y's strides stay specialized: Triton then knows their rows are 16-aligned and
+    # moves them in 16-byte vectors (unspecialized, every element was its own store: measured 2.5×
+    # slower at 4k on an H100); the rest would only add launch-time checks
+    @triton.jit(do_not_specialize=["skb", "skh", "skn", "svb", "svh", "svn", "H", "HKV", "QN", "P", "NH", "q_offset"])
+    def _correct(Qp, Kp, Vp, Op, Lp, Pos, W, Scale, Yp, Heads,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, syb, syh, sym,
+                 H, HKV, QN, P, NH, q_offset, scale,
+                 CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, SUBSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+        """BLOCK_M rows of one (batch, head): O' = (O + Σ_p w_p v_p) / (1 + Σ_p w_p), w_p = W[h, p]·exp(s_p − L).
+        With SUBSET only the heads listed in Heads[NH] (Yp may then be Op itself: rows are independent)."""
+        b, h = _program_head(H, Heads, NH, SUBSET)
+        kvh, rows, ok, d, q, o, lse = _row_tile(Qp, Op, Lp, b, h, sqb, sqh, sqm, sob, soh, som, H, HKV, QN,
+                                                BLOCK_M, HEAD_DIM)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         den = tl.zeros([BLOCK_M], dtype=tl.float32)
         for p in range(0, P):
@@ -301,7 +328,7 @@ if triton is not None:
             acc += w[:, None] * v[None, :]
             den += w
         y = (o + acc) / (1.0 + den)[:, None]
-        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, syb, syh, sym, HAS_SCALE)
 
 
 __all__ = ["MIN_BIAS", "MAX_BIAS", "apply_sparse_bias", "attend", "attention_with_lse", "correct", "decode_masked", "enabled",

@@ -117,13 +117,26 @@ def test_the_triton_correction_equals_the_pytorch_one(q_len, k_len, dtype):
     out = out.to(dtype)
     expect = score_mod.apply_sparse_bias(out, lse, q, k, v, plan.bias_positions, plan.bias, D ** -0.5, k_len - q_len, True)
     expect = expect * plan.head_scale[None, :, None, None]
-    got = score_mod.correct(out, lse, q, k, v, plan, D ** -0.5, k_len - q_len, True, head_scale=True)
+    got = score_mod.correct(out.clone(), lse, q, k, v, plan, D ** -0.5, k_len - q_len, True, head_scale=True)
     assert got.dtype == dtype and got.shape == (B, H, q_len, D)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), expect.to(dtype).float(), atol=tol, rtol=tol)
     unscaled = score_mod.correct(out, lse, q, k, v, plan, D ** -0.5, k_len - q_len, True, head_scale=False)
     assert unscaled.dtype == torch.float32
     torch.testing.assert_close(unscaled * plan.head_scale[None, :, None, None], expect, atol=tol, rtol=tol)
+    # a plan that changes heads 0 and 3 only: those are rewritten in the attention's own output,
+    # heads 1 and 2 are not touched (their plain output is final)
+    sparse = (InterventionPlan().key_bias({(0, 0): math.log(1.5)}, [0, 4]).scale_heads({(0, 3): 0.5})
+              .compile_layer(0, H, D))
+    assert sparse.biased_or_scaled_heads == (0, 3)
+    expect = score_mod.apply_sparse_bias(out, lse, q, k, v, sparse.bias_positions, sparse.bias, D ** -0.5, k_len - q_len,
+                                         True) * sparse.head_scale[None, :, None, None]
+    mine = out.clone()
+    got = score_mod.correct(mine, lse, q, k, v, sparse, D ** -0.5, k_len - q_len, True, head_scale=True)
+    assert got.data_ptr() == mine.data_ptr()
+    assert torch.equal(got[:, 1:3], out[:, 1:3])
+    assert (got[:, 0] != out[:, 0]).any() and (got[:, 3] != out[:, 3]).any()
+    torch.testing.assert_close(got.float(), expect.to(dtype).float(), atol=tol, rtol=tol)
 
 
 def test_a_short_decode_step_is_one_masked_sdpa_call():
