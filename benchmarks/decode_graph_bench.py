@@ -182,30 +182,62 @@ def teacher_forced(model, tokens: torch.Tensor, prompt: int, plan, request) -> d
 
 
 def sweep_adaptive(rows: list[dict]) -> None:
-    """Time `act_sparse.ADAPTIVE_DECODE_BLOCKS` choices for the input-adaptive ACT decode call
-    (captured, 32k and 1k keys with the static cache's key mask), set the best at 32k."""
+    """Time the block choices of the input-adaptive ACT decode call (captured, 32k keys with the
+    static cache's key mask): first `act_sparse.ADAPTIVE_LOGIT_BLOCKS` (the pass over the keys),
+    then `ADAPTIVE_DECODE_BLOCKS` (the pass over the values, and the splits); set the best of each."""
     import itertools
 
     from headlab.kernels import act_sparse
 
     plan = act_adaptive(1).compile_layer(0, H, D).to("cuda")
-    results = []
-    for n in (32768, 1024):
-        q, k, v, mask = step_inputs(n)
-        for cfg in itertools.product((32, 64, 128), (2, 4, 8), (2, 3), (2, 4, 8)):
-            act_sparse.ADAPTIVE_DECODE_BLOCKS = cfg
+    n = 32768
+    q, k, v, mask = step_inputs(n)
+    # the first sweep (27 + 54 choices, recorded in the results) left these neighbourhoods
+    grids = {"ADAPTIVE_LOGIT_BLOCKS": itertools.product((64, 128), (4, 8), (3, 4)),
+             "ADAPTIVE_DECODE_BLOCKS": itertools.product((64, 128), (2, 4, 8), (2, 3), (1, 2, 4))}
+    for name, grid in grids.items():
+        results = []
+        for cfg in grid:
+            setattr(act_sparse, name, cfg)
             try:
                 us = per_call(captured(lambda: act_sparse.decode_adaptive(q, k, v, plan, D ** -0.5, mask)))
             except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (shared memory)
-                print(f"adaptive K={n} {cfg}: {type(exc).__name__}", flush=True)
+                print(f"{name} K={n} {cfg}: {type(exc).__name__}", flush=True)
                 continue
-            results.append((n, cfg, us))
-            rows.append({"mode": "sweep_adaptive", "keys": n, "blocks": list(cfg), "graphed_us": round(us, 1)})
-            print(f"adaptive K={n} {cfg}: {us:.1f} us", flush=True)
-    best = min((r for r in results if r[0] == 32768), key=lambda r: r[2])
-    act_sparse.ADAPTIVE_DECODE_BLOCKS = best[1]
-    rows.append({"mode": "sweep_adaptive", "best_at_32k": list(best[1]), "graphed_us": round(best[2], 1)})
-    print(f"adaptive best at 32k: {best[1]} {best[2]:.1f} us", flush=True)
+            results.append((cfg, us))
+            rows.append({"mode": "sweep_adaptive", "blocks_of": name, "keys": n, "blocks": list(cfg), "graphed_us": round(us, 1)})
+            print(f"{name} K={n} {cfg}: {us:.1f} us", flush=True)
+        best = min(results, key=lambda r: r[1])
+        setattr(act_sparse, name, best[0])
+        rows.append({"mode": "sweep_adaptive", "blocks_of": name, "best_at_32k": list(best[0]), "graphed_us": round(best[1], 1)})
+        print(f"{name} best at 32k: {best[0]} {best[1]:.1f} us", flush=True)
+
+
+def adaptive_kernel_times(rows: list[dict], n: int = 32768, calls: int = 50) -> None:
+    """Where the input-adaptive ACT decode call's time goes: GPU time per kernel (torch.profiler,
+    `calls` eager calls at `n` keys with the static cache's key mask), next to SDPA's own kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from headlab.kernels import act_sparse
+
+    plan = act_adaptive(1).compile_layer(0, H, D).to("cuda")
+    q, k, v, mask = step_inputs(n)
+    k_dyn, v_dyn = k[:, :, : n + 1].contiguous(), v[:, :, : n + 1].contiguous()
+    for name, fn in (("act_adaptive", lambda: act_sparse.decode_adaptive(q, k, v, plan, D ** -0.5, mask)),
+                     ("sdpa", lambda: F.scaled_dot_product_attention(q, k_dyn, v_dyn, enable_gqa=True))):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            dev = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if dev and ev.count >= calls:
+                us = dev / ev.count
+                rows.append({"mode": "kernel_time", "call": name, "keys": n, "kernel": ev.key[:80], "us_per_call": round(us, 1)})
+                print(f"kernel time {name} K={n}: {ev.key[:60]:<60} {us:7.1f} us", flush=True)
 
 
 def end_to_end(rows: list[dict], prompt: int, new: int, cases: dict, rounds: int) -> None:
@@ -261,12 +293,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-long", action="store_true", help="skip the 32k + 16 run")
-    ap.add_argument("--sweep-adaptive", action="store_true", help="first pick act_sparse.ADAPTIVE_DECODE_BLOCKS")
+    ap.add_argument("--sweep-adaptive", action="store_true", help="first pick act_sparse.ADAPTIVE_LOGIT_BLOCKS and ADAPTIVE_DECODE_BLOCKS")
     ap.add_argument("--only-calls", action="store_true", help="the decode calls only, no generation")
     args = ap.parse_args()
     rows: list[dict] = []
     if args.sweep_adaptive:
         sweep_adaptive(rows)
+    adaptive_kernel_times(rows)
     attention_calls(rows, 32768)
     attention_calls(rows, 1024)
     if args.only_calls:

@@ -77,7 +77,11 @@ masked mode, which costs less there. Measured on an H100 (benchmarks/results/act
 the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
 ADAPTIVE_DECODE_BLOCKS: tuple[int, int, int, int] = (64, 4, 3, 2)
 """(BLOCK_N, num_warps, num_stages, programs per SM) of `_act_adaptive_split`, the calibrating pass
-of `decode_adaptive` (`benchmarks/decode_graph_bench.py --sweep-adaptive` times the choices)."""
+of `decode_adaptive`; the programs per SM set the key splits of both passes
+(`benchmarks/decode_graph_bench.py --sweep-adaptive` times the choices)."""
+ADAPTIVE_LOGIT_BLOCKS: tuple[int, int, int] = (128, 4, 3)
+"""(BLOCK_N, num_warps, num_stages) of `_act_adaptive_logits`, the pass of `decode_adaptive` that
+reads the keys and stores the step's logits."""
 DECODE_EXCLUDE_MAX_KEYS = score_mod.DECODE_MASK_MAX_KEYS
 """Decode steps with calibrated sinks over caches up to this length run as `decode_excluded`
 (one masked attention call: the masked kernel does not split a long cache over the GPU, as
@@ -372,12 +376,14 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """A decode step under the paper's input-adaptive ACT: (outputs [B, H, 1, D], whether the output
     scale is applied). With one query per row, r[j] is that row's A[j], so the sink set is
-    {j : A[j] > τ} without its first key, and the calibration needs only the row's log-sum-exp:
-    on CUDA a QK-only pass for it (the Triton decode kernel, split over the GPU), then
-    `_act_adaptive_split`, which finds each key's sink status from its probability and sums
+    {j : A[j] > τ} without its first key, and the calibration needs only the row's log-sum-exp.
+    On CUDA, three launches split over the GPU: `_act_adaptive_logits` reads the keys once and
+    stores the step's logits (fp32 [B·H, K]: 4 MiB at 32k keys against 64 MiB of keys) with each
+    split's max and sum; `_act_adaptive_split` combines those into the row's log-sum-exp, then
+    reads the logits back with V, finds each key's sink status from its probability and sums
     U = Σ_sinks A·v, W = Σ_rest A·v, S and R directly (R exact, as the reference), each split
-    keeping its first sink apart, and `_act_adaptive_combine`, which moves the row's first sink
-    back to the rest and writes β·U + c·W. Four launches, no device read: a CUDA graph holds it.
+    keeping its first sink apart; `_act_adaptive_combine` moves the row's first sink back to the
+    rest and writes β·U + c·W. No device read: a CUDA graph holds it.
     `attention_mask`: none, or a key mask (`is_key_mask`). Elsewhere spelled out in PyTorch, the
     specification the kernels are tested against."""
     B, H, Q, D = query.shape
@@ -402,20 +408,22 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         beta = plan.act_beta.to(p.device, torch.float32)[None, :, None]
         y = torch.where(movable[..., None], beta * u + c[..., None] * w, u + w)
         return y[:, :, None], False
-    from headlab.kernels.fused import _Launch, _num_sms, interpreting
+    from headlab.kernels.fused import _num_sms, interpreting
 
-    lse = _Launch(query, key, value, scaling, False, attention_mask, None, None, K - Q).forward(output=False)["lse"]
     block_g = max(16, triton.next_power_of_2(G))
     block_n, warps, stages, per_sm = ADAPTIVE_DECODE_BLOCKS
+    logit_n, logit_warps, logit_stages = ADAPTIVE_LOGIT_BLOCKS
     if interpreting():
-        block_n = 16
+        block_n = logit_n = 16
     splits = max(1, min(triton.cdiv(per_sm * _num_sms(query.device), B * Hkv), triton.cdiv(K, 4 * block_n)))
     if interpreting() and K > 2 * block_n:
         splits = 2  # exercise the split + combine path in the tests
-    split_size = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
+    split_size = triton.cdiv(triton.cdiv(K, splits), max(block_n, logit_n)) * max(block_n, logit_n)
     splits = triton.cdiv(K, split_size)
     rows = B * H
     f32 = dict(device=query.device, dtype=torch.float32)
+    logits = torch.empty(rows, K, **f32)
+    m_part, l_part = (torch.empty(splits, rows, **f32) for _ in range(2))
     u, w, fv = (torch.empty(splits, rows, D, **f32) for _ in range(3))
     sm, rm, fp = (torch.empty(splits, rows, **f32) for _ in range(3))
     fi = torch.empty(splits, rows, device=query.device, dtype=torch.int32)
@@ -430,12 +438,19 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         kmask, kmb, kmk = act8, 0, 0  # not read
     upcast = interpreting() and query.dtype == torch.bfloat16
-    _act_adaptive_split[(splits, B * Hkv)](
-        query, key, value, lse, tau32, act8, kmask, u, w, sm, rm, fi, fp, fv,
-        query.stride(0), query.stride(1), *key.stride()[:3], *value.stride()[:3], kmb, kmk,
+    _act_adaptive_logits[(splits, B * Hkv)](
+        query, key, kmask, logits, m_part, l_part,
+        query.stride(0), query.stride(1), *key.stride()[:3], kmb, kmk,
         H, Hkv, K, split_size, rows, scaling,
-        GROUP=G, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=D, HAS_KMASK=attention_mask is not None, UPCAST=upcast,
-        num_warps=warps, num_stages=stages,
+        GROUP=G, BLOCK_G=block_g, BLOCK_N=logit_n, HEAD_DIM=D, HAS_KMASK=attention_mask is not None, UPCAST=upcast,
+        num_warps=logit_warps, num_stages=logit_stages,
+    )
+    _act_adaptive_split[(splits, B * Hkv)](
+        logits, value, m_part, l_part, tau32, act8, u, w, sm, rm, fi, fp, fv,
+        *value.stride()[:3],
+        H, Hkv, K, split_size, rows, splits,
+        GROUP=G, BLOCK_G=block_g, BLOCK_N=block_n, HEAD_DIM=D, NS_P=max(2, triton.next_power_of_2(splits)),
+        UPCAST=upcast, num_warps=warps, num_stages=stages,
     )
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     _act_adaptive_combine[(rows,)](
@@ -652,7 +667,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
 
 
 if triton is not None:
-    from headlab.kernels.score_mod import _row_tile, _store_rows
+    from headlab.kernels.score_mod import _program_head, _row_tile, _store_rows
 
     @triton.jit
     def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
@@ -662,8 +677,9 @@ if triton is not None:
                      CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
         """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)."""
-        b, h, kvh, rows, ok, d, q, z, lse = _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
-                                                       BLOCK_M, HEAD_DIM)
+        b, h = _program_head(H, Beta, H, False)
+        kvh, rows, ok, d, q, z, lse = _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
+                                                BLOCK_M, HEAD_DIM)
         u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         rest = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         s_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -692,7 +708,7 @@ if triton is not None:
         movable = r_mass > 1.1754943508222875e-38
         c = tl.where(movable, 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0), 1.0)
         y = tl.where(movable[:, None], beta * u + c[:, None] * w, u + w)
-        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, QN * H * HEAD_DIM, HEAD_DIM, H * HEAD_DIM, HAS_SCALE)
         tl.store(Cp + (b * H + h) * QN + rows, c, mask=ok)
 
 
@@ -714,8 +730,9 @@ if triton is not None:
         (O_N, lse_N): z' = (β·U + (r + (1 − β)·A)·O_N) / (r + A), A and U the sinks' weights and
         weighted values relative to their largest logit m, r = exp(lse_N − m); r = 0 (no
         non-sink key): the row as it is, U / A. With HAS_KMASK a sink the key mask hides is none."""
-        b, h, kvh, rows, ok, d, q, o_n, lse_n = _row_tile(Qp, Zp, Lp, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
-                                                           BLOCK_M, HEAD_DIM)
+        b, h = _program_head(H, Beta, H, False)
+        kvh, rows, ok, d, q, o_n, lse_n = _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
+                                                    BLOCK_M, HEAD_DIM)
         top = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         for m in range(0, M):  # the largest own-sink logit: weights relative to it cannot overflow
             pos, mine = _own_sink(Pos, Mem, KMask, b, h, kvh, m, spb, sph, smb, smh, skmb, skmk, KN, HAS_KMASK)
@@ -737,20 +754,20 @@ if triton is not None:
         r = tl.where(has_sink, tl.exp(lse_n - tl.where(has_sink, top, 0.0)), 1.0)
         y = (beta * u + (r + (1.0 - beta) * a)[:, None] * o_n) / (r + a)[:, None]
         y = tl.where((r > 0)[:, None], y, u / tl.where(has_sink, a, 1.0)[:, None])
-        _store_rows(Yp, Scale, y, b, h, rows, ok, d, H, QN, HAS_SCALE, HEAD_DIM)
+        _store_rows(Yp, Scale, y, b, h, rows, ok, d, QN * H * HEAD_DIM, HEAD_DIM, H * HEAD_DIM, HAS_SCALE)
 
 
 if triton is not None:
     @triton.jit
-    def _act_adaptive_split(Qp, Kp, Vp, Lp, Tau, Act, KMask, Up, Wp, Sp, Rp, Fi, Fp, Fv,
-                            sqb, sqh, skb, skh, skn, svb, svh, svn, skmb, skmk,
-                            H, HKV, KN, split_size, n_rows, scale,
-                            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr):
+    def _act_adaptive_logits(Qp, Kp, KMask, Sb, Mp, Lp,
+                             sqb, sqh, skb, skh, skn, skmb, skmk,
+                             H, HKV, KN, split_size, n_rows, scale,
+                             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             HAS_KMASK: tl.constexpr, UPCAST: tl.constexpr):
         """One key split of one (batch, kv head), its query heads as the tile's rows (a decode
-        step: one query each): with the rows' final log-sum-exp, each key's probability A, its sink
-        status A > τ (ACT heads only), and the sums U = Σ_sinks A·v, W = Σ_rest A·v, S, R; the
-        split's first sink key per row (index, A, A·v) is kept in them too, for the combine to move."""
+        step: one query each): the logits s = q·k·scale (−inf on masked keys) stored in fp32 at
+        Sb [B·H, KN], and the split's running max and sum of exp(s − max) at [split, row] — the
+        one read of the keys; `_act_adaptive_split` reads the logits back instead of K."""
         sp = tl.program_id(0)
         bk = tl.program_id(1)
         b = bk // HKV
@@ -762,7 +779,59 @@ if triton is not None:
         q = tl.load(Qp + b * sqb + h[:, None] * sqh + d[None, :], mask=gok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        lse = tl.load(Lp + b * H + h, mask=gok, other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        s_row = (b * H + h).to(tl.int64) * KN
+        lo = sp * split_size
+        hi = tl.minimum(lo + split_size, KN)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cok = cols < hi
+            k = tl.load(Kp + b * skb + kvh * skh + cols[:, None] * skn + d[None, :], mask=cok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale
+            allowed = gok[:, None] & cok[None, :]
+            if HAS_KMASK:
+                allowed = allowed & (tl.load(KMask + b * skmb + cols * skmk, mask=cok, other=0) != 0)[None, :]
+            s = tl.where(allowed, s, float("-inf"))
+            tl.store(Sb + s_row[:, None] + cols[None, :], s, mask=gok[:, None] & cok[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
+            m_i = m_new
+        row = sp * n_rows + b * H + h
+        tl.store(Mp + row, m_i, mask=gok)
+        tl.store(Lp + row, l_i, mask=gok)
+
+    @triton.jit
+    def _act_adaptive_split(Sb, Vp, Mp, Lp, Tau, Act, Up, Wp, Sp, Rp, Fi, Fp, Fv,
+                            svb, svh, svn,
+                            H, HKV, KN, split_size, n_rows, NS,
+                            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            NS_P: tl.constexpr, UPCAST: tl.constexpr):
+        """One key split of one (batch, kv head), its query heads as the tile's rows: the rows'
+        log-sum-exp from every split's (max, sum) of `_act_adaptive_logits`, then from the stored
+        logits each key's probability A, its sink status A > τ (ACT heads only), and the sums
+        U = Σ_sinks A·v, W = Σ_rest A·v, S, R; the split's first sink key per row (index, A, A·v)
+        is kept in them too, for the combine to move. Reads V and the logits, not K."""
+        sp = tl.program_id(0)
+        bk = tl.program_id(1)
+        b = bk // HKV
+        kvh = bk % HKV
+        g = tl.arange(0, BLOCK_G)
+        gok = g < GROUP
+        h = kvh * GROUP + g
+        d = tl.arange(0, HEAD_DIM)
+        s_i = tl.arange(0, NS_P)
+        parts = s_i[None, :] * n_rows + (b * H + h)[:, None]
+        pok = gok[:, None] & (s_i < NS)[None, :]
+        m_s = tl.load(Mp + parts, mask=pok, other=float("-inf"))
+        l_s = tl.load(Lp + parts, mask=pok, other=0.0)
+        m = tl.max(m_s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        tot = tl.sum(l_s * tl.exp(m_s - m[:, None]), 1)
+        lse = m + tl.log(tl.where(tot > 0, tot, 1.0))  # a row that sees no key: every logit −inf, A = 0
         tau = tl.load(Tau + h, mask=gok, other=2.0)
         act = tl.load(Act + h, mask=gok, other=0) != 0
         u = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -772,33 +841,33 @@ if triton is not None:
         r_mass = tl.zeros([BLOCK_G], dtype=tl.float32)
         fp = tl.zeros([BLOCK_G], dtype=tl.float32)
         first = tl.zeros([BLOCK_G], dtype=tl.int32) + KN
+        s_row = (b * H + h).to(tl.int64) * KN
         lo = sp * split_size
         hi = tl.minimum(lo + split_size, KN)
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cok = cols < hi
-            k = tl.load(Kp + b * skb + kvh * skh + cols[:, None] * skn + d[None, :], mask=cok[:, None], other=0.0)
             v = tl.load(Vp + b * svb + kvh * svh + cols[:, None] * svn + d[None, :], mask=cok[:, None], other=0.0)
             if UPCAST:
-                k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale
-            allowed = gok[:, None] & cok[None, :]
-            if HAS_KMASK:
-                allowed = allowed & (tl.load(KMask + b * skmb + cols * skmk, mask=cok, other=0) != 0)[None, :]
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            sink = (p > tau[:, None]) & act[:, None] & allowed
-            block_first = tl.min(tl.where(sink, cols[None, :], KN), 1)
-            take = (first == KN) & (block_first < KN)
-            one = tl.where((cols[None, :] == block_first[:, None]) & take[:, None], p, 0.0)
-            fp += tl.sum(one, 1)
-            fv += tl.dot(one.to(v.dtype), v)
-            first = tl.where(take, block_first, first)
-            ps = tl.where(sink, p, 0.0)
-            pn = p - ps
-            s_mass += tl.sum(ps, 1)
+            s = tl.load(Sb + s_row[:, None] + cols[None, :], mask=gok[:, None] & cok[None, :], other=float("-inf"))
+            p = tl.exp(s - lse[:, None])
+            sink = (p > tau[:, None]) & act[:, None]
+            # a row has at most ⌊1/τ⌋ sinks: most blocks have none and cost one dot, as plain decode
+            if tl.max(tl.max(sink.to(tl.int32), 1), 0) > 0:
+                block_first = tl.min(tl.where(sink, cols[None, :], KN), 1)
+                take = (first == KN) & (block_first < KN)
+                one = tl.where((cols[None, :] == block_first[:, None]) & take[:, None], p, 0.0)
+                fp += tl.sum(one, 1)
+                fv += tl.dot(one.to(v.dtype), v)
+                first = tl.where(take, block_first, first)
+                ps = tl.where(sink, p, 0.0)
+                pn = p - ps
+                s_mass += tl.sum(ps, 1)
+                u += tl.dot(ps.to(v.dtype), v)
+            else:
+                pn = p
             r_mass += tl.sum(pn, 1)
-            u += tl.dot(ps.to(v.dtype), v)
             w += tl.dot(pn.to(v.dtype), v)
         row = sp * n_rows + b * H + h
         tl.store(Sp + row, s_mass, mask=gok)
