@@ -66,15 +66,23 @@ class PatchSession:
     run together, so one batch can hold several single-head ablations × the prompts."""
     capture: "AttributionCapture | None" = None
     _compiled: dict[int, LayerPlan | None] = field(default_factory=dict)
+    _plan_layers: tuple[torch.device, dict[int, LayerPlan | None]] | None = None
     _row_groups: dict[int, list[tuple[torch.Tensor, LayerPlan | None]]] = field(default_factory=dict)
     _seen: dict[int, int] = field(default_factory=dict)
     _requests: dict[tuple[int, int], CompiledStats] = field(default_factory=dict)
 
     def layer_plan(self, layer: int, device: torch.device) -> LayerPlan | None:
-        """The layer's compiled plan on `device`, built once per session (not per decode step)."""
+        """The layer's compiled plan on `device`: looked up once per session (not per decode
+        step) in the plan's own cache (`InterventionPlan.compiled_layers`), so that a later
+        session with the same plan reuses it and the kernel caches it holds."""
         if layer not in self._compiled:
-            compiled = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
-            self._compiled[layer] = None if compiled is None else compiled.to(device)
+            if self._plan_layers is None or self._plan_layers[0] != device:
+                self._plan_layers = (device, self.plan.compiled_layers(self.n_heads, self.head_dim, device))
+            shared = self._plan_layers[1]
+            if layer not in shared:
+                compiled = self.plan.compile_layer(layer, self.n_heads, self.head_dim)
+                shared[layer] = None if compiled is None else compiled.to(device)
+            self._compiled[layer] = shared[layer]
         return self._compiled[layer]
 
     def row_groups(self, layer: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, LayerPlan | None]]:

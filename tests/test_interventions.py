@@ -328,3 +328,36 @@ def test_query_window_stats_on_the_sdpa_path_match_materialized_attention(models
         torch.testing.assert_close(stats.key_logits[li], LOGITS[layer][:, :, queries][..., [4, 5, 12]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stats.key_probs[li], sel[..., [4, 5, 12]], atol=1e-6, rtol=1e-5)
     assert stats.received_count[0, 1, 0, :4].eq(0).all()  # padding keys are seen by no query
+
+
+def test_a_plan_compiles_once_across_sessions_and_again_after_an_in_place_change(models, ids, monkeypatch):
+    """Sessions with the same plan reuse its compiled layers (and the kernel caches they hold):
+    compile_layer runs once per layer over two sessions. A plan changed in place — a dict entry,
+    or a mean-ablation tensor written into — is compiled afresh, and the outputs follow the change."""
+    model, oracle = models
+    calls = []
+    real = headlab.InterventionPlan.compile_layer
+    monkeypatch.setattr(headlab.InterventionPlan, "compile_layer",
+                        lambda self, layer, *a: calls.append(layer) or real(self, layer, *a))
+    plan = headlab.InterventionPlan().scale_heads({(0, 3): 0.5, (1, 1): 1.7})
+    first, _ = run_patched(model, ids, plan)
+    second, _ = run_patched(model, ids, plan)
+    assert sorted(calls) == [0, 1] and torch.equal(first, second)
+    shape = (model.spec.n_heads, model.spec.head_dim, ids.device)
+    first_layer = plan.compiled_layers(*shape)[0]
+    run_patched(model, ids, plan)
+    assert plan.compiled_layers(*shape)[0] is first_layer
+
+    plan.head_scales[(1, 1)] = 0.0  # changed in place: the frozen dataclass's dict is not
+    got, _ = run_patched(model, ids, plan)
+    expected = run_oracle(oracle, ids, z=on_heads({(0, 3): 0.5, (1, 1): 0.0}, lambda z, a: z * a))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4
+
+    mean_plan = headlab.InterventionPlan().ablate_heads([(0, 2)], "mean", {(0, 2): torch.zeros(model.spec.head_dim)})
+    zeroed, _ = run_patched(model, ids, mean_plan)
+    mean_plan.means[(0, 2)] += 1.0  # written into: the plan's tensor changed, its compiled layer is stale
+    moved, _ = run_patched(model, ids, mean_plan)
+    assert (moved - zeroed).abs().max() > 1e-3
+    expected = run_oracle(oracle, ids, z=on_heads({(0, 2): None}, lambda z, _: torch.ones_like(z)))
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=1e-5)
