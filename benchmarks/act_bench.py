@@ -218,6 +218,32 @@ def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
         print(f"calibrated breakdown K={n} {name:<30} {ms:8.3f} ms", flush=True)
 
 
+def sweep_correction(rows: list[dict], calibrated) -> None:
+    """Time `act_sparse.CORRECT_BLOCKS` choices for the calibrated route's correction (masked
+    mode) at 4k and 16k; set the best summed over both."""
+    choices = [(16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]
+    totals = dict.fromkeys(choices, 0.0)
+    for n in (4096, 16384):
+        q, k, v = inputs(n, planting="first")
+        lists = act_sparse.fixed_lists(calibrated, HKV, q.device)
+        zv = act_sparse.zeroed_values(v, lists[0], act_sparse._fixed_where(calibrated, HKV, n, q.device))
+        zm, lse = score_mod.attention_with_lse(q, k, zv, SCALE, True)
+        for cfg in choices:
+            act_sparse.CORRECT_BLOCKS = cfg
+            try:
+                ms = bench(lambda: act_sparse.correct(zm, lse, q, k, v, *lists, calibrated, SCALE, True, True, True))
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses
+                print(f"sweep correction K={n} {cfg}: {type(exc).__name__}", flush=True)
+                totals[cfg] = float("inf")
+                continue
+            totals[cfg] += ms
+            rows.append({"mode": "sweep_correction", "keys": n, "blocks": list(cfg), "ms": round(ms, 4)})
+            print(f"sweep correction K={n} {cfg}: {ms * 1e3:.1f} us", flush=True)
+    act_sparse.CORRECT_BLOCKS = min(totals, key=totals.get)
+    rows.append({"mode": "sweep_correction", "best": list(act_sparse.CORRECT_BLOCKS)})
+    print(f"sweep correction: best {act_sparse.CORRECT_BLOCKS}", flush=True)
+
+
 def decode_rows(rows: list[dict], calibrated) -> None:
     """One decode step (batch 1) with the calibrated plan: SDPA vs the route (one attention call
     without the sinks + the correction up to DECODE_EXCLUDE_MAX_KEYS, over sink-zeroed values
@@ -299,6 +325,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true", help="decode rows and generate only")
+    ap.add_argument("--sweep-correction", action="store_true", help="first pick act_sparse.CORRECT_BLOCKS")
+    ap.add_argument("--only-calibrated", action="store_true",
+                    help="the calibrated route's prefill pieces and totals only (with --sweep-correction: after it)")
     args = ap.parse_args()
     torch.manual_seed(0)
     adaptive, calibrated = plans()
@@ -308,6 +337,14 @@ def main() -> None:
                       "every other head fixed in the plan", "seed": 0, "rows": rows}
     if args.sweep:
         sweep(rows)
+    if args.sweep_correction:
+        sweep_correction(rows, calibrated)
+    if args.only_calibrated:
+        for n in (4096, 16384, 32768):
+            calibrated_breakdown(rows, calibrated, n)
+        result["correct_blocks"] = list(act_sparse.CORRECT_BLOCKS)
+        emit(result, args.out)
+        return
     result["colsum_t_blocks"] = fused.COLSUM_T_BLOCKS[D]
     if not args.skip_prefill:
         result["parity"] = parity(adaptive, calibrated)

@@ -75,6 +75,9 @@ them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is 
 masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
 `fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
 the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
+CORRECT_BLOCKS: tuple[int, int] = (64, 4)
+"""(BLOCK_M, num_warps) of `_act_correct` for calls of more than 16 queries
+(`benchmarks/act_bench.py --sweep-correction` times the choices)."""
 ADAPTIVE_DECODE_BLOCKS: tuple[int, int, int, int] = (64, 4, 3, 2)
 """(BLOCK_N, num_warps, num_stages, programs per SM) of `_act_adaptive_split`, the calibrating pass
 of `decode_adaptive`; the programs per SM set the key splits of both passes
@@ -653,7 +656,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
     y = torch.empty(B, Q, H, D, device=query.device, dtype=query.dtype if head_scale else torch.float32)
     c = torch.empty(B, H, Q, device=query.device, dtype=torch.float32)
     lse = lse.reshape(B, H, Q).float().contiguous()
-    block_m = 16 if Q <= 16 else 64
+    block_m, warps = (16, 2) if Q <= 16 else CORRECT_BLOCKS
     pb = 0 if positions.shape[0] == 1 else positions.stride(0)
     mb = 0 if member.shape[0] == 1 else member.stride(0)
     _act_correct[(triton.cdiv(Q, block_m), B * H)](
@@ -662,7 +665,7 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
         pb, positions.stride(1), mb, member.stride(1),
         H, key.shape[1], Q, K, positions.shape[-1], K - Q, scaling,
         CAUSAL=causal, MASKED=masked, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, HEAD_DIM=D,
-        num_warps=4 if block_m == 64 else 2,
+        num_warps=warps,
     )
     return y.transpose(1, 2), c
 
