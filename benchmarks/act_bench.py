@@ -216,6 +216,19 @@ def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
         ms = bench(fn)
         rows.append({"mode": "calibrated_breakdown", "keys": n, "part": name, "ms": round(ms, 4)})
         print(f"calibrated breakdown K={n} {name:<30} {ms:8.3f} ms", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the route's GPU time, kernel by kernel
+        for _ in range(calls):
+            parts["routed_total"]()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        us = (getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)) / calls
+        if us:
+            rows.append({"mode": "calibrated_kernels", "keys": n, "kernel": ev.key[:80], "calls_per_route": ev.count / calls,
+                         "us_per_route": round(us, 1)})
+            print(f"calibrated kernels K={n} {ev.key[:60]:<60} x{ev.count / calls:g} {us:8.1f} us", flush=True)
 
 
 def sweep_correction(rows: list[dict], calibrated) -> None:

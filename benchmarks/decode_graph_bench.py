@@ -240,6 +240,45 @@ def adaptive_kernel_times(rows: list[dict], n: int = 32768, calls: int = 50) -> 
                 print(f"kernel time {name} K={n}: {ev.key[:60]:<60} {us:7.1f} us", flush=True)
 
 
+def prefill_profile(rows: list[dict], prompt: int, cases: dict) -> None:
+    """Where a 1k-token prefill's time goes under each plan: wall time of the forward (synchronized)
+    and its GPU time per kernel (torch.profiler), on the 32-layer 8B shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from retrieval_bench import llama3_8b_shaped
+
+    model = llama3_8b_shaped(LAYERS)
+    ids = torch.randint(3, 128000, (1, prompt), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    for name, (plan, request) in cases.items():
+        def forward(m=model, plan=plan, request=request):
+            with torch.no_grad(), m.patched(plan, request):
+                m.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        for _ in range(3):
+            forward()
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            forward()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward()
+            torch.cuda.synchronize()
+        kernels = sorted(((getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0), ev.count, ev.key)
+                          for ev in prof.key_averages()), reverse=True)
+        gpu_ms = sum(k[0] for k in kernels if k[1]) / 1e3
+        row = {"mode": "prefill_profile", "prompt": prompt, "case": name, "wall_ms_median": round(sorted(walls)[2] * 1e3, 2),
+               "gpu_ms_profiled": round(gpu_ms, 2),
+               "top_kernels": [{"kernel": k[2][:70], "calls": k[1], "us": round(k[0], 1)} for k in kernels[:8]]}
+        rows.append(row)
+        print(f"prefill {prompt} {name:<16} wall {row['wall_ms_median']:.1f} ms, GPU {gpu_ms:.1f} ms  "
+              + "; ".join(f"{k['kernel'][:40]} x{k['calls']} {k['us'] / 1e3:.2f} ms" for k in row["top_kernels"][:5]), flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
 def end_to_end(rows: list[dict], prompt: int, new: int, cases: dict, rounds: int) -> None:
     from retrieval_bench import llama3_8b_shaped
 
@@ -295,6 +334,7 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true", help="skip the 32k + 16 run")
     ap.add_argument("--sweep-adaptive", action="store_true", help="first pick act_sparse.ADAPTIVE_LOGIT_BLOCKS and ADAPTIVE_DECODE_BLOCKS")
     ap.add_argument("--only-calls", action="store_true", help="the decode calls only, no generation")
+    ap.add_argument("--profile-prefill", action="store_true", help="first profile a 1k prefill under each plan")
     args = ap.parse_args()
     rows: list[dict] = []
     if args.sweep_adaptive:
@@ -309,6 +349,8 @@ def main() -> None:
     short = {"plain": (None, None), "zerotuning": (zerotuning(LAYERS), None),
              "act_calibrated": (act_calibrated(LAYERS), None), "act_adaptive": (act_adaptive(LAYERS), None),
              "retrieval": (None, RETRIEVAL)}
+    if args.profile_prefill:
+        prefill_profile(rows, 1024, short)
     end_to_end(rows, 1024, 64, short, args.rounds)
     torch.cuda.empty_cache()  # the first model is gone with end_to_end's frame
     if not args.skip_long:

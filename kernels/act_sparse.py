@@ -75,7 +75,7 @@ them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is 
 masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
 `fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
 the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
-CORRECT_BLOCKS: tuple[int, int] = (64, 4)
+CORRECT_BLOCKS: tuple[int, int] = (16, 2)
 """(BLOCK_M, num_warps) of `_act_correct` for calls of more than 16 queries
 (`benchmarks/act_bench.py --sweep-correction` times the choices)."""
 ADAPTIVE_DECODE_BLOCKS: tuple[int, int, int, int] = (64, 4, 3, 2)
