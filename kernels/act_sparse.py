@@ -162,12 +162,15 @@ def zeroed_values(value: torch.Tensor, positions: torch.Tensor, where: tuple[tor
     batch-shared positions, precomputed (`_fixed_where`: no device sync)."""
     out = value.clone()
     B, Hkv, K, _ = value.shape
+    # a zero on the device: a Python 0 would be copied from pageable host memory on every call,
+    # a copy that makes the host wait for all the GPU work queued before it
+    zero = torch.zeros((), device=value.device, dtype=value.dtype)
     if where is not None:
-        out[:, where[0], where[1]] = 0
+        out[:, where[0], where[1]] = zero
         return out
     pos = positions.long().expand(B, Hkv, positions.shape[-1])
     b, h, m = torch.nonzero((pos >= 0) & (pos < K), as_tuple=True)
-    out[b, h, pos[b, h, m]] = 0
+    out[b, h, pos[b, h, m]] = zero
     return out
 
 

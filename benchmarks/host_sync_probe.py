@@ -1,0 +1,106 @@
+"""Which lines of a patched forward make the host wait for the GPU (a diagnostic, one GPU).
+
+    python benchmarks/host_sync_probe.py --out benchmarks/results/host_sync_probe_h100.json
+
+A copy from pageable host memory to the GPU, a copy back, or an explicit synchronization stops
+the host until the GPU has caught up, so the host can no longer queue work ahead: every later
+launch's host time becomes GPU idle time. For a 1k-token prefill of the 32-layer Llama-3-8B shape
+(random weights, bf16) under each plan / stats request of `decode_graph_bench.py`, and for the
+calibrated ACT route's call at 4k, this records (torch.profiler, with Python stacks) each such
+event and the headlab line that made it, and the forward's wall and GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_graph_bench import LAYERS, RETRIEVAL, act_adaptive, act_calibrated, zerotuning  # noqa: E402
+from record import emit, header  # noqa: E402
+
+WAITS = ("Pageable", "DtoH", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def headlab_line(stack: list[str]) -> str:
+    """The innermost frame of headlab (or its kernels) in a profiler stack, else the innermost frame."""
+    for frame in stack:
+        if "headlab" in frame or "kernels/" in frame:
+            return frame
+    return stack[0] if stack else "?"
+
+
+def waits(fn) -> tuple[list[dict], float, float]:
+    """(the host waits of one call of fn, its wall ms, its GPU ms)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    found: dict[tuple[str, str], int] = {}
+    gpu_us = 0.0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us += ev.time_range.elapsed_us()
+            continue
+        names = [k.name for k in getattr(ev, "kernels", [])] + [ev.name]
+        hit = next((n for n in names if any(w in n for w in WAITS)), None)
+        if hit is None:
+            continue
+        op = ev
+        while op is not None and not op.stack:
+            op = op.cpu_parent
+        key = (hit[:60], headlab_line(op.stack if op is not None else []))
+        found[key] = found.get(key, 0) + 1
+    return [{"event": e, "line": line, "count": n} for (e, line), n in sorted(found.items(), key=lambda x: -x[1])], wall, gpu_us / 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    from retrieval_bench import llama3_8b_shaped
+
+    rows = []
+    model = llama3_8b_shaped(LAYERS)
+    ids = torch.randint(3, 128000, (1, 1024), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    cases = {"plain": (None, None), "zerotuning": (zerotuning(LAYERS), None), "act_calibrated": (act_calibrated(LAYERS), None),
+             "act_adaptive": (act_adaptive(LAYERS), None), "retrieval": (None, RETRIEVAL)}
+    for name, (plan, request) in cases.items():
+        def forward(m=model, plan=plan, request=request):
+            with torch.no_grad(), m.patched(plan, request):
+                m.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+        found, wall, gpu = waits(forward)
+        rows.append({"case": f"prefill 1k {name}", "wall_ms": round(wall, 2), "gpu_ms": round(gpu, 2), "waits": found})
+        print(f"prefill 1k {name:<15} wall {wall:6.1f} ms  GPU {gpu:6.1f} ms  waits {sum(f['count'] for f in found)}", flush=True)
+        for f in found:
+            print(f"    x{f['count']:<4} {f['event']:<40} {f['line']}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    from headlab.kernels import act_sparse
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, h, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) for h in (32, 8, 8))
+    lp = act_calibrated(1).compile_layer(0, 32, 128).to("cuda")
+    found, wall, gpu = waits(lambda: act_sparse.attend(q, k, v, lp, 128 ** -0.5, True))
+    rows.append({"case": "calibrated ACT route, one call at 4k", "wall_ms": round(wall, 3), "gpu_ms": round(gpu, 3), "waits": found})
+    print(f"calibrated ACT call 4k wall {wall:6.3f} ms  GPU {gpu:6.3f} ms  waits {sum(f['count'] for f in found)}", flush=True)
+    for f in found:
+        print(f"    x{f['count']:<4} {f['event']:<40} {f['line']}", flush=True)
+    emit({**header(), "command": " ".join(sys.argv), "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
