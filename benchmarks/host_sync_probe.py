@@ -7,7 +7,8 @@ the host until the GPU has caught up, so the host can no longer queue work ahead
 launch's host time becomes GPU idle time. For a 1k-token prefill of the 32-layer Llama-3-8B shape
 (random weights, bf16) under each plan / stats request of `decode_graph_bench.py`, and for the
 calibrated ACT route's call at 4k, this records (torch.profiler, with Python stacks) each such
-event and the headlab line that made it, and the forward's wall and GPU time.
+event and the headlab line that made it, the forward's wall and GPU time, and where its host
+time goes (cProfile, by own time).
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def waits(fn) -> tuple[list[dict], float, float]:
     return [{"event": e, "line": line, "count": n} for (e, line), n in sorted(found.items(), key=lambda x: -x[1])], wall, gpu_us / 1e3
 
 
+def host_profile(fn, top: int = 12) -> list[dict]:
+    """The functions where one call of fn spends its host time (cProfile, by own time)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(((v[2], v[3], v[0], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st.stats.items()), reverse=True)
+    return [{"function": name, "own_ms": round(own * 1e3, 2), "cum_ms": round(cum * 1e3, 2), "calls": n}
+            for own, cum, n, name in rows[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -83,10 +100,13 @@ def main() -> None:
                 m.model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
         found, wall, gpu = waits(forward)
-        rows.append({"case": f"prefill 1k {name}", "wall_ms": round(wall, 2), "gpu_ms": round(gpu, 2), "waits": found})
+        rows.append({"case": f"prefill 1k {name}", "wall_ms": round(wall, 2), "gpu_ms": round(gpu, 2), "waits": found,
+                     "host_top": host_profile(forward)})
         print(f"prefill 1k {name:<15} wall {wall:6.1f} ms  GPU {gpu:6.1f} ms  waits {sum(f['count'] for f in found)}", flush=True)
         for f in found:
             print(f"    x{f['count']:<4} {f['event']:<40} {f['line']}", flush=True)
+        for f in rows[-1]["host_top"][:6]:
+            print(f"    host {f['own_ms']:7.2f} ms own, {f['calls']:>5} calls  {f['function']}", flush=True)
     del model
     torch.cuda.empty_cache()
     from headlab.kernels import act_sparse
