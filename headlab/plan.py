@@ -607,9 +607,11 @@ class LayerPlan:
                 "max_bias_position": int(self.bias_positions.max()) if self.bias_positions.numel() else -1,
                 "var": self.var_p is not None and bool((self.var_p > 0).any()),
                 "bias_range": (float(self.bias.min()), float(self.bias.max())) if self.bias.numel() else (0.0, 0.0),
-                "changed_heads": tuple(int(h) for h in ((self.bias != 0).any(-1) | (self.head_scale != 1)).nonzero()[:, 0])
-                if self.bias.numel() else tuple(int(h) for h in (self.head_scale != 1).nonzero()[:, 0]),
             }
+            changed = self.head_scale != 1
+            if self.bias.numel():
+                changed = changed | (self.bias != 0).any(-1)
+            self.facts["changed_heads"] = tuple(int(h) for h in changed.nonzero()[:, 0])
             if self.facts["var"]:
                 self.facts["max_var_position"] = int(torch.cat([self.var_sources, self.var_targets]).max())
             adaptive = self.act_heads & ~self.act_fixed_heads

@@ -684,7 +684,7 @@ if triton is not None:
                      CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
         """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)."""
-        b, h = _program_head(H, Beta, H, False)
+        b, h = _program_head(H, Beta, H, False)  # every head: the head list is not read
         kvh, rows, ok, d, q, z, lse = _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
                                                 BLOCK_M, HEAD_DIM)
         u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -737,7 +737,7 @@ if triton is not None:
         (O_N, lse_N): z' = (β·U + (r + (1 − β)·A)·O_N) / (r + A), A and U the sinks' weights and
         weighted values relative to their largest logit m, r = exp(lse_N − m); r = 0 (no
         non-sink key): the row as it is, U / A. With HAS_KMASK a sink the key mask hides is none."""
-        b, h = _program_head(H, Beta, H, False)
+        b, h = _program_head(H, Beta, H, False)  # every head: the head list is not read
         kvh, rows, ok, d, q, o_n, lse_n = _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
                                                     BLOCK_M, HEAD_DIM)
         top = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
