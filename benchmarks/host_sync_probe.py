@@ -67,26 +67,70 @@ def waits(fn) -> tuple[list[dict], float, float]:
     return [{"event": e, "line": line, "count": n} for (e, line), n in sorted(found.items(), key=lambda x: -x[1])], wall, gpu_us / 1e3
 
 
-def host_profile(fn, top: int = 12) -> list[dict]:
-    """The functions where one call of fn spends its host time (cProfile, by own time)."""
+def host_profile(fn, top: int = 12, calls: int = 1) -> list[dict]:
+    """The functions where `calls` calls of fn spend their host time (cProfile, by own time; ms per call)."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    fn()
+    for _ in range(calls):
+        fn()
     torch.cuda.synchronize()
     prof.disable()
     st = pstats.Stats(prof)
     rows = sorted(((v[2], v[3], v[0], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in st.stats.items()), reverse=True)
-    return [{"function": name, "own_ms": round(own * 1e3, 2), "cum_ms": round(cum * 1e3, 2), "calls": n}
-            for own, cum, n, name in rows[:top]]
+    return [{"function": name, "own_ms": round(own * 1e3 / calls, 3), "cum_ms": round(cum * 1e3 / calls, 3),
+             "calls": n / calls} for own, cum, n, name in rows[:top]]
+
+
+def decode_calls(rows: list[dict], n: int = 32768, calls: int = 200) -> None:
+    """Where an eager decode call's host time goes (one attention call at a 32k cache, as a step
+    of `generate()` makes it with each plan / stats request): wall µs per call and cProfile."""
+    from types import SimpleNamespace
+
+    from decode_graph_bench import D, H, HKV, RICH, step_inputs
+
+    from headlab import attention
+    from headlab.plan import InterventionPlan
+
+    q, k, v, mask = step_inputs(n)
+    cases = {"plain": (None, None), "zerotuning": (zerotuning(1), None), "act_calibrated": (act_calibrated(1), None),
+             "act_adaptive": (act_adaptive(1), None), "stats_argmax": (None, RETRIEVAL), "stats_rich": (None, RICH)}
+    for name, (plan, request) in cases.items():
+        module = SimpleNamespace(layer_idx=0, is_causal=True, training=False, num_key_value_groups=H // HKV)
+        session = attention.PatchSession(plan=plan or InterventionPlan(), request=request, n_heads=H, head_dim=D)
+        setattr(module, attention.SESSION_ATTR, session)
+
+        def call(module=module, session=session):
+            session._seen.clear()  # the same step again: no new positions to track
+            return attention.headlab_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - t0) / calls * 1e6
+        top = host_profile(call, top=15, calls=calls)
+        rows.append({"case": f"eager decode call 32k {name}", "wall_us_per_call": round(us, 1), "host_top": top})
+        print(f"eager decode call {name:<15} {us:7.1f} us", flush=True)
+        for f in top[:10]:
+            print(f"    host {f['own_ms'] * 1e3:7.1f} us own, {f['calls']:>5g} calls  {f['function']}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only-decode-calls", action="store_true", help="only where eager decode calls spend host time")
     args = ap.parse_args()
+    if args.only_decode_calls:
+        rows: list[dict] = []
+        decode_calls(rows)
+        emit({**header(), "command": " ".join(sys.argv), "rows": rows}, args.out)
+        return
     from retrieval_bench import llama3_8b_shaped
 
     rows = []

@@ -17,7 +17,7 @@ import torch
 
 from headlab.errors import PlanError, UnsupportedArchitectureError
 from headlab.plan import InterventionPlan, LayerPlan
-from headlab.stats import CompiledStats, HeadStats, LayerStats, StatsRequest, as_slice
+from headlab.stats import CompiledStats, HeadStats, LayerStats, StatsRequest
 
 ATTN_IMPLEMENTATION = "headlab"
 SESSION_ATTR = "_headlab_session"
@@ -319,10 +319,10 @@ class _Call:
             z = apply_output_interventions(z, plan, slice(0, Q), patch)
         layer_stats = None
         if stats is not None:
-            selected = as_slice(stats.query_index)
+            selected = stats.selection()
             if stats.wants_probabilities:
                 positions = selected.start + (K - Q) if isinstance(selected, slice) else selected + (K - Q)
-                window = replace(stats, query_index=torch.arange(stats.query_index.numel()), head_outputs=False)
+                window = stats.window()
                 mask = self.attention_mask
                 _, layer_stats = patched_attention(
                     query[:, :, selected], key, value, scaling=self.scaling, is_causal=self.causal,

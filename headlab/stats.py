@@ -12,7 +12,7 @@ decode step in `generate()`. Span and argmax positions are key indices (position
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -221,6 +221,24 @@ class CompiledStats:
     def wants_probabilities(self) -> bool:
         return (self.argmax or bool(self.spans) or self.entropy or self.received or self.keys is not None
                 or bool(self.matches))
+
+    def selection(self) -> slice | torch.Tensor:
+        """`query_index` as a slice where it is contiguous (`as_slice`), computed once: every layer
+        of every decode step asks for it."""
+        cached = self.__dict__.get("_selection")
+        if cached is None:
+            cached = self.__dict__["_selection"] = as_slice(self.query_index)
+        return cached
+
+    def window(self) -> "CompiledStats":
+        """This request for a call over its selected queries only (query_index 0…Qs−1, no head
+        outputs): what the SDPA-first path measures. Built once per compiled request, so that the
+        kernels' caches on it (the rows' slices, the key-set matrix) live as long as it does."""
+        cached = self.__dict__.get("_window")
+        if cached is None:
+            cached = replace(self, query_index=torch.arange(self.query_index.numel()), head_outputs=False)
+            self.__dict__["_window"] = cached
+        return cached
 
 
 @dataclass

@@ -218,7 +218,8 @@ class _Launch:
             res["out"] = out
         out_w = torch.empty(S, B, H, QN, D, **f32) if (S > 1 and output) else (out if output else self.dummy)
         if argmax:
-            res["argmax"] = torch.empty(B, H, QN, device=dev, dtype=torch.int32)
+            # int64, what LayerStats holds: the kernels' int32 indices widen on the store, no extra launch
+            res["argmax"] = torch.empty(B, H, QN, device=dev, dtype=torch.int64)
             res["argmax_prob"] = torch.empty(B, H, QN, **f32)
         ai_w = (torch.empty(S, B, H, QN, device=dev, dtype=torch.int32) if S > 1 else res["argmax"]) if argmax else self.dummy
         av_w = (torch.empty(S, B, H, QN, **f32) if S > 1 else res["argmax_prob"]) if argmax else self.dummy
@@ -452,12 +453,10 @@ def patched_attention(
         head_scale = plan.head_scale.float().contiguous()
 
     wants_p = stats is not None and stats.wants_probabilities
-    sel = as_slice(stats.query_index) if stats is not None else None
-    if wants_p and isinstance(sel, slice):
-        win = sel
-    elif wants_p:
-        win = slice(int(stats.query_index.min()), int(stats.query_index.max()) + 1)
-    else:
+    # the request's rows as a slice and their window: host work on a CPU index, done once per
+    # compiled request (a decode step repeats it for every layer otherwise)
+    sel, win = _cached(stats, "rows", lambda: _rows(stats)) if stats is not None else (None, None)
+    if not wants_p:
         win = None
     member = None
     span_names = list(stats.spans) if stats is not None else []
@@ -485,10 +484,9 @@ def patched_attention(
     qi = stats.query_index
     layer = LayerStats(query_positions=qi + q_offset)
     if wants_p:
-        local = (qi - win.start) + st_rows.start
-        pick = as_slice(local)
+        pick = _cached(stats, ("pick", st_rows.start), lambda: as_slice((qi - win.start) + st_rows.start))
         if stats.argmax:
-            layer.argmax = st["argmax"][:, :, pick].long()
+            layer.argmax = st["argmax"][:, :, pick].long()  # int64 already: no copy
             layer.argmax_prob = st["argmax_prob"][:, :, pick]
         for i, name in enumerate(span_names):
             layer.span_mass[name] = st["spans"][:, :, pick, i]
@@ -512,8 +510,17 @@ def patched_attention(
     if stats.head_outputs:
         if out is None:
             raise ValueError("head_outputs were requested with compute_output=False")
-        layer.head_outputs = out[:, :, as_slice(qi)].float()
+        layer.head_outputs = out[:, :, stats.selection()].float()
     return out, layer
+
+
+def _rows(stats: CompiledStats) -> tuple[slice | torch.Tensor, slice]:
+    """(the request's query rows as a slice where contiguous, else the index; the smallest window
+    of rows holding them)."""
+    sel = stats.selection()
+    if isinstance(sel, slice) or not stats.query_index.numel():
+        return sel, sel if isinstance(sel, slice) else slice(0, 0)
+    return sel, slice(int(stats.query_index.min()), int(stats.query_index.max()) + 1)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
