@@ -89,7 +89,7 @@ def decode_calls(rows: list[dict], n: int = 32768, calls: int = 200) -> None:
     of `generate()` makes it with each plan / stats request): wall µs per call and cProfile."""
     from types import SimpleNamespace
 
-    from decode_graph_bench import D, H, HKV, RICH, step_inputs
+    from decode_graph_bench import D, H, HKV, RICH, per_call, step_inputs
 
     from headlab import attention
     from headlab.plan import InterventionPlan
@@ -106,14 +106,7 @@ def decode_calls(rows: list[dict], n: int = 32768, calls: int = 200) -> None:
             session._seen.clear()  # the same step again: no new positions to track
             return attention.headlab_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
 
-        for _ in range(10):
-            call()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-        us = (time.perf_counter() - t0) / calls * 1e6
+        us = per_call(call, calls)
         top = host_profile(call, top=15, calls=calls)
         rows.append({"case": f"eager decode call 32k {name}", "wall_us_per_call": round(us, 1), "host_top": top})
         print(f"eager decode call {name:<15} {us:7.1f} us", flush=True)

@@ -766,6 +766,20 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
+    def _split_rows(H, HKV, KN, split_size, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The program of a decode kernel over (key split, batch × kv head): (batch, kv head, its
+        query heads [BLOCK_G] (the tile's rows), which rows are real, dims, each row's offset in
+        [B·H, KN] logits, the split's key range [lo, hi))."""
+        bk = tl.program_id(1)
+        b = bk // HKV
+        kvh = bk % HKV
+        g = tl.arange(0, BLOCK_G)
+        h = kvh * GROUP + g
+        lo = tl.program_id(0) * split_size
+        return (b, kvh, h, g < GROUP, tl.arange(0, HEAD_DIM), (b * H + h).to(tl.int64) * KN, lo,
+                tl.minimum(lo + split_size, KN))
+
+    @triton.jit
     def _act_adaptive_logits(Qp, Kp, KMask, Sb, Mp, Lp,
                              sqb, sqh, skb, skh, skn, skmb, skmk,
                              H, HKV, KN, split_size, n_rows, scale,
@@ -775,22 +789,12 @@ if triton is not None:
         step: one query each): the logits s = q·k·scale (−inf on masked keys) stored in fp32 at
         Sb [B·H, KN], and the split's running max and sum of exp(s − max) at [split, row] — the
         one read of the keys; `_act_adaptive_split` reads the logits back instead of K."""
-        sp = tl.program_id(0)
-        bk = tl.program_id(1)
-        b = bk // HKV
-        kvh = bk % HKV
-        g = tl.arange(0, BLOCK_G)
-        gok = g < GROUP
-        h = kvh * GROUP + g
-        d = tl.arange(0, HEAD_DIM)
+        b, kvh, h, gok, d, s_row, lo, hi = _split_rows(H, HKV, KN, split_size, GROUP, BLOCK_G, HEAD_DIM)
         q = tl.load(Qp + b * sqb + h[:, None] * sqh + d[None, :], mask=gok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        s_row = (b * H + h).to(tl.int64) * KN
-        lo = sp * split_size
-        hi = tl.minimum(lo + split_size, KN)
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cok = cols < hi
@@ -807,7 +811,7 @@ if triton is not None:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
             m_i = m_new
-        row = sp * n_rows + b * H + h
+        row = tl.program_id(0) * n_rows + b * H + h
         tl.store(Mp + row, m_i, mask=gok)
         tl.store(Lp + row, l_i, mask=gok)
 
@@ -822,14 +826,7 @@ if triton is not None:
         logits each key's probability A, its sink status A > τ (ACT heads only), and the sums
         U = Σ_sinks A·v, W = Σ_rest A·v, S, R; the split's first sink key per row (index, A, A·v)
         is kept in them too, for the combine to move. Reads V and the logits, not K."""
-        sp = tl.program_id(0)
-        bk = tl.program_id(1)
-        b = bk // HKV
-        kvh = bk % HKV
-        g = tl.arange(0, BLOCK_G)
-        gok = g < GROUP
-        h = kvh * GROUP + g
-        d = tl.arange(0, HEAD_DIM)
+        b, kvh, h, gok, d, s_row, lo, hi = _split_rows(H, HKV, KN, split_size, GROUP, BLOCK_G, HEAD_DIM)
         s_i = tl.arange(0, NS_P)
         parts = s_i[None, :] * n_rows + (b * H + h)[:, None]
         pok = gok[:, None] & (s_i < NS)[None, :]
@@ -848,9 +845,6 @@ if triton is not None:
         r_mass = tl.zeros([BLOCK_G], dtype=tl.float32)
         fp = tl.zeros([BLOCK_G], dtype=tl.float32)
         first = tl.zeros([BLOCK_G], dtype=tl.int32) + KN
-        s_row = (b * H + h).to(tl.int64) * KN
-        lo = sp * split_size
-        hi = tl.minimum(lo + split_size, KN)
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cok = cols < hi
@@ -876,7 +870,7 @@ if triton is not None:
                 pn = p
             r_mass += tl.sum(pn, 1)
             w += tl.dot(pn.to(v.dtype), v)
-        row = sp * n_rows + b * H + h
+        row = tl.program_id(0) * n_rows + b * H + h
         tl.store(Sp + row, s_mass, mask=gok)
         tl.store(Rp + row, r_mass, mask=gok)
         tl.store(Fi + row, first, mask=gok)
