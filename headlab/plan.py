@@ -373,7 +373,8 @@ class InterventionPlan:
         """The compiled layers of this plan for one model shape and device, kept on the plan across
         `patched(...)` sessions: each layer compiles and uploads once, and the layer plans keep the
         kernels' caches built from them (a session's first call per layer otherwise rebuilds and
-        uploads them — ~1.6 ms a layer for a calibrated ACT plan). A plan changed in place since
+        uploads them; compiling alone is ~0.3 ms a layer for a calibrated ACT plan on 16 heads, on a
+        CPU core). A plan changed in place since
         (its dicts, or a tensor in them) is noticed, and compiled afresh. Layers fill in as asked."""
         cache = self.__dict__.get("_compiled_cache")
         fingerprint = self._fingerprint()
