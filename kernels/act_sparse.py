@@ -780,6 +780,15 @@ if triton is not None:
                 tl.minimum(lo + split_size, KN))
 
     @triton.jit
+    def _cache_tile(Ptr, head_off, stride_n, cols, cok, d, UPCAST: tl.constexpr):
+        """Rows `cols` [BLOCK_N] of one (batch, kv head) of a key or value cache, [BLOCK_N, D]
+        (zeros past the split), fp32 under the interpreter's UPCAST."""
+        x = tl.load(Ptr + head_off + cols[:, None] * stride_n + d[None, :], mask=cok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _act_adaptive_logits(Qp, Kp, KMask, Sb, Mp, Lp,
                              sqb, sqh, skb, skh, skn, skmb, skmk,
                              H, HKV, KN, split_size, n_rows, scale,
@@ -798,9 +807,7 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cok = cols < hi
-            k = tl.load(Kp + b * skb + kvh * skh + cols[:, None] * skn + d[None, :], mask=cok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
+            k = _cache_tile(Kp, b * skb + kvh * skh, skn, cols, cok, d, UPCAST)
             s = tl.dot(q, tl.trans(k)) * scale
             allowed = gok[:, None] & cok[None, :]
             if HAS_KMASK:
@@ -848,9 +855,7 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cok = cols < hi
-            v = tl.load(Vp + b * svb + kvh * svh + cols[:, None] * svn + d[None, :], mask=cok[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
+            v = _cache_tile(Vp, b * svb + kvh * svh, svn, cols, cok, d, UPCAST)
             s = tl.load(Sb + s_row[:, None] + cols[None, :], mask=gok[:, None] & cok[None, :], other=float("-inf"))
             p = tl.exp(s - lse[:, None])
             sink = (p > tau[:, None]) & act[:, None]
