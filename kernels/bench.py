@@ -177,6 +177,85 @@ def sweep_stats(rows: list[dict]) -> None:
     print(f"sweep stats: best {best[0]}", flush=True)
 
 
+STATS_KNOBS = ("STATS_BLOCKS", "SPAN_POST", "ARGMAX_MODE", "HEAVY_FIRST", "FOLD_SCALE")
+FORMER = {"SPAN_POST": False, "ARGMAX_MODE": 0, "HEAVY_FIRST": False, "FOLD_SCALE": False}
+"""The pass as it was before these knobs (key sets in every block, argmax on change, row order, scale then subtract)."""
+
+
+def _set_knobs(knobs: dict) -> None:
+    for name, value in knobs.items():
+        if name == "STATS_BLOCKS":
+            fused.STATS_BLOCKS[D] = value
+        else:
+            setattr(fused, name, value)
+
+
+def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
+    """Where case (d)'s time goes: the fused pass with each stat alone and all together, under the
+    pass's knobs (`fused.SPAN_POST`, `ARGMAX_MODE`, `HEAVY_FIRST`, `FOLD_SCALE`, the block shape),
+    against cuDNN SDPA in the same run; the plain pass and a bias + head-scale plan (whose logits
+    cannot fold the scale) under each grid order. At the first size every variant; at the others
+    the former pass and the module's choices."""
+    saved = {k: (fused.STATS_BLOCKS[D] if k == "STATS_BLOCKS" else getattr(fused, k)) for k in STATS_KNOBS}
+    new = {"SPAN_POST": True, "HEAVY_FIRST": True, "FOLD_SCALE": True}
+    wide, narrow = (128, 128, 8, 3), (128, 64, 8, 3)
+    gen = torch.Generator().manual_seed(1)
+    bias_plan = InterventionPlan().scale_first_token(
+        {(0, h): float(g) for h, g in enumerate(torch.rand(H, generator=gen) * 3 + 0.2)}).scale_heads(
+        {(0, h): float(s) for h, s in enumerate(torch.rand(H, generator=gen) + 0.5)})
+    for n in sizes:
+        q, k, v = inputs(n, n, seed=n)
+        spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
+        dev = torch.device("cuda")
+        reqs = {
+            "argmax": StatsRequest(argmax=True), "entropy": StatsRequest(entropy=True),
+            "spans": StatsRequest(spans=spans), "all": StatsRequest(argmax=True, entropy=True, spans=spans),
+        }
+        cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        rows.append({"mode": "stats_breakdown", "N": n, "case": "cudnn", "ms": round(cudnn, 4)})
+        variants = [("plain", FORMER), ("plain", {**FORMER, "HEAVY_FIRST": True}),
+                    ("plain", {**FORMER, "FOLD_SCALE": True}), ("plain", new),
+                    ("bias_scale", {"HEAVY_FIRST": False}), ("bias_scale", {"HEAVY_FIRST": True}),
+                    ("all", {**FORMER, "STATS_BLOCKS": wide}),
+                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 2}),
+                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 3})]
+        if n == sizes[0]:
+            for mode in (0, 1, 2, 3):
+                variants += [("argmax", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": mode})]
+            variants += [("argmax", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 0}),
+                         ("argmax", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 2}),
+                         ("entropy", {**new, "STATS_BLOCKS": wide}), ("entropy", {**FORMER, "STATS_BLOCKS": wide}),
+                         ("spans", {**new, "STATS_BLOCKS": wide}),
+                         ("spans", {**new, "STATS_BLOCKS": wide, "SPAN_POST": False})]
+            for bl in (narrow, (128, 128, 8, 2)):
+                for mode in (0, 2, 3):
+                    variants.append(("all", {**new, "STATS_BLOCKS": bl, "ARGMAX_MODE": mode}))
+            variants += [("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 0}),
+                         ("all", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 2, "SPAN_POST": False})]
+        plain_new = None
+        for name, knobs in variants:
+            _set_knobs({**saved, **knobs})
+            cs = reqs[name].compile(n, n, dev) if name in reqs else None
+            fn = (headlab_fn(q, k, v, bias_plan) if name == "bias_scale"
+                  else lambda cs=cs: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs))
+            try:
+                ms = bench(fn)
+            except Exception as exc:  # noqa: BLE001 - out of shared memory / registers for this config
+                print(f"stats N={n} {name} {knobs}: failed ({type(exc).__name__}: {exc})", flush=True)
+                rows.append({"mode": "stats_breakdown", "N": n, "case": name, **knobs, "error": str(exc)[:200]})
+                continue
+            if name == "plain" and knobs is new:
+                plain_new = ms
+            row = {"mode": "stats_breakdown", "N": n, "case": name, **knobs, "ms": round(ms, 4),
+                   "vs_cudnn": round(cudnn / ms, 3)}
+            if plain_new is not None and name in reqs:
+                row["over_plain"] = round(ms / plain_new, 3)
+            rows.append(row)
+            print(f"stats N={n} {name:<10} {knobs}: {ms:8.3f} ms x{cudnn / ms:.3f} cuDNN"
+                  + (f", {row['over_plain']:.3f} of plain" if "over_plain" in row else ""), flush=True)
+    _set_knobs(saved)
+
+
 def prefill(n: int, rows: list[dict], flex_ok: bool) -> None:
     q, k, v = inputs(n, n, seed=n)
     gen = torch.Generator().manual_seed(1)
@@ -382,6 +461,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time block configs first and use the best")
     ap.add_argument("--sweep-decode", action="store_true", help="time decode block configs first and use the best")
     ap.add_argument("--sweep-stats", action="store_true", help="time the stats pass's block configs first and use the best")
+    ap.add_argument("--stats-breakdown", action="store_true",
+                    help="time case (d)'s pass per stat and per SPAN_POST / ARGMAX_MODE / block shape first")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)
@@ -396,6 +477,8 @@ def main() -> None:
         sweep_decode(rows)
     if args.sweep or args.sweep_stats:
         sweep_stats(rows)
+    if args.stats_breakdown:
+        stats_breakdown(args.sizes, rows)
     result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "stats": fused.STATS_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
                         "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:

@@ -59,6 +59,28 @@ COLSUM_T_BLOCKS: dict[int, tuple[int, int, int, int]] = {
 consecutive rows); d=128 as `benchmarks/act_bench.py --sweep` picked on an H100 (2.2 ms at 16k
 keys against 3.9 ms for `_attn_colsum`; (128, 64, 4, 4) within 3% in another run)."""
 
+SPAN_POST = True
+"""Key-set masses of a prefill pass from the sets' own keys after its main loop (`_attn_fwd`'s
+SPAN_POST) where the sets are sparse (`KeySets.sparse`); False, or dense sets, measure them in
+every key block, at BLOCK_N ≤ 64 (the key-set tile shares shared memory with K and V then)."""
+SPAN_CHUNK = 16
+"""Keys per gathered tile of that pass: tl.dot's smallest inner size."""
+SPAN_POST_MAX_FRACTION = 16
+"""Sets are sparse when they hold at most K / this many keys (at least 64): the gathered pass
+costs about a tenth of a block per 16 keys for every row block, against ~13% of every block
+for the product in the loop (`kernels/bench.py --stats-breakdown`)."""
+FOLD_SCALE = True
+"""Plain logits fold the softmax scale into the exp2 argument (`_attn_fwd`'s FOLD_SCALE)."""
+HEAVY_FIRST = True
+"""Causal passes over many rows start the row blocks that see the most keys first, per key/value
+head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
+last even out the tail, and programs running together read the same keys (L2)."""
+ARGMAX_MODE = 2
+"""How `_attn_fwd` finds a block's argmax column: 0 only in blocks where some row's max grew
+(one block-wide vote per block), 1 in every block (`tl.argmax`), 2 in every block as the first
+column equal to the block's max, 3 (plain logits, unmasked blocks; else 2) from the max of the
+logits with the column in their low mantissa bits."""
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, tests)."""
@@ -140,6 +162,12 @@ class _Launch:
         self.sink_flags = self.sink_bias = None
         self.num_sms = _num_sms(self.device)
 
+    @property
+    def plain_logits(self) -> bool:
+        """The logits are q·k × scaling and a boolean mask at most (the kernel may fold the scale)."""
+        return (FOLD_SCALE and self.logit_scale is None and self.softcap is None and self.bias is None
+                and self.sink_flags is None and self.mask_mode != 2 and self.scaling > 0)
+
     def common(self):
         """Arguments shared by the forward and the column pass, after the strides."""
         d = self.dummy
@@ -162,7 +190,7 @@ class _Launch:
         )
 
     def forward(self, *, rows: slice | None = None, output: bool = True, head_scale: torch.Tensor | None = None,
-                argmax: bool = False, member: torch.Tensor | None = None, entropy: bool = False,
+                argmax: bool = False, key_sets: "KeySets | None" = None, entropy: bool = False,
                 out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One `_attn_fwd` pass over query rows `rows` (default all); returns its outputs by name.
 
@@ -185,14 +213,14 @@ class _Launch:
         group = ratio if few else 1
         rows_total = QN * group
         if few:
-            block_n, warps, stages = DECODE_BLOCKS["stats" if (argmax or entropy or member is not None) else "plain"]
+            block_n, warps, stages = DECODE_BLOCKS["stats" if (argmax or entropy or key_sets is not None) else "plain"]
             block_m = _pow2(rows_total)
         else:
-            stats = argmax or entropy or member is not None
+            stats = argmax or entropy or key_sets is not None
             block_m, block_n, warps, stages = (STATS_BLOCKS if stats else PREFILL_BLOCKS)[D] if output else QK_ONLY_BLOCKS[D]
             if QN <= 64:
                 block_m = 64
-            if member is not None and block_n > 64:
+            if key_sets is not None and not (SPAN_POST and key_sets.sparse) and block_n > 64:
                 block_n = 64  # the key-set tile must fit in shared memory beside K and V
         if interpreting():
             block_m, block_n = min(block_m, 32), 16
@@ -207,7 +235,9 @@ class _Launch:
         splits = triton.cdiv(KN, split_size)
         n_rows = B * H * QN
         f32 = dict(device=dev, dtype=torch.float32)
-        nsp = 0 if member is None else member.shape[1]
+        nsp = 0 if key_sets is None else key_sets.member.shape[1]
+        span_post = bool(nsp) and SPAN_POST and not few and key_sets.sparse
+        span_keys = key_sets.keys if span_post else self.dummy
         S = splits
         res: dict[str, torch.Tensor] = {}
         res["lse"] = torch.empty(B, H, QN, **f32)
@@ -234,18 +264,22 @@ class _Launch:
         common = self.common()
         common["SinkBias"] = sink_bias if sink_bias is not None else self.dummy
         common["Mask"] = mask
-        _attn_fwd[(m_blocks, B * (H // group), S)](
+        heavy_first = HEAVY_FIRST and self.is_causal and not few  # not few: one query head per program
+        grid = (B * H * m_blocks, 1, S) if heavy_first else (m_blocks, B * (H // group), S)
+        _attn_fwd[grid](
             q, self.k, self.v, out_w, lse_w,
             q.stride(0), q.stride(1), q.stride(2),
             self.k.stride(0), self.k.stride(1), self.k.stride(2),
             self.v.stride(0), self.v.stride(1), self.v.stride(2),
             o_strides[0], o_strides[1], o_strides[2],
             H, HKV, QN, KN, offset, split_size, n_rows,
-            HeadScale=hs, Member=member if nsp else self.dummy,
+            HeadScale=hs, Member=key_sets.member if nsp else self.dummy, SpanKeys=span_keys,
+            n_span_chunks=span_keys.numel() // SPAN_CHUNK if span_post else 0, SPAN_CHUNK=SPAN_CHUNK,
             ArgIdx=ai_w, ArgVal=av_w, SpanOut=sp_w, Entropy=en_w,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
             HAS_HEAD_SCALE=head_scale is not None,
             OUTPUT=output, ARGMAX=argmax, NSP=nsp, ENTROPY=entropy, SPLIT=S > 1,
+            SPAN_POST=span_post, ARGMAX_MODE=ARGMAX_MODE, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits,
             num_warps=warps, num_stages=stages,
             **common,
         )
@@ -346,15 +380,42 @@ def _mask_rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
     return mask if mask.shape[2] == 1 else mask[:, :, rows]
 
 
-def _key_sets(stats: CompiledStats, span_names: list[str], k_len: int, device: torch.device) -> torch.Tensor:
-    """[K, NSP] fp16 0/1 matrix: column i marks the keys of span i, then one column per requested key."""
-    n_keys = 0 if stats.keys is None else stats.keys.numel()
-    member = torch.zeros(k_len, _pow2(len(span_names) + n_keys), device=device, dtype=torch.float16)
-    for i, name in enumerate(span_names):
-        member[stats.spans[name].to(device), i] = 1.0
-    if n_keys:
-        member[stats.keys.to(device), len(span_names) + torch.arange(n_keys, device=device)] = 1.0
-    return member
+class KeySets:
+    """The key sets a stats request measures (spans, then single requested keys) as the kernels read them.
+
+    `member` is a [K, NSP] fp16 0/1 matrix: column i marks the keys of span i, then one column per
+    requested key. `keys` lists the keys in any set, for a pass that visits only those.
+    """
+
+    def __init__(self, stats: CompiledStats, span_names: list[str], k_len: int, device: torch.device):
+        n_keys = 0 if stats.keys is None else stats.keys.numel()
+        member = torch.zeros(k_len, _pow2(len(span_names) + n_keys), device=device, dtype=torch.float16)
+        for i, name in enumerate(span_names):
+            member[stats.spans[name].to(device), i] = 1.0
+        if n_keys:
+            member[stats.keys.to(device), len(span_names) + torch.arange(n_keys, device=device)] = 1.0
+        self.member = member
+        self.bound = min(k_len, sum(t.numel() for t in stats.spans.values()) + n_keys)
+        """At most this many distinct keys are in a set (known on the host without a device read)."""
+        self._keys: torch.Tensor | None = None
+
+    @property
+    def sparse(self) -> bool:
+        """Few enough keys for a gathered pass over them (`SPAN_POST_MAX_FRACTION`)."""
+        return self.bound <= max(64, self.member.shape[0] // SPAN_POST_MAX_FRACTION)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[⌈bound / SPAN_CHUNK⌉ · SPAN_CHUNK] int32: the keys in any set, ascending, padded with K (no key); built on
+        the device (no host wait) from the sets' sizes, once."""
+        if self._keys is None:
+            k_len = self.member.shape[0]
+            width = triton.cdiv(max(self.bound, 1), SPAN_CHUNK) * SPAN_CHUNK
+            pos = torch.arange(k_len, device=self.member.device, dtype=torch.int32)
+            used = torch.where(self.member.amax(dim=1) > 0, pos, k_len).sort().values[:width]
+            pad = torch.full((width - used.numel(),), k_len, device=used.device, dtype=torch.int32)
+            self._keys = torch.cat([used, pad]).contiguous()
+        return self._keys
 
 
 def _dense_bias(plan: LayerPlan, n_heads: int, device: torch.device) -> torch.Tensor:
@@ -458,12 +519,12 @@ def patched_attention(
     sel, win = _cached(stats, "rows", lambda: _rows(stats)) if stats is not None else (None, None)
     if not wants_p:
         win = None
-    member = None
+    key_sets = None
     span_names = list(stats.spans) if stats is not None else []
     n_keys = 0 if stats is None or stats.keys is None else stats.keys.numel()
     if wants_p and (span_names or n_keys):
-        member = _cached(stats, "member", lambda: _key_sets(stats, span_names, K, query.device))
-    stat_kw = dict(argmax=bool(wants_p and stats.argmax), member=member, entropy=bool(wants_p and stats.entropy))
+        key_sets = _cached(stats, "key_sets", lambda: KeySets(stats, span_names, K, query.device))
+    stat_kw = dict(argmax=bool(wants_p and stats.argmax), key_sets=key_sets, entropy=bool(wants_p and stats.entropy))
 
     out = None
     fused = wants_p and (not compute_output or (win.stop - win.start) * 4 >= Q)

@@ -56,10 +56,13 @@ def _logits_tile(
     qk_scale, softcap,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, BOUNDED: tl.constexpr, BIAS_PHASE: tl.constexpr,
     HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
-    GROUP: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr = True,
 ):
     """(base-2 logits [BLOCK_M, BLOCK_N] of the rows against keys start_n + offs_n, −inf where masked;
-    the mask itself). Unbounded tiles (every key visible to every row) are not masked at all."""
+    the mask itself). Unbounded tiles (every key visible to every row) are not masked at all.
+    SCALED=False (plain logits only: no logit scale, softcap, bias, sink bias or float mask) leaves
+    the product q·k unscaled, for the caller to fold qk_scale into its exp2 argument.
+    `offs_n` may be any key positions (a gathered tile) with start_n = 0."""
     cols = start_n + offs_n
     if BOUNDED:
         k = tl.load(k_ptrs, mask=(cols < n_hi)[:, None], other=0.0)
@@ -77,7 +80,7 @@ def _logits_tile(
         y = 2.0 * LOG2E * x / softcap
         y = tl.minimum(tl.maximum(y, -126.0), 126.0)
         s = softcap * (1.0 - 2.0 / (tl.math.exp2(y) + 1.0)) * LOG2E
-    else:
+    elif SCALED:
         s = s * qk_scale
         if HAS_LS:
             s = s * ls_row[:, None]
@@ -125,21 +128,44 @@ def _attn_fwd(
     Bias, stride_bias_h, KB,
     SinkFlag, SinkBias,
     Mask, stride_mb, stride_mh, stride_mq, stride_mk, mask_floor,
-    Member, ArgIdx, ArgVal, SpanOut, Entropy,
+    Member, SpanKeys, n_span_chunks, ArgIdx, ArgVal, SpanOut, Entropy,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
     OUTPUT: tl.constexpr, ARGMAX: tl.constexpr, NSP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, ARGMAX_MODE: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (row block, head group, split) of the patched attention.
+
+    Key-set masses (NSP > 0): inside the loop over key blocks (the probability tile times the
+    key-set tile, every block), or with SPAN_POST after it, over only the keys that belong to a
+    set: SpanKeys lists them (ascending, padded with KN to n_span_chunks × SPAN_CHUNK), gathered
+    SPAN_CHUNK at a time into a small tile against the rows' final maximum — for sparse sets
+    (needles, a first-token span) a fraction of a block instead of a dot in every block, and the
+    main loop keeps the plain pass's block shape.
+
+    FOLD_SCALE (plain logits: `_logits_tile`'s SCALED=False) folds the softmax scale into the
+    exp2 argument (one fused multiply-add per element instead of a multiply and a subtraction).
 
     Without SPLIT it writes the final output (× head scale, input dtype) and stats; with SPLIT it
     writes its split's normalized partials (fp32 output, log-sum-exp, argmax logit, key-set
     fractions, entropy) at [split, ...] for `_attn_combine`.
     """
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    if HEAVY_FIRST:
+        # one grid axis (GROUP = 1): per key/value head, its query heads' row blocks from the last
+        # (under a causal mask, the most keys) to the first. Programs start in grid order, so light
+        # blocks fill the tail, and the programs running at once share one key/value head's keys in L2.
+        n_m = tl.cdiv(QN, BLOCK_M)
+        ratio = H // HKV
+        pid = tl.program_id(0)
+        per_kv = ratio * n_m
+        r = pid % per_kv
+        pid_m = n_m - 1 - r // ratio
+        pid_g = (pid // per_kv) * ratio + r % ratio
+    else:
+        pid_m = tl.program_id(0)
+        pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)
     n_groups = H // GROUP
     b = pid_g // n_groups
@@ -226,11 +252,26 @@ def _attn_fwd(
                 q, k_ptrs, start_n, offs_n, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor, qk_scale, softcap,
                 IS_CAUSAL, MASK_MODE, phase == 2, phase, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST,
+                not FOLD_SCALE,
             )
-            blk_max = tl.max(s, 1)
+            if ARGMAX and ARGMAX_MODE == 3 and FOLD_SCALE and phase != 2:
+                # the column rides in the low mantissa bits of the logit, so one max gives both; the
+                # max is then exact to 2^-16 (relative), which is all the softmax needs of it
+                tagged = ((s.to(tl.int32, bitcast=True) & ~(BLOCK_N - 1))
+                          | (BLOCK_N - 1 - offs_n)[None, :]).to(tl.float32, bitcast=True)
+                raw_max = tl.max(tagged, 1)
+            else:
+                raw_max = tl.max(s, 1)
+            if FOLD_SCALE:  # s is q·k: the block max in base-2 units, per row
+                blk_max = raw_max * qk_scale
+            else:
+                blk_max = raw_max
             m_new = tl.maximum(m_i, blk_max)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
+            if FOLD_SCALE:
+                p = tl.math.exp2(s * qk_scale - m_use[:, None])
+            else:
+                p = tl.math.exp2(s - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             if OUTPUT:
@@ -245,21 +286,53 @@ def _attn_fwd(
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             if ARGMAX:
                 better = blk_max > am_val
-                # the running max of a row changes in few tiles past the first ones: index only then
-                if tl.max(better.to(tl.int32), 0) > 0:
+                if ARGMAX_MODE == 0:
+                    # the running max of a row changes in few tiles past the first ones: index only then
+                    if tl.max(better.to(tl.int32), 0) > 0:
+                        blk_idx = tl.argmax(s, 1, tie_break_left=True).to(tl.int32) + start_n
+                        am_idx = tl.where(better, blk_idx, am_idx)
+                elif ARGMAX_MODE == 1:
                     blk_idx = tl.argmax(s, 1, tie_break_left=True).to(tl.int32) + start_n
                     am_idx = tl.where(better, blk_idx, am_idx)
+                elif ARGMAX_MODE == 3 and FOLD_SCALE and phase != 2:  # the tag of the tagged max
+                    blk_idx = (BLOCK_N - 1 - (raw_max.to(tl.int32, bitcast=True) & (BLOCK_N - 1))) + start_n
+                    am_idx = tl.where(better, blk_idx, am_idx)
+                else:  # the first column holding the block's max: a compare and a min, no index pairs
+                    blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
+                    am_idx = tl.where(better, blk_idx, am_idx)
                 am_val = tl.maximum(am_val, blk_max)
-            if NSP > 0:
+            if NSP > 0 and not SPAN_POST:
                 cols = start_n + offs_n
                 member = tl.load(Member + cols[:, None] * NSP + offs_sp[None, :], mask=(cols < hi)[:, None], other=0.0)
                 span_acc = span_acc * alpha[:, None] + tl.dot(p.to(tl.float16), member)
-            if ENTROPY:
+            if ENTROPY:  # Σ p·s, in q·k units under FOLD_SCALE (scaled once at the end)
                 if phase == 2 or HAS_SINK:  # −inf logits only where masked or where ACT's β = 0
                     u_i = u_i * alpha + tl.sum(tl.where(p > 0, p * s, 0.0), 1)
                 else:
                     u_i = u_i * alpha + tl.sum(p * s, 1)
             m_i = m_new
+
+    if NSP > 0 and SPAN_POST:
+        # the keys of the sets, gathered SPAN_CHUNK at a time, against the rows' final maximum
+        m_post = tl.where(m_i == float("-inf"), 0.0, m_i)
+        offs_c = tl.arange(0, SPAN_CHUNK)
+        for c in range(0, n_span_chunks):
+            cols = tl.load(SpanKeys + c * SPAN_CHUNK + offs_c)
+            k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+            s, _ = _logits_tile(
+                q, k_ptrs, 0, cols, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
+                Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor,
+                qk_scale, softcap,
+                IS_CAUSAL, MASK_MODE, True, 2, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST, not FOLD_SCALE,
+            )
+            if FOLD_SCALE:
+                p = tl.math.exp2(s * qk_scale - m_post[:, None])
+            else:
+                p = tl.math.exp2(s - m_post[:, None])
+            member = tl.load(Member + cols[:, None] * NSP + offs_sp[None, :], mask=(cols < hi)[:, None], other=0.0)
+            span_acc += tl.dot(p.to(tl.float16), member)
+    if ENTROPY and FOLD_SCALE:
+        u_i = u_i * qk_scale
 
     # Normalized results; rows (or splits) that see no key give zeros and lse = −inf.
     seen = l_i > 0
