@@ -177,9 +177,10 @@ def sweep_stats(rows: list[dict]) -> None:
     print(f"sweep stats: best {best[0]}", flush=True)
 
 
-STATS_KNOBS = ("STATS_BLOCKS", "SPAN_POST", "ARGMAX_MODE", "HEAVY_FIRST", "FOLD_SCALE")
-FORMER = {"SPAN_POST": False, "ARGMAX_MODE": 0, "HEAVY_FIRST": False, "FOLD_SCALE": False}
-"""The pass as it was before these knobs (key sets in every block, argmax on change, row order, scale then subtract)."""
+STATS_KNOBS = ("STATS_BLOCKS", "SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE")
+FORMER = {"SPAN_POST": False, "HEAVY_FIRST": False, "FOLD_SCALE": False}
+"""The pass before these knobs, as far as they reach back (key sets in every block, row order, scale then
+subtract; its argmax, a block-wide vote then tl.argmax, is gone: results/stats_pass_h100.json has it)."""
 
 
 def _set_knobs(knobs: dict) -> None:
@@ -192,7 +193,7 @@ def _set_knobs(knobs: dict) -> None:
 
 def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Where case (d)'s time goes: the fused pass with each stat alone and all together, under the
-    pass's knobs (`fused.SPAN_POST`, `ARGMAX_MODE`, `HEAVY_FIRST`, `FOLD_SCALE`, the block shape),
+    pass's knobs (`fused.SPAN_POST`, `HEAVY_FIRST`, `FOLD_SCALE`, the block shape),
     against cuDNN SDPA in the same run; the plain pass and a bias + head-scale plan (whose logits
     cannot fold the scale) under each grid order. At the first size every variant; at the others
     the former pass and the module's choices."""
@@ -216,22 +217,14 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
         variants = [("plain", FORMER), ("plain", {**FORMER, "HEAVY_FIRST": True}),
                     ("plain", {**FORMER, "FOLD_SCALE": True}), ("plain", new),
                     ("bias_scale", {"HEAVY_FIRST": False}), ("bias_scale", {"HEAVY_FIRST": True}),
-                    ("all", {**FORMER, "STATS_BLOCKS": wide}),
-                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 2}),
-                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 3})]
+                    ("all", {**FORMER, "STATS_BLOCKS": wide}), ("all", {**new, "STATS_BLOCKS": wide})]
         if n == sizes[0]:
-            for mode in (0, 1, 2, 3):
-                variants += [("argmax", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": mode})]
-            variants += [("argmax", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 0}),
-                         ("argmax", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 2}),
+            variants += [("argmax", {**new, "STATS_BLOCKS": wide}), ("argmax", {**new, "STATS_BLOCKS": narrow}),
                          ("entropy", {**new, "STATS_BLOCKS": wide}), ("entropy", {**FORMER, "STATS_BLOCKS": wide}),
                          ("spans", {**new, "STATS_BLOCKS": wide}),
-                         ("spans", {**new, "STATS_BLOCKS": wide, "SPAN_POST": False})]
-            for bl in (narrow, (128, 128, 8, 2)):
-                for mode in (0, 2, 3):
-                    variants.append(("all", {**new, "STATS_BLOCKS": bl, "ARGMAX_MODE": mode}))
-            variants += [("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_MODE": 0}),
-                         ("all", {**new, "STATS_BLOCKS": narrow, "ARGMAX_MODE": 2, "SPAN_POST": False})]
+                         ("spans", {**new, "STATS_BLOCKS": wide, "SPAN_POST": False}),
+                         ("all", {**new, "STATS_BLOCKS": narrow}), ("all", {**new, "STATS_BLOCKS": (128, 128, 8, 2)}),
+                         ("all", {**new, "STATS_BLOCKS": narrow, "SPAN_POST": False})]
         plain_new = None
         for name, knobs in variants:
             _set_knobs({**saved, **knobs})
@@ -462,7 +455,7 @@ def main() -> None:
     ap.add_argument("--sweep-decode", action="store_true", help="time decode block configs first and use the best")
     ap.add_argument("--sweep-stats", action="store_true", help="time the stats pass's block configs first and use the best")
     ap.add_argument("--stats-breakdown", action="store_true",
-                    help="time case (d)'s pass per stat and per SPAN_POST / ARGMAX_MODE / block shape first")
+                    help="time case (d)'s pass per stat and per SPAN_POST / HEAVY_FIRST / FOLD_SCALE / block shape first")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)

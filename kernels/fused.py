@@ -75,11 +75,7 @@ HEAVY_FIRST = True
 """Causal passes over many rows start the row blocks that see the most keys first, per key/value
 head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
 last even out the tail, and programs running together read the same keys (L2)."""
-ARGMAX_MODE = 2
-"""How `_attn_fwd` finds a block's argmax column: 0 only in blocks where some row's max grew
-(one block-wide vote per block), 1 in every block (`tl.argmax`), 2 in every block as the first
-column equal to the block's max, 3 (plain logits, unmasked blocks; else 2) from the max of the
-logits with the column in their low mantissa bits."""
+
 
 
 def interpreting() -> bool:
@@ -279,7 +275,7 @@ class _Launch:
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
             HAS_HEAD_SCALE=head_scale is not None,
             OUTPUT=output, ARGMAX=argmax, NSP=nsp, ENTROPY=entropy, SPLIT=S > 1,
-            SPAN_POST=span_post, ARGMAX_MODE=ARGMAX_MODE, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits,
+            SPAN_POST=span_post, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits,
             num_warps=warps, num_stages=stages,
             **common,
         )

@@ -133,8 +133,8 @@ def _attn_fwd(
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
     OUTPUT: tl.constexpr, ARGMAX: tl.constexpr, NSP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
-    SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, ARGMAX_MODE: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, HEAVY_FIRST: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One (row block, head group, split) of the patched attention.
 
@@ -254,14 +254,7 @@ def _attn_fwd(
                 IS_CAUSAL, MASK_MODE, phase == 2, phase, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST,
                 not FOLD_SCALE,
             )
-            if ARGMAX and ARGMAX_MODE == 3 and FOLD_SCALE and phase != 2:
-                # the column rides in the low mantissa bits of the logit, so one max gives both; the
-                # max is then exact to 2^-16 (relative), which is all the softmax needs of it
-                tagged = ((s.to(tl.int32, bitcast=True) & ~(BLOCK_N - 1))
-                          | (BLOCK_N - 1 - offs_n)[None, :]).to(tl.float32, bitcast=True)
-                raw_max = tl.max(tagged, 1)
-            else:
-                raw_max = tl.max(s, 1)
+            raw_max = tl.max(s, 1)
             if FOLD_SCALE:  # s is q·k: the block max in base-2 units, per row
                 blk_max = raw_max * qk_scale
             else:
@@ -285,21 +278,12 @@ def _attn_fwd(
                 else:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             if ARGMAX:
+                # the first column holding the block's max, in every block: a compare, a select and a
+                # min per element. Cheaper on an H100 than tl.argmax's (value, index) pairs or a
+                # block-wide vote on whether any row's max grew (kernels/bench.py --stats-breakdown)
                 better = blk_max > am_val
-                if ARGMAX_MODE == 0:
-                    # the running max of a row changes in few tiles past the first ones: index only then
-                    if tl.max(better.to(tl.int32), 0) > 0:
-                        blk_idx = tl.argmax(s, 1, tie_break_left=True).to(tl.int32) + start_n
-                        am_idx = tl.where(better, blk_idx, am_idx)
-                elif ARGMAX_MODE == 1:
-                    blk_idx = tl.argmax(s, 1, tie_break_left=True).to(tl.int32) + start_n
-                    am_idx = tl.where(better, blk_idx, am_idx)
-                elif ARGMAX_MODE == 3 and FOLD_SCALE and phase != 2:  # the tag of the tagged max
-                    blk_idx = (BLOCK_N - 1 - (raw_max.to(tl.int32, bitcast=True) & (BLOCK_N - 1))) + start_n
-                    am_idx = tl.where(better, blk_idx, am_idx)
-                else:  # the first column holding the block's max: a compare and a min, no index pairs
-                    blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
-                    am_idx = tl.where(better, blk_idx, am_idx)
+                blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
+                am_idx = tl.where(better, blk_idx, am_idx)
                 am_val = tl.maximum(am_val, blk_max)
             if NSP > 0 and not SPAN_POST:
                 cols = start_n + offs_n

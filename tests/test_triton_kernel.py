@@ -241,6 +241,33 @@ def test_decode_split_stats_combine_exactly():
     assert ((total >= 0) & (total <= 1 + 1e-3)).all()
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_key_set_masses_gathered_or_in_the_loop(kind, monkeypatch):
+    """Sparse key sets are measured after the loop from their own keys (gathered 16 at a time), dense
+    ones in every key block; both equal the reference under a key bias and the causal mask, and the
+    gathered masses equal the in-loop ones."""
+    from headlab.kernels import fused
+
+    Q, K = SHAPES[3]  # a prefill over several row and key blocks
+    q, k, v = qkv(Q=Q, K=K, dtype=torch.bfloat16, seed=21)
+    spans = {"first": (0, 2), "needles": [5, K // 2, K - 1]} if kind == "sparse" else {"late": (2, K)}
+    req = StatsRequest(argmax=True, entropy=True, spans=spans, keys=[3, K // 2])
+    sets = fused.KeySets(req.compile(Q, K, DEVICE), list(spans), K, DEVICE)
+    assert sets.sparse == (kind == "sparse")
+    if kind == "sparse":  # each set's keys once, ascending, then padding with K (no key)
+        assert sets.keys.tolist() == [0, 1, 3, 5, K // 2, K - 1] + [K] * 10
+    plan = InterventionPlan().scale_first_token({(0, 1): 3.0, (0, 5): 0.2})
+    (out, st), (ref, rst) = both(q, k, v, plan, req)
+    close_out(out, ref, torch.bfloat16)
+    close_stats(st, rst)
+    monkeypatch.setattr(fused, "SPAN_POST", False)  # every set in the loop
+    _, st_loop = patched_attention(q, k, v, plan=plan.compile_layer(0, q.shape[1], q.shape[-1]),
+                                   stats=req.compile(Q, K, DEVICE), scaling=q.shape[-1] ** -0.5)
+    for name in spans:
+        torch.testing.assert_close(st.span_mass[name], st_loop.span_mass[name], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(st.key_probs, st_loop.key_probs, atol=1e-3, rtol=1e-3)
+
+
 def test_query_positions_offset_rows():
     """Rows that are not the last Q positions (a window of a prefill) align by query_positions."""
     q, k, v = qkv(Q=SHAPES[0][0], K=SHAPES[0][1])
