@@ -142,6 +142,55 @@ def test_the_triton_correction_equals_the_pytorch_one(dtype, masked):
     torch.testing.assert_close(c, c_expect.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_triton_correction_takes_many_listed_keys(masked):
+    """Many listed keys per key/value head (18 and 14 here), some listed for one head of the group
+    only, some past the causal edge of early rows: `_act_correct` equals `apply_act`."""
+    if not score_mod.use_kernel(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    n = 40
+    q, k, v = planted(n, 1.0, dtype=torch.float32)
+    plan = InterventionPlan().act_with_sinks({(0, 0): list(range(0, 24, 2)), (0, 1): [1, 3, 5, 7, 9, 30],
+                                              (0, 2): [0, 33], (0, 3): list(range(10, 22))}, beta=0.3)
+    plan = plan.compile_layer(0, 4, D)
+    positions, member = act_sparse.fixed_lists(plan, 2, q.device)
+    assert positions.shape[-1] == 18
+    z, lse = exact_plain(q.double(), k.double(), (act_sparse.zeroed_values(v, positions) if masked else v).double())
+    z, lse = z.float(), lse.float()
+    expect, c_expect = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, True, masked)
+    got, c = act_sparse.correct(z, lse, q, k, v, positions, member, plan, SCALE, True, masked, head_scale=False)
+    # rows the route keeps: c_i <= C_MAX by the kernel's own c (the others go to `_fix_rows`); a row
+    # all on its sinks (R_i ~ 0) has no defined c, and its rounding decides which side it falls
+    moved = (c <= act_sparse.C_MAX) & (c_expect <= act_sparse.C_MAX)
+    rows = moved if not masked else torch.ones_like(moved)
+    assert moved.float().mean() > 0.9
+    torch.testing.assert_close(got.float()[rows], expect.float()[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c[moved], c_expect.float()[moved], atol=1e-5, rtol=1e-5)
+    assert (c_expect[moved] > 1.05).any()  # the sinks moved mass: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch", "triton"])
+def test_a_row_on_its_own_sinks_only_stays_as_it_is(kernel):
+    """The first row sees only the first token; with that a calibrated sink, R_0 = 0 exactly while
+    1 − S_0 carries the log-sum-exp's rounding (+1e-6 here, as cuDNN's may): the row stays as it
+    is, as the reference leaves it (taken as R_0, the noise made it β·U_0)."""
+    if kernel and not score_mod.use_kernel(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    q, k, v = planted(12, 1.0, dtype=torch.float32)
+    plan = InterventionPlan().act_with_sinks({(0, h): [0, 5] for h in range(4)}, beta=0.3).compile_layer(0, 4, D)
+    expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
+    positions, member = act_sparse.fixed_lists(plan, 2, q.device)
+    z, lse = exact_plain(q.double(), k.double(), act_sparse.zeroed_values(v, positions).double())
+    z, lse = z.float(), lse.float() + 1e-6
+    if kernel:
+        got, _ = act_sparse.correct(z, lse, q, k, v, positions, member, plan, SCALE, True, True, head_scale=False)
+    else:
+        got, _ = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, True, True)
+    torch.testing.assert_close(got[:, :, 0].float(), expect[:, :, 0].float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), expect.float(), atol=1e-4, rtol=1e-4)
+    assert (expect[:, :, 1:] - exact_plain(q, k, v)[0][:, :, 1:]).abs().max() > 0.05  # ACT moved the other rows
+
+
 def test_rows_with_a_large_factor_are_recomputed_exactly(monkeypatch):
     """Rows with c_i > C_MAX (a hidden sink takes most of the row: the full mode would amplify
     z's rounding by c_i): a few are recomputed from their logits, many make the route redo the
