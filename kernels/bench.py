@@ -461,6 +461,7 @@ def main() -> None:
     ap.add_argument("--e2e-tokens", type=int, default=32768)
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true", help="the prefill table and ACT's breakdown, no decode")
     args = ap.parse_args()
     rows: list[dict] = []
     result = {**header(), "triton": triton.__version__, "shape": f"B=1 H={H} Hkv={HKV} d={D} {DT} causal", "rows": rows}
@@ -478,10 +479,11 @@ def main() -> None:
         for n in args.sizes:
             prefill(n, rows, not args.no_flex)
         act_breakdown(16384, rows)
-        for cache in args.caches:
-            for batch in (1, 8):
-                decode(cache, batch, rows)
-        decode_host_overhead(rows, args.out.with_suffix(".decode_profile.txt"))
+        if not args.prefill_only:
+            for cache in args.caches:
+                for batch in (1, 8):
+                    decode(cache, batch, rows)
+            decode_host_overhead(rows, args.out.with_suffix(".decode_profile.txt"))
     if args.e2e:
         end_to_end(rows, args.e2e_tokens, args.e2e_layers)
     emit(result, args.out)
