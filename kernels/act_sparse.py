@@ -683,6 +683,23 @@ if triton is not None:
     from headlab.kernels.score_mod import _program_head, _row_tile, _store_rows
 
     @triton.jit
+    def _listed_prob(Pos, Mem, Kp, q, lse, rows, d, b, h, kvh, m, spb, sph, smb, smh, skb, skh, skn, KN, q_offset,
+                     scale, CAUSAL: tl.constexpr):
+        """(position, whether it is head h's own sink, which rows see it [BLOCK_M], A[row, key]
+        [BLOCK_M]: 0 where the row does not see it — past the causal edge, or a padding entry) of the
+        m-th listed key."""
+        pos = tl.load(Pos + b * spb + kvh * sph + m)
+        mine = tl.load(Mem + b * smb + h * smh + m) != 0
+        inside = (pos >= 0) & (pos < KN)
+        pos = tl.where(inside, pos, 0)
+        k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
+        p = tl.exp(tl.sum(q * k[None, :], 1) * scale - lse)
+        seen = inside & (rows >= 0)
+        if CAUSAL:
+            seen = seen & (pos <= rows + q_offset)
+        return pos, mine, seen, tl.where(seen, p, 0.0)
+
+    @triton.jit
     def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm,
                      spb, sph, smb, smh,
@@ -693,33 +710,24 @@ if triton is not None:
         One key per step: the listed keys at once as fp32 products (tl.dot, input_precision "ieee")
         measured 4.7× slower on an H100 (335 against 71.5 µs at 4k, act_bench --sweep-correction)."""
         b, h = _program_head(H, Beta, H, False)  # every head: the head list is not read
-        kvh, rows, ok, d, q, z, lse = _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN,
-                                                BLOCK_M, HEAD_DIM)
-        u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        rest = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        kvh = h // (H // HKV)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = rows < QN
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        # Two steps over the listed keys, one accumulator: first S_i (and the own sinks each row
+        # sees), which give c_i; then z' = c_i·z + Σ_m w_m·p_m·v_m with each key's weight known
+        # (full mode: β − c on own sinks, 0 elsewhere; masked: β on own sinks, c on the others).
+        # Two [BLOCK_M, D] accumulators (U and the rest) and z held through the loop cost
+        # registers, hence programs per SM, in a kernel bound by memory latency.
         s_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
         n_own = tl.zeros([BLOCK_M], dtype=tl.int32)  # the head's own sinks each row sees
         for m in range(0, M):
-            pos = tl.load(Pos + b * spb + kvh * sph + m)
-            mine = tl.load(Mem + b * smb + h * smh + m).to(tl.float32)
-            inside = (pos >= 0) & (pos < KN)
-            pos = tl.where(inside, pos, 0)
-            k = tl.load(Kp + b * skb + kvh * skh + pos * skn + d).to(tl.float32)
-            v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
-            p = tl.exp(tl.sum(q * k[None, :], 1) * scale - lse)
-            seen = inside & (rows >= 0)
-            if CAUSAL:
-                seen = seen & (pos <= rows + q_offset)
-            p = tl.where(seen, p, 0.0)
-            u += (p * mine)[:, None] * v[None, :]
-            s_mass += p * mine
-            n_own += seen.to(tl.int32) * (mine != 0).to(tl.int32)
-            if MASKED:
-                rest += (p * (1.0 - mine))[:, None] * v[None, :]
-        if MASKED:
-            w = z + rest
-        else:
-            w = z - u
+            pos, mine, seen, p = _listed_prob(Pos, Mem, Kp, q, lse, rows, d, b, h, kvh, m, spb, sph, smb, smh,
+                                              skb, skh, skn, KN, q_offset, scale, CAUSAL)
+            s_mass += tl.where(mine, p, 0.0)
+            n_own += (seen & mine).to(tl.int32)
         beta = tl.load(Beta + h)
         # a row that sees only its own sinks has R_i = 0 exactly, where 1 − S_i is rounding noise
         if CAUSAL:
@@ -729,7 +737,19 @@ if triton is not None:
         r_mass = tl.where(n_own >= n_seen, 0.0, 1.0 - s_mass)
         movable = r_mass > 1.1754943508222875e-38
         c = tl.where(movable, 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0), 1.0)
-        y = tl.where(movable[:, None], beta * u + c[:, None] * w, u + w)
+        b_own = tl.where(movable, beta, 1.0)
+        if MASKED:  # z' = β·U + c·(z + rest)
+            w_own, w_rest = b_own, c
+        else:  # z' = β·U + c·(z − U)
+            w_own, w_rest = b_own - c, c * 0.0
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for m in range(0, M):
+            pos, mine, _, p = _listed_prob(Pos, Mem, Kp, q, lse, rows, d, b, h, kvh, m, spb, sph, smb, smh,
+                                           skb, skh, skn, KN, q_offset, scale, CAUSAL)
+            v = tl.load(Vp + b * svb + kvh * svh + pos * svn + d).to(tl.float32)
+            acc += (p * tl.where(mine, w_own, w_rest))[:, None] * v[None, :]
+        z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        y = c[:, None] * z + acc
         _store_rows(Yp, Scale, y, b, h, rows, ok, d, QN * H * HEAD_DIM, HEAD_DIM, H * HEAD_DIM, HAS_SCALE)
         tl.store(Cp + (b * H + h) * QN + rows, c, mask=ok)
 
