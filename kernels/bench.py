@@ -249,6 +249,40 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     _set_knobs(saved)
 
 
+def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
+    """Case (d) on the last 256 queries: SDPA, then the QK-only pass over the window with the stats,
+    under the pass's knobs and per stat, against SDPA alone in the same run."""
+    knobs0 = {k: getattr(fused, k) for k in ("SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE", "ARGMAX_VOTE")}
+    for n in sizes:
+        q, k, v = inputs(n, n, seed=n)
+        spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        rows.append({"mode": "window_breakdown", "N": n, "case": "cudnn", "ms": round(sdpa, 4)})
+        reqs = {"all": dict(argmax=True, entropy=True, spans=spans), "argmax": dict(argmax=True),
+                "entropy": dict(entropy=True), "spans": dict(spans=spans), "argmax_entropy": dict(argmax=True, entropy=True)}
+        variants = [("all", {}), ("all", {"ARGMAX_VOTE": True}), ("all", {"SPAN_POST": False}),
+                    ("all", {"FOLD_SCALE": False}), ("all", {"HEAVY_FIRST": False}),
+                    ("all", {"SPAN_POST": False, "FOLD_SCALE": False, "HEAVY_FIRST": False, "ARGMAX_VOTE": True}),
+                    ("argmax", {}), ("argmax", {"ARGMAX_VOTE": True}), ("entropy", {}), ("spans", {}),
+                    ("argmax_entropy", {})]
+        for name, knobs in variants:
+            _set_knobs({**knobs0, **knobs})
+            fn = headlab_fn(q, k, v, stats=StatsRequest(**reqs[name], queries=slice(-256, None)), window_path=True)
+            ms = bench(fn)
+            rows.append({"mode": "window_breakdown", "N": n, "case": name, **knobs, "ms": round(ms, 4),
+                         "window_pass_ms": round(ms - sdpa, 4), "vs_cudnn": round(sdpa / ms, 3)})
+            print(f"window N={n} {name:<15} {knobs}: {ms:8.3f} ms (window pass {1e3 * (ms - sdpa):7.1f} us) "
+                  f"x{sdpa / ms:.3f} cuDNN", flush=True)
+        for vote in (False, True):  # the output pass with every stat on all queries
+            _set_knobs({**knobs0, "ARGMAX_VOTE": vote})
+            cs = StatsRequest(**reqs["all"]).compile(n, n, torch.device("cuda"))
+            ms = bench(lambda cs=cs: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs))
+            rows.append({"mode": "window_breakdown", "N": n, "case": "stats_all_queries", "ARGMAX_VOTE": vote,
+                         "ms": round(ms, 4), "vs_cudnn": round(sdpa / ms, 3)})
+            print(f"window N={n} stats on all queries ARGMAX_VOTE={vote}: {ms:8.3f} ms x{sdpa / ms:.3f} cuDNN", flush=True)
+    _set_knobs(knobs0)
+
+
 def prefill(n: int, rows: list[dict], flex_ok: bool) -> None:
     q, k, v = inputs(n, n, seed=n)
     gen = torch.Generator().manual_seed(1)
@@ -456,6 +490,8 @@ def main() -> None:
     ap.add_argument("--sweep-stats", action="store_true", help="time the stats pass's block configs first and use the best")
     ap.add_argument("--stats-breakdown", action="store_true",
                     help="time case (d)'s pass per stat and per SPAN_POST / HEAVY_FIRST / FOLD_SCALE / block shape first")
+    ap.add_argument("--window-breakdown", action="store_true",
+                    help="time case (d) on the last 256 queries per stat and per knob first")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)
@@ -473,6 +509,8 @@ def main() -> None:
         sweep_stats(rows)
     if args.stats_breakdown:
         stats_breakdown(args.sizes, rows)
+    if args.window_breakdown:
+        window_breakdown(args.sizes, rows)
     result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "stats": fused.STATS_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
                         "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:
