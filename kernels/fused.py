@@ -71,9 +71,6 @@ costs about a tenth of a block per 16 keys for every row block, against ~13% of 
 for the product in the loop (`kernels/bench.py --stats-breakdown`)."""
 FOLD_SCALE = True
 """Plain logits fold the softmax scale into the exp2 argument (`_attn_fwd`'s FOLD_SCALE)."""
-ARGMAX_VOTE = False
-"""`_attn_fwd` looks for the argmax column only in key blocks where a block-wide vote finds a row
-whose max grew (True), or in every block (False)."""
 HEAVY_FIRST = True
 """Causal passes over many rows start the row blocks that see the most keys first, per key/value
 head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
@@ -278,7 +275,7 @@ class _Launch:
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
             HAS_HEAD_SCALE=head_scale is not None,
             OUTPUT=output, ARGMAX=argmax, NSP=nsp, ENTROPY=entropy, SPLIT=S > 1,
-            SPAN_POST=span_post, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits, ARGMAX_VOTE=ARGMAX_VOTE,
+            SPAN_POST=span_post, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits,
             num_warps=warps, num_stages=stages,
             **common,
         )

@@ -134,7 +134,7 @@ def _attn_fwd(
     HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
     OUTPUT: tl.constexpr, ARGMAX: tl.constexpr, NSP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
     SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, HEAVY_FIRST: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    ARGMAX_VOTE: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One (row block, head group, split) of the patched attention.
 
@@ -282,13 +282,8 @@ def _attn_fwd(
                 # min per element. Cheaper on an H100 than tl.argmax's (value, index) pairs or a
                 # block-wide vote on whether any row's max grew (kernels/bench.py --stats-breakdown)
                 better = blk_max > am_val
-                if ARGMAX_VOTE:  # only in blocks where some row's max grew (a block-wide vote per block)
-                    if tl.max(better.to(tl.int32), 0) > 0:
-                        blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
-                        am_idx = tl.where(better, blk_idx, am_idx)
-                else:
-                    blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
-                    am_idx = tl.where(better, blk_idx, am_idx)
+                blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
+                am_idx = tl.where(better, blk_idx, am_idx)
                 am_val = tl.maximum(am_val, blk_max)
             if NSP > 0 and not SPAN_POST:
                 cols = start_n + offs_n
