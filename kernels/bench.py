@@ -4,6 +4,8 @@ Not a test: it prints TFLOP/s, ratios and peak memory, and writes them with the 
 and date. Shapes: batch 1, 32 query / 8 key-value heads, head_dim 128, bf16, causal.
 
     python kernels/bench.py --out benchmarks/results/kernel_bench_h100.json [--sweep] [--e2e]
+    python kernels/bench.py --out benchmarks/results/kernel_prefill_h100.json --prefill-only
+    python kernels/bench.py --out stats_pass_h100.json --skip-kernels --no-flex --stats-breakdown [--window-breakdown]
 
 Cases (issue 4): (a) no intervention; (b) per-head first-token bias + head scale; (c) ACT on every
 head, sinks found on the same input; (d) stats — argmax + 3 span masses + entropy — on all
@@ -11,7 +13,8 @@ queries, and on the last 256 queries (the path `headlab_attention_forward` takes
 one QK-only Triton pass over the window). Decode: one query against a 32k / 128k cache, plain,
 with (b), and with the (d) stats. `--e2e`: a 32-layer Llama-3-8B-shaped model (random weights)
 at 32k tokens, plain SDPA forward vs a patched forward with the (d) stats on the last 256 queries
-of every layer.
+of every layer. `--stats-breakdown` / `--window-breakdown` time case (d)'s passes per stat and per
+knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, block shape).
 """
 
 from __future__ import annotations

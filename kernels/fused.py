@@ -3,7 +3,8 @@
 `unsupported_reason(...)` says why a call cannot run on the kernels (the dispatcher then falls back
 to the reference with a one-time warning); `patched_attention(...)` runs it:
 
-- plain plan / stats: one fused pass (`_attn_fwd`); stats on a small query window while the
+- plain plan / stats: one fused pass (`_attn_fwd`; causal row blocks heaviest first, sparse key
+  sets measured after the loop from their own keys); stats on a small query window while the
   output is needed: the fused pass without stats plus a QK-only pass over the window rows;
 - received attention: one more QK-only pass per key block reusing the rows' log-sum-exp
   (`_attn_colsum_t`, transposed, for plain logits over consecutive rows; `_attn_colsum` otherwise);
@@ -67,15 +68,14 @@ SPAN_CHUNK = 16
 """Keys per gathered tile of that pass: tl.dot's smallest inner size."""
 SPAN_POST_MAX_FRACTION = 16
 """Sets are sparse when they hold at most K / this many keys (at least 64): the gathered pass
-costs about a tenth of a block per 16 keys for every row block, against ~13% of every block
+costs about a tenth of a block per 16 keys for every row block, against 13-18% of every block
 for the product in the loop (`kernels/bench.py --stats-breakdown`)."""
 FOLD_SCALE = True
 """Plain logits fold the softmax scale into the exp2 argument (`_attn_fwd`'s FOLD_SCALE)."""
 HEAVY_FIRST = True
 """Causal passes over many rows start the row blocks that see the most keys first, per key/value
 head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
-last even out the tail, and programs running together read the same keys (L2)."""
-
+last even out the tail, and programs running together read the same key/value head's keys."""
 
 
 def interpreting() -> bool:
@@ -402,8 +402,8 @@ class KeySets:
 
     @property
     def keys(self) -> torch.Tensor:
-        """[⌈bound / SPAN_CHUNK⌉ · SPAN_CHUNK] int32: the keys in any set, ascending, padded with K (no key); built on
-        the device (no host wait) from the sets' sizes, once."""
+        """[⌈bound / SPAN_CHUNK⌉ · SPAN_CHUNK] int32: the keys in any set, ascending, padded with
+        K (no key); built on the device (no host wait) from the sets' sizes, once."""
         if self._keys is None:
             k_len = self.member.shape[0]
             width = triton.cdiv(max(self.bound, 1), SPAN_CHUNK) * SPAN_CHUNK

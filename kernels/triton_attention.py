@@ -155,7 +155,7 @@ def _attn_fwd(
     if HEAVY_FIRST:
         # one grid axis (GROUP = 1): per key/value head, its query heads' row blocks from the last
         # (under a causal mask, the most keys) to the first. Programs start in grid order, so light
-        # blocks fill the tail, and the programs running at once share one key/value head's keys in L2.
+        # blocks fill the tail, and the programs running at once read one key/value head's keys.
         n_m = tl.cdiv(QN, BLOCK_M)
         ratio = H // HKV
         pid = tl.program_id(0)
