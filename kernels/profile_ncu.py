@@ -4,7 +4,8 @@
 
 Compiles and warms every case first, then runs each once between cudaProfilerStart/Stop, so ncu
 sees exactly: cuDNN SDPA and the Triton forward at 16k (case a), the forward with stats at 16k
-(case d), ACT's column pass at 16k, and decode at a 32k cache, batch 8, plain and with stats.
+(case d), with its argmax alone and with its entropy and key sets alone, ACT's column pass at 16k,
+and decode at a 32k cache, batch 8, plain and with stats.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     q, k, v = qkv(1, n, n)
     spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
     stats = StatsRequest(argmax=True, entropy=True, spans=spans).compile(n, n, dev)
+    argmax_only = StatsRequest(argmax=True).compile(n, n, dev)
+    no_argmax = StatsRequest(entropy=True, spans=spans).compile(n, n, dev)
     run = fused._Launch(q, k, v, D ** -0.5, True, None, None, None, 0)
     lse = run.forward(output=False)["lse"]
     dq, dk, dv = qkv(8, 1, 32768)
@@ -38,6 +41,8 @@ def main() -> None:
         ("sdpa_default", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
         ("a_none", lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5)),
         ("d_stats_all", lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=stats)),
+        ("d_argmax_only", lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=argmax_only)),
+        ("d_entropy_spans", lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=no_argmax)),
         ("colsum", lambda: run.received(lse, 0, n)),
         ("decode_none", lambda: fused.patched_attention(dq, dk, dv, scaling=D ** -0.5)),
         ("decode_stats", lambda: fused.patched_attention(dq, dk, dv, scaling=D ** -0.5, stats=dstats)),
