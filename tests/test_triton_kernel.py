@@ -241,11 +241,12 @@ def test_decode_split_stats_combine_exactly():
     assert ((total >= 0) & (total <= 1 + 1e-3)).all()
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain_logits", "key_bias"])
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
-def test_key_set_masses_gathered_or_in_the_loop(kind, monkeypatch):
+def test_key_set_masses_gathered_or_in_the_loop(kind, with_bias, monkeypatch):
     """Sparse key sets are measured after the loop from their own keys (gathered 16 at a time), dense
-    ones in every key block; both equal the reference under a key bias and the causal mask, and the
-    gathered masses equal the in-loop ones."""
+    ones in every key block; both equal the reference under the causal mask, with plain logits (the
+    scale folded into exp2) and with a key bias, and the gathered masses equal the in-loop ones."""
     from headlab.kernels import fused
 
     Q, K = SHAPES[3]  # a prefill over several row and key blocks
@@ -256,12 +257,12 @@ def test_key_set_masses_gathered_or_in_the_loop(kind, monkeypatch):
     assert sets.sparse == (kind == "sparse")
     if kind == "sparse":  # each set's keys once, ascending, then padding with K (no key)
         assert sets.keys.tolist() == [0, 1, 3, 5, K // 2, K - 1] + [K] * 10
-    plan = InterventionPlan().scale_first_token({(0, 1): 3.0, (0, 5): 0.2})
+    plan = InterventionPlan().scale_first_token({(0, 1): 3.0, (0, 5): 0.2}) if with_bias else None
     (out, st), (ref, rst) = both(q, k, v, plan, req)
     close_out(out, ref, torch.bfloat16)
     close_stats(st, rst)
     monkeypatch.setattr(fused, "SPAN_POST", False)  # every set in the loop
-    _, st_loop = patched_attention(q, k, v, plan=plan.compile_layer(0, q.shape[1], q.shape[-1]),
+    _, st_loop = patched_attention(q, k, v, plan=plan.compile_layer(0, q.shape[1], q.shape[-1]) if plan else None,
                                    stats=req.compile(Q, K, DEVICE), scaling=q.shape[-1] ** -0.5)
     for name in spans:
         torch.testing.assert_close(st.span_mass[name], st_loop.span_mass[name], atol=1e-3, rtol=1e-3)
