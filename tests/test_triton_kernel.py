@@ -269,6 +269,33 @@ def test_key_set_masses_gathered_or_in_the_loop(kind, with_bias, monkeypatch):
     torch.testing.assert_close(st.key_probs, st_loop.key_probs, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_chunked_argmax_equals_the_reference(chunk, monkeypatch):
+    """The argmax of plain-logit prefills: by chunk in the loop, then the column inside the chunk
+    after it (ARGMAX_CHUNK = 8 splits the interpreter's 16-key blocks; 16 of 128 on a GPU), or by
+    column (0). Equal keys (3 and 5, in one chunk, which most rows prefer) resolve to the leftmost, as
+    torch's argmax does."""
+    from headlab.kernels import fused
+
+    if GPU:
+        chunk = 16 if chunk else 0
+    monkeypatch.setattr(fused, "ARGMAX_CHUNK", chunk)
+    Q, K = SHAPES[3]
+    q, k, v = qkv(Q=Q, K=K, dtype=torch.bfloat16, seed=23)
+    D = q.shape[-1]
+    u = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(2)), dim=0).to(DEVICE)
+    q += (u * D ** 0.5).to(q.dtype)  # every query shares a direction...
+    k[:, :, 3] = (u * 3 * D ** 0.5).to(k.dtype)  # ...that key 3 points along: most rows prefer it...
+    k[:, :, 5] = k[:, :, 3]  # ...and its twin
+    req = StatsRequest(argmax=True, entropy=True, spans={"first": (0, 1)})
+    (out, st), (ref, rst) = both(q, k, v, None, req)
+    close_out(out, ref, torch.bfloat16)
+    close_stats(st, rst)
+    rows = torch.arange(Q, device=DEVICE) + K - Q >= 5  # rows that see both twins
+    picked = st.argmax[:, :, rows]
+    assert (picked == 3).float().mean() > 0.5 and not (picked == 5).any()
+
+
 def test_query_positions_offset_rows():
     """Rows that are not the last Q positions (a window of a prefill) align by query_positions."""
     q, k, v = qkv(Q=SHAPES[0][0], K=SHAPES[0][1])
