@@ -14,7 +14,7 @@ one QK-only Triton pass over the window). Decode: one query against a 32k / 128k
 with (b), and with the (d) stats. `--e2e`: a 32-layer Llama-3-8B-shaped model (random weights)
 at 32k tokens, plain SDPA forward vs a patched forward with the (d) stats on the last 256 queries
 of every layer. `--stats-breakdown` / `--window-breakdown` time case (d)'s passes per stat and per
-knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, ARGMAX_CHUNK, block shape).
+knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, block shape).
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ def sweep_stats(rows: list[dict]) -> None:
     print(f"sweep stats: best {best[0]}", flush=True)
 
 
-STATS_KNOBS = ("STATS_BLOCKS", "SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE", "ARGMAX_CHUNK")
-FORMER = {"SPAN_POST": False, "HEAVY_FIRST": False, "FOLD_SCALE": False, "ARGMAX_CHUNK": 0}
+STATS_KNOBS = ("STATS_BLOCKS", "SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE")
+FORMER = {"SPAN_POST": False, "HEAVY_FIRST": False, "FOLD_SCALE": False}
 """The pass before these knobs, as far as they reach back (key sets in every block, row order, scale then
 subtract; its argmax, a block-wide vote then tl.argmax, is gone: results/stats_pass_h100.json has it)."""
 
@@ -196,12 +196,12 @@ def _set_knobs(knobs: dict) -> None:
 
 def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Where case (d)'s time goes: the fused pass with each stat alone and all together, under the
-    pass's knobs (`fused.SPAN_POST`, `HEAVY_FIRST`, `FOLD_SCALE`, `ARGMAX_CHUNK`, the block shape),
+    pass's knobs (`fused.SPAN_POST`, `HEAVY_FIRST`, `FOLD_SCALE`, the block shape),
     against cuDNN SDPA in the same run; the plain pass and a bias + head-scale plan (whose logits
     cannot fold the scale) under each grid order. At the first size every variant; at the others
     the former pass and the module's choices."""
     saved = {k: (fused.STATS_BLOCKS[D] if k == "STATS_BLOCKS" else getattr(fused, k)) for k in STATS_KNOBS}
-    new = {"SPAN_POST": True, "HEAVY_FIRST": True, "FOLD_SCALE": True, "ARGMAX_CHUNK": 16}
+    new = {"SPAN_POST": True, "HEAVY_FIRST": True, "FOLD_SCALE": True}
     wide, narrow = (128, 128, 8, 3), (128, 64, 8, 3)
     gen = torch.Generator().manual_seed(1)
     bias_plan = InterventionPlan().scale_first_token(
@@ -220,12 +220,9 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
         variants = [("plain", FORMER), ("plain", {**FORMER, "HEAVY_FIRST": True}),
                     ("plain", {**FORMER, "FOLD_SCALE": True}), ("plain", new),
                     ("bias_scale", {"HEAVY_FIRST": False}), ("bias_scale", {"HEAVY_FIRST": True}),
-                    ("all", {**FORMER, "STATS_BLOCKS": wide}), ("all", {**new, "STATS_BLOCKS": wide}),
-                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_CHUNK": 0}),
-                    ("all", {**new, "STATS_BLOCKS": wide, "ARGMAX_CHUNK": 32})]
+                    ("all", {**FORMER, "STATS_BLOCKS": wide}), ("all", {**new, "STATS_BLOCKS": wide})]
         if n == sizes[0]:
             variants += [("argmax", {**new, "STATS_BLOCKS": wide}), ("argmax", {**new, "STATS_BLOCKS": narrow}),
-                         ("argmax", {**new, "STATS_BLOCKS": wide, "ARGMAX_CHUNK": 0}),
                          ("entropy", {**new, "STATS_BLOCKS": wide}), ("entropy", {**FORMER, "STATS_BLOCKS": wide}),
                          ("spans", {**new, "STATS_BLOCKS": wide}),
                          ("spans", {**new, "STATS_BLOCKS": wide, "SPAN_POST": False}),
@@ -259,7 +256,7 @@ def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Case (d) on the last 256 queries: the QK-only pass over the window with the stats (what runs
     after SDPA's output), timed alone, under the pass's knobs and per stat; SDPA in the same run.
     (results/stats_pass_h100.json `window_run` timed SDPA + the pass, with an argmax vote since removed.)"""
-    knobs0 = {k: getattr(fused, k) for k in ("SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE", "ARGMAX_CHUNK")}
+    knobs0 = {k: getattr(fused, k) for k in ("SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE")}
     for n in sizes:
         q, k, v = inputs(n, n, seed=n)
         spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
@@ -268,8 +265,7 @@ def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
         reqs = {"all": dict(argmax=True, entropy=True, spans=spans), "argmax": dict(argmax=True),
                 "entropy": dict(entropy=True), "spans": dict(spans=spans)}
         variants = [("all", {}), ("all", {"SPAN_POST": False}), ("all", {"FOLD_SCALE": False}),
-                    ("all", {"HEAVY_FIRST": False}), ("all", {"ARGMAX_CHUNK": 0}),
-                    ("all", {"SPAN_POST": False, "FOLD_SCALE": False, "HEAVY_FIRST": False, "ARGMAX_CHUNK": 0}),
+                    ("all", {"HEAVY_FIRST": False}), ("all", {"SPAN_POST": False, "FOLD_SCALE": False, "HEAVY_FIRST": False}),
                     ("argmax", {}), ("entropy", {}), ("spans", {})]
         window = q[:, :, n - 256:]
         for name, knobs in variants:
@@ -490,7 +486,7 @@ def main() -> None:
     ap.add_argument("--sweep-decode", action="store_true", help="time decode block configs first and use the best")
     ap.add_argument("--sweep-stats", action="store_true", help="time the stats pass's block configs first and use the best")
     ap.add_argument("--stats-breakdown", action="store_true",
-                    help="time case (d)'s pass per stat and per knob (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, ARGMAX_CHUNK, blocks)")
+                    help="time case (d)'s pass per stat and per SPAN_POST / HEAVY_FIRST / FOLD_SCALE / block shape first")
     ap.add_argument("--window-breakdown", action="store_true",
                     help="time case (d) on the last 256 queries per stat and per knob first")
     ap.add_argument("--no-flex", action="store_true")

@@ -72,9 +72,6 @@ costs about a tenth of a block per 16 keys for every row block, against 13-18% o
 for the product in the loop (`kernels/bench.py --stats-breakdown`)."""
 FOLD_SCALE = True
 """Plain logits fold the softmax scale into the exp2 argument (`_attn_fwd`'s FOLD_SCALE)."""
-ARGMAX_CHUNK = 16
-"""Columns per chunk of `_attn_fwd`'s chunked argmax (0: search every column of every block), for
-prefill passes with plain logits and no mask but the causal one; other calls search every column."""
 HEAVY_FIRST = True
 """Causal passes over many rows start the row blocks that see the most keys first, per key/value
 head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
@@ -279,8 +276,6 @@ class _Launch:
             HAS_HEAD_SCALE=head_scale is not None,
             OUTPUT=output, ARGMAX=argmax, NSP=nsp, ENTROPY=entropy, SPLIT=S > 1,
             SPAN_POST=span_post, HEAVY_FIRST=heavy_first, FOLD_SCALE=self.plain_logits,
-            ARGMAX_CHUNK=ARGMAX_CHUNK if (ARGMAX_CHUNK and argmax and self.plain_logits and self.mask_mode == 0
-                                          and not few and block_n % ARGMAX_CHUNK == 0 and block_n > ARGMAX_CHUNK) else 0,
             num_warps=warps, num_stages=stages,
             **common,
         )

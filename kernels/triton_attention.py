@@ -134,7 +134,7 @@ def _attn_fwd(
     HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
     OUTPUT: tl.constexpr, ARGMAX: tl.constexpr, NSP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
     SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, HEAVY_FIRST: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    ARGMAX_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One (row block, head group, split) of the patched attention.
 
@@ -147,13 +147,6 @@ def _attn_fwd(
 
     FOLD_SCALE (plain logits: `_logits_tile`'s SCALED=False) folds the softmax scale into the
     exp2 argument (one fused multiply-add per element instead of a multiply and a subtraction).
-
-    ARGMAX_CHUNK > 0 (plain logits, no mask but the causal one, one program per query head): the
-    loop keeps only the first chunk of ARGMAX_CHUNK columns holding each row's max (the row max
-    taken as the max of the chunk maxima, so no search per element); after it, each row recomputes
-    its chunk's logits against its own keys and takes the largest, leftmost on ties. The chunk is
-    exact; inside it the recomputed fp32 logits may order a near-tie (within ~1e-6) differently
-    than the tensor cores' did.
 
     Without SPLIT it writes the final output (× head scale, input dtype) and stats; with SPLIT it
     writes its split's normalized partials (fp32 output, log-sum-exp, argmax logit, key-set
@@ -261,11 +254,7 @@ def _attn_fwd(
                 IS_CAUSAL, MASK_MODE, phase == 2, phase, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST,
                 not FOLD_SCALE,
             )
-            if ARGMAX and ARGMAX_CHUNK > 0:  # the max of each chunk of columns, then of the chunks
-                chunk_max = tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // ARGMAX_CHUNK, ARGMAX_CHUNK)), 2)
-                raw_max = tl.max(chunk_max, 1)
-            else:
-                raw_max = tl.max(s, 1)
+            raw_max = tl.max(s, 1)
             if FOLD_SCALE:  # s is q·k: the block max in base-2 units, per row
                 blk_max = raw_max * qk_scale
             else:
@@ -293,13 +282,8 @@ def _attn_fwd(
                 # min per element. Cheaper on an H100 than tl.argmax's (value, index) pairs or a
                 # block-wide vote on whether any row's max grew (kernels/bench.py --stats-breakdown)
                 better = blk_max > am_val
-                if ARGMAX_CHUNK > 0:  # the first chunk holding the max; its column is found after the loop
-                    offs_ch = tl.arange(0, BLOCK_N // ARGMAX_CHUNK)
-                    blk_ch = tl.min(tl.where(chunk_max == raw_max[:, None], offs_ch[None, :], BLOCK_N), 1)
-                    am_idx = tl.where(better, start_n + blk_ch * ARGMAX_CHUNK, am_idx)
-                else:
-                    blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
-                    am_idx = tl.where(better, blk_idx, am_idx)
+                blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
+                am_idx = tl.where(better, blk_idx, am_idx)
                 am_val = tl.maximum(am_val, blk_max)
             if NSP > 0 and not SPAN_POST:
                 cols = start_n + offs_n
@@ -356,20 +340,6 @@ def _attn_fwd(
                 else:
                     o = o * tl.load(HeadScale + row_h, mask=rows_ok, other=1.0)[:, None]
             tl.store(Out + o_off, o.to(Out.dtype.element_ty), mask=rows_ok[:, None])
-    if ARGMAX and ARGMAX_CHUNK > 0:
-        # each row's column inside its chunk: the chunk's logits again, one key per step, each row
-        # against its own key (plain logits and no mask but the causal one: see ARGMAX_CHUNK)
-        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        first = am_idx
-        for c in range(0, ARGMAX_CHUNK):
-            col = first + c
-            ok_c = rows_ok & (col < hi)
-            if IS_CAUSAL:
-                ok_c = ok_c & (col <= row_pos)
-            kc = tl.load(k_base + col[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=ok_c[:, None], other=0.0)
-            sc = tl.where(ok_c, tl.sum(q.to(tl.float32) * kc.to(tl.float32), 1), float("-inf"))
-            am_idx = tl.where(sc > best, col, am_idx)
-            best = tl.maximum(best, sc)
     if ARGMAX:
         tl.store(ArgIdx + split_row, am_idx, mask=rows_ok)
         if SPLIT:
