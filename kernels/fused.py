@@ -391,8 +391,8 @@ class KeySets:
         if n_keys:
             member[stats.keys.to(device), len(span_names) + torch.arange(n_keys, device=device)] = 1.0
         self.member = member
+        # at most this many distinct keys are in a set: known on the host without a device read
         self.bound = min(k_len, sum(t.numel() for t in stats.spans.values()) + n_keys)
-        """At most this many distinct keys are in a set (known on the host without a device read)."""
         self._keys: torch.Tensor | None = None
 
     @property
