@@ -278,18 +278,29 @@ if triton is not None:
         return bh // H, bh % H
 
     @triton.jit
-    def _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+    def _row_queries(Qp, Lp, b, h, sqb, sqh, sqm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
         """The kv head, rows, row mask and dims of this program's (batch b, head h, row block
-        program_id(0)), and its rows' q, attention output and log-sum-exp, fp32: the prologue of
-        every sparse correction kernel (`_correct` here, `act_sparse`'s two)."""
+        program_id(0)), and its rows' q (fp32) and log-sum-exp."""
         kvh = h // (H // HKV)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = rows < QN
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        z = tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         lse = tl.load(Lp + (b * H + h) * QN + rows, mask=ok, other=0.0)
+        return kvh, rows, ok, d, q, lse
+
+    @triton.jit
+    def _row_outputs(Zp, b, h, rows, ok, d, szb, szh, szm):
+        """The rows' attention output (fp32 [BLOCK_M, D])."""
+        return tl.load(Zp + b * szb + h * szh + rows[:, None] * szm + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _row_tile(Qp, Zp, Lp, b, h, sqb, sqh, sqm, szb, szh, szm, H, HKV, QN, BLOCK_M: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+        """`_row_queries` and `_row_outputs` at once: the prologue of the sparse correction kernels
+        that hold the output through their loop (`_correct` here, `act_sparse._act_excluded`)."""
+        kvh, rows, ok, d, q, lse = _row_queries(Qp, Lp, b, h, sqb, sqh, sqm, H, HKV, QN, BLOCK_M, HEAD_DIM)
+        z = _row_outputs(Zp, b, h, rows, ok, d, szb, szh, szm)
         return kvh, rows, ok, d, q, z, lse
 
     @triton.jit
