@@ -6,6 +6,7 @@ and date. Shapes: batch 1, 32 query / 8 key-value heads, head_dim 128, bf16, cau
     python kernels/bench.py --out benchmarks/results/kernel_bench_h100.json [--sweep] [--e2e]
     python kernels/bench.py --out benchmarks/results/kernel_prefill_h100.json --prefill-only
     python kernels/bench.py --out stats_pass_h100.json --skip-kernels --no-flex --stats-breakdown [--window-breakdown]
+    python kernels/bench.py --out descriptors.json --skip-kernels --no-flex --hopper-breakdown --rounds 2
 
 Cases (issue 4): (a) no intervention; (b) per-head first-token bias + head scale; (c) ACT on every
 head, sinks found on the same input; (d) stats — argmax + 3 span masses + entropy — on all
@@ -14,7 +15,8 @@ one QK-only Triton pass over the window). Decode: one query against a 32k / 128k
 with (b), and with the (d) stats. `--e2e`: a 32-layer Llama-3-8B-shaped model (random weights)
 at 32k tokens, plain SDPA forward vs a patched forward with the (d) stats on the last 256 queries
 of every layer. `--stats-breakdown` / `--window-breakdown` time case (d)'s passes per stat and per
-knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, block shape).
+knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, KV_DESC, block shape);
+`--hopper-breakdown` the passes with the argmax through tensor descriptors or pointer loads.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ subtract; its argmax, a block-wide vote then tl.argmax, is gone: results/stats_p
 
 def _set_knobs(knobs: dict) -> None:
     for name, value in knobs.items():
-        if name == "STATS_BLOCKS":
-            fused.STATS_BLOCKS[D] = value
+        if name in ("STATS_BLOCKS", "PREFILL_BLOCKS"):
+            getattr(fused, name)[D] = value
         else:
             setattr(fused, name, value)
 
@@ -252,11 +254,55 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     _set_knobs(saved)
 
 
+def hopper_breakdown(sizes: list[int], rows: list[dict], rounds: int = 1, block_shapes: bool = True) -> None:
+    """The prefill pass with the argmax (alone, with entropy, with every stat) reading its key / value
+    blocks through tensor descriptors (`fused.KV_DESC`) or pointer loads, and the plain and bias +
+    head-scale passes (pointer loads), against cuDNN in the same run; at the first size under several
+    block shapes (`block_shapes`). `rounds` > 1 repeats every size's cases, cuDNN included, in turn.
+    (Measured and removed since: descriptors for the plain pass, stats after the P·V product,
+    `tl.range(warp_specialize=True)`; results/stats_pass_h100.json `descriptor_runs`.)"""
+    saved = {"KV_DESC": fused.KV_DESC, "PREFILL_BLOCKS": fused.PREFILL_BLOCKS[D], "STATS_BLOCKS": fused.STATS_BLOCKS[D]}
+    gen = torch.Generator().manual_seed(1)
+    bias_plan = InterventionPlan().scale_first_token(
+        {(0, h): float(g) for h, g in enumerate(torch.rand(H, generator=gen) * 3 + 0.2)}).scale_heads(
+        {(0, h): float(s) for h, s in enumerate(torch.rand(H, generator=gen) + 0.5)})
+    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2),
+              (64, 128, 4, 3), (64, 32, 4, 4)]
+    for n, rnd in [(n, r) for n in sizes for r in range(rounds)]:
+        q, k, v = inputs(n, n, seed=n)
+        spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
+        dev = torch.device("cuda")
+        reqs = {"argmax": StatsRequest(argmax=True), "argmax_entropy": StatsRequest(argmax=True, entropy=True),
+                "all": StatsRequest(argmax=True, entropy=True, spans=spans)}
+        cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        rows.append({"mode": "hopper_breakdown", "N": n, "round": rnd, "case": "cudnn", "ms": round(cudnn, 4)})
+        for name in ("plain", "bias_scale", "argmax", "argmax_entropy", "all"):
+            block_knob = "STATS_BLOCKS" if name in reqs else "PREFILL_BLOCKS"
+            for desc in ((False, True) if name in reqs else (False,)):
+                sweep_here = block_shapes and n == sizes[0] and rnd == 0 and name in ("plain", "argmax", "all")
+                for shape in (shapes if sweep_here else [saved[block_knob]]):
+                    knobs = {"KV_DESC": desc, block_knob: shape}
+                    _set_knobs({**saved, **knobs})
+                    cs = reqs[name].compile(n, n, dev) if name in reqs else None
+                    fn = (headlab_fn(q, k, v, bias_plan) if name == "bias_scale"
+                          else lambda cs=cs: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs))
+                    try:
+                        ms = bench(fn)
+                    except Exception as exc:  # noqa: BLE001 - a config the compiler or the GPU refuses
+                        print(f"hopper N={n} {name} {knobs}: failed ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
+                        rows.append({"mode": "hopper_breakdown", "N": n, "case": name, **knobs, "error": str(exc)[:300]})
+                        continue
+                    rows.append({"mode": "hopper_breakdown", "N": n, "round": rnd, "case": name, **knobs,
+                                 "ms": round(ms, 4), "vs_cudnn": round(cudnn / ms, 3)})
+                    print(f"hopper N={n} {name:<14} {knobs}: {ms:8.3f} ms x{cudnn / ms:.3f} cuDNN", flush=True)
+    _set_knobs(saved)
+
+
 def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Case (d) on the last 256 queries: the QK-only pass over the window with the stats (what runs
     after SDPA's output), timed alone, under the pass's knobs and per stat; SDPA in the same run.
     (results/stats_pass_h100.json `window_run` timed SDPA + the pass, with an argmax vote since removed.)"""
-    knobs0 = {k: getattr(fused, k) for k in ("SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE")}
+    knobs0 = {k: getattr(fused, k) for k in ("SPAN_POST", "HEAVY_FIRST", "FOLD_SCALE", "KV_DESC")}
     for n in sizes:
         q, k, v = inputs(n, n, seed=n)
         spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
@@ -264,7 +310,8 @@ def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
         rows.append({"mode": "window_breakdown", "N": n, "case": "cudnn", "ms": round(sdpa, 4)})
         reqs = {"all": dict(argmax=True, entropy=True, spans=spans), "argmax": dict(argmax=True),
                 "entropy": dict(entropy=True), "spans": dict(spans=spans)}
-        variants = [("all", {}), ("all", {"SPAN_POST": False}), ("all", {"FOLD_SCALE": False}),
+        variants = [("all", {}), ("all", {"KV_DESC": False}), ("argmax", {"KV_DESC": False}),
+                    ("all", {"SPAN_POST": False}), ("all", {"FOLD_SCALE": False}),
                     ("all", {"HEAVY_FIRST": False}), ("all", {"SPAN_POST": False, "FOLD_SCALE": False, "HEAVY_FIRST": False}),
                     ("argmax", {}), ("entropy", {}), ("spans", {})]
         window = q[:, :, n - 256:]
@@ -489,6 +536,10 @@ def main() -> None:
                     help="time case (d)'s pass per stat and per SPAN_POST / HEAVY_FIRST / FOLD_SCALE / block shape first")
     ap.add_argument("--window-breakdown", action="store_true",
                     help="time case (d) on the last 256 queries per stat and per knob first")
+    ap.add_argument("--hopper-breakdown", action="store_true",
+                    help="time the prefill pass with / without tensor descriptors (KV_DESC) per block shape first")
+    ap.add_argument("--rounds", type=int, default=1, help="with --hopper-breakdown: repeat each size's cases")
+    ap.add_argument("--no-block-shapes", action="store_true", help="with --hopper-breakdown: the module's block shapes only")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=32768)
@@ -508,6 +559,8 @@ def main() -> None:
         stats_breakdown(args.sizes, rows)
     if args.window_breakdown:
         window_breakdown(args.sizes, rows)
+    if args.hopper_breakdown:
+        hopper_breakdown(args.sizes, rows, args.rounds, not args.no_block_shapes)
     result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "stats": fused.STATS_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
                         "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:

@@ -4,7 +4,8 @@
 to the reference with a one-time warning); `patched_attention(...)` runs it:
 
 - plain plan / stats: one fused pass (`_attn_fwd`; causal row blocks heaviest first, sparse key
-  sets measured after the loop from their own keys); stats on a small query window while the
+  sets measured after the loop from their own keys, key / value tiles through tensor descriptors
+  when it takes the argmax); stats on a small query window while the
   output is needed: the fused pass without stats plus a QK-only pass over the window rows;
 - received attention: one more QK-only pass per key block reusing the rows' log-sum-exp
   (`_attn_colsum_t`, transposed, for plain logits over consecutive rows; `_attn_colsum` otherwise);
@@ -25,6 +26,8 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from headlab.kernels.triton_attention import _attn_colsum, _attn_colsum_t, _attn_combine, _attn_fwd
 
 from headlab.plan import LayerPlan
@@ -76,6 +79,13 @@ HEAVY_FIRST = True
 """Causal passes over many rows start the row blocks that see the most keys first, per key/value
 head (`_attn_fwd`'s HEAVY_FIRST): the grid's order is the order programs start in, so light blocks
 last even out the tail, and programs running together read the same key/value head's keys."""
+KV_DESC = True
+"""Output passes over many rows that take the argmax read their unmasked key / value blocks through
+tensor descriptors (`_attn_fwd`'s KV_DESC: bulk tile copies, Hopper and later) where
+`_kv_descriptors` allows it: 7-11% faster with every stat on an H100 (the argmax alone 10-14%,
+with the stats taken before the P·V product); the plain pass measured 2-7%
+slower with them and QK-only window passes no different beyond noise, so those keep pointer loads
+(benchmarks/results/stats_pass_h100.json `descriptor_runs`)."""
 
 
 def interpreting() -> bool:
@@ -261,6 +271,7 @@ class _Launch:
         common["SinkBias"] = sink_bias if sink_bias is not None else self.dummy
         common["Mask"] = mask
         heavy_first = HEAVY_FIRST and self.is_causal and not few  # not few: one query head per program
+        descs = _kv_descriptors(self.k, self.v, block_n) if argmax and output and not few else None
         grid = (B * H * m_blocks, 1, S) if heavy_first else (m_blocks, B * (H // group), S)
         _attn_fwd[grid](
             q, self.k, self.v, out_w, lse_w,
@@ -272,6 +283,8 @@ class _Launch:
             HeadScale=hs, Member=key_sets.member if nsp else self.dummy, SpanKeys=span_keys,
             n_span_chunks=span_keys.numel() // SPAN_CHUNK if span_post else 0, SPAN_CHUNK=SPAN_CHUNK,
             ArgIdx=ai_w, ArgVal=av_w, SpanOut=sp_w, Entropy=en_w,
+            KDesc=descs[0] if descs else None, VDesc=descs[1] if descs else None,
+            KV_DESC=descs is not None,
             GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
             HAS_HEAD_SCALE=head_scale is not None,
             OUTPUT=output, ARGMAX=argmax, NSP=nsp, ENTROPY=entropy, SPLIT=S > 1,
@@ -437,6 +450,26 @@ def _dummy(device: torch.device) -> torch.Tensor:
     if device not in _DUMMIES:
         _DUMMIES[device] = torch.zeros(1, device=device, dtype=torch.float32)
     return _DUMMIES[device]
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Tensor descriptors over k, v [B, Hkv, K, D] with [1, 1, block_n, D] tiles, or None where the
+    bulk copy cannot take them: before Hopper (the interpreter runs them anywhere), a last dimension
+    that is not contiguous, or a base or stride that is not a multiple of 16 bytes."""
+    if not KV_DESC or (_capability(k.device)[0] < 9 and not interpreting()):
+        return None
+    descs = []
+    for t in (k, v):
+        st = t.stride()
+        if st[-1] != 1 or t.data_ptr() % 16 or any(x * t.element_size() % 16 for x in st[:-1]):
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(st), [1, 1, block_n, t.shape[-1]]))
+    return descs[0], descs[1]
 
 
 @functools.cache

@@ -68,6 +68,28 @@ def _logits_tile(
         k = tl.load(k_ptrs, mask=(cols < n_hi)[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
+    return _logits_of(
+        q, k, start_n, offs_n, n_hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
+        bias_ptr, stride_bias_h, KB, sink_ptr, sink_off_row, mask_ptr, mask_off_row, stride_mask_k, mask_floor,
+        qk_scale, softcap, IS_CAUSAL, MASK_MODE, BOUNDED, BIAS_PHASE, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK,
+        GROUP, UPCAST, SCALED,
+    )
+
+
+@triton.jit
+def _logits_of(
+    q, k, start_n, offs_n, n_hi,
+    head_off, row_pos, rows_ok, ls_row, sink_bias_row,
+    bias_ptr, stride_bias_h, KB,
+    sink_ptr, sink_off_row,
+    mask_ptr, mask_off_row, stride_mask_k, mask_floor,
+    qk_scale, softcap,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, BOUNDED: tl.constexpr, BIAS_PHASE: tl.constexpr,
+    HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
+    GROUP: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr = True,
+):
+    """`_logits_tile` for a key tile k [BLOCK_N, D] already loaded (from pointers or a tensor descriptor)."""
+    cols = start_n + offs_n
     if UPCAST:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
@@ -116,6 +138,26 @@ def _logits_tile(
 
 
 @triton.jit
+def _argmax_step(s, raw_max, blk_max, am_idx, am_val, offs_n, start_n, BLOCK_N: tl.constexpr):
+    """The running argmax after one key block: the first column holding the block's max, taken where
+    the block's max beats the rows' best so far — a compare, a select and a min per element, in
+    every block. Cheaper on an H100 than tl.argmax's (value, index) pairs or a block-wide vote on
+    whether any row's max grew (kernels/bench.py --stats-breakdown)."""
+    better = blk_max > am_val
+    blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
+    return tl.where(better, blk_idx, am_idx), tl.maximum(am_val, blk_max)
+
+
+@triton.jit
+def _entropy_step(u_i, alpha, p, s, MASKED: tl.constexpr):
+    """The running Σ p·s of the rows (for the entropy), rescaled by alpha; MASKED: −inf logits may
+    occur (masked keys, ACT's β = 0), whose p = 0 must not meet s."""
+    if MASKED:
+        return u_i * alpha + tl.sum(tl.where(p > 0, p * s, 0.0), 1)
+    return u_i * alpha + tl.sum(p * s, 1)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm,
@@ -129,12 +171,13 @@ def _attn_fwd(
     SinkFlag, SinkBias,
     Mask, stride_mb, stride_mh, stride_mq, stride_mk, mask_floor,
     Member, SpanKeys, n_span_chunks, ArgIdx, ArgVal, SpanOut, Entropy,
+    KDesc, VDesc,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
     OUTPUT: tl.constexpr, ARGMAX: tl.constexpr, NSP: tl.constexpr, ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
     SPAN_POST: tl.constexpr, SPAN_CHUNK: tl.constexpr, HEAVY_FIRST: tl.constexpr, FOLD_SCALE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    KV_DESC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (row block, head group, split) of the patched attention.
 
@@ -147,6 +190,11 @@ def _attn_fwd(
 
     FOLD_SCALE (plain logits: `_logits_tile`'s SCALED=False) folds the softmax scale into the
     exp2 argument (one fused multiply-add per element instead of a multiply and a subtraction).
+
+    KV_DESC: the unmasked key blocks (phases 0 and 1) come through tensor descriptors KDesc / VDesc
+    over k, v [B, Hkv, K, D] (Hopper's tensor memory accelerator: one bulk copy per tile, no
+    per-element addresses in registers); the masked blocks keep masked pointer loads, so a key
+    beyond the program's range is never read.
 
     Without SPLIT it writes the final output (× head scale, input dtype) and stats; with SPLIT it
     writes its split's normalized partials (fp32 output, log-sum-exp, argmax logit, key-set
@@ -247,9 +295,16 @@ def _attn_fwd(
         else:  # the diagonal, the last partial block, masked rows
             start, stop = full_hi, hi
         for start_n in range(start, stop, BLOCK_N):
-            k_ptrs = k_base + (start_n + offs_n)[:, None] * stride_kn + offs_d[None, :]
-            s, _ = _logits_tile(
-                q, k_ptrs, start_n, offs_n, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
+            if KV_DESC and phase != 2:
+                k = KDesc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            else:
+                k_ptrs = k_base + (start_n + offs_n)[:, None] * stride_kn + offs_d[None, :]
+                if phase == 2:
+                    k = tl.load(k_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
+                else:
+                    k = tl.load(k_ptrs)
+            s, _ = _logits_of(
+                q, k, start_n, offs_n, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor, qk_scale, softcap,
                 IS_CAUSAL, MASK_MODE, phase == 2, phase, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST,
                 not FOLD_SCALE,
@@ -266,34 +321,31 @@ def _attn_fwd(
             else:
                 p = tl.math.exp2(s - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
+            # the stats before the P·V product, so that the fp32 tiles s and p end here: taken after it,
+            # with K / V through descriptors, the pass with every stat was 1.07-1.11x slower on an H100
+            # (benchmarks/results/stats_pass_h100.json `descriptor_runs`)
+            if ARGMAX:
+                am_idx, am_val = _argmax_step(s, raw_max, blk_max, am_idx, am_val, offs_n, start_n, BLOCK_N)
+            if ENTROPY:  # Σ p·s, in q·k units under FOLD_SCALE (scaled once at the end)
+                u_i = _entropy_step(u_i, alpha, p, s, phase == 2 or HAS_SINK)
             l_i = l_i * alpha + tl.sum(p, 1)
             if OUTPUT:
-                v_ptrs = v_base + (start_n + offs_n)[:, None] * stride_vn + offs_d[None, :]
-                if phase == 2:
-                    v = tl.load(v_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
+                if KV_DESC and phase != 2:
+                    v = VDesc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
                 else:
-                    v = tl.load(v_ptrs)
+                    v_ptrs = v_base + (start_n + offs_n)[:, None] * stride_vn + offs_d[None, :]
+                    if phase == 2:
+                        v = tl.load(v_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
+                    else:
+                        v = tl.load(v_ptrs)
                 if UPCAST:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
                 else:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            if ARGMAX:
-                # the first column holding the block's max, in every block: a compare, a select and a
-                # min per element. Cheaper on an H100 than tl.argmax's (value, index) pairs or a
-                # block-wide vote on whether any row's max grew (kernels/bench.py --stats-breakdown)
-                better = blk_max > am_val
-                blk_idx = tl.min(tl.where(s == raw_max[:, None], offs_n[None, :], BLOCK_N), 1) + start_n
-                am_idx = tl.where(better, blk_idx, am_idx)
-                am_val = tl.maximum(am_val, blk_max)
             if NSP > 0 and not SPAN_POST:
                 cols = start_n + offs_n
                 member = tl.load(Member + cols[:, None] * NSP + offs_sp[None, :], mask=(cols < hi)[:, None], other=0.0)
                 span_acc = span_acc * alpha[:, None] + tl.dot(p.to(tl.float16), member)
-            if ENTROPY:  # Σ p·s, in q·k units under FOLD_SCALE (scaled once at the end)
-                if phase == 2 or HAS_SINK:  # −inf logits only where masked or where ACT's β = 0
-                    u_i = u_i * alpha + tl.sum(tl.where(p > 0, p * s, 0.0), 1)
-                else:
-                    u_i = u_i * alpha + tl.sum(p * s, 1)
             m_i = m_new
 
     if NSP > 0 and SPAN_POST:

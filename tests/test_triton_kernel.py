@@ -269,6 +269,37 @@ def test_key_set_masses_gathered_or_in_the_loop(kind, with_bias, monkeypatch):
     torch.testing.assert_close(st.key_probs, st_loop.key_probs, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("layout", ["hf_views", "contiguous", "unaligned"])
+def test_key_value_blocks_through_descriptors_or_pointers(layout, monkeypatch):
+    """The prefill pass reads its unmasked key / value blocks through tensor descriptors where the
+    layout allows (HF's [B, K, Hkv, D] views and contiguous tensors) and through pointers otherwise
+    (a base off a 16-byte boundary); either way, with a key bias and every stat, the results equal
+    the reference and the pointer path's."""
+    from headlab.kernels import fused
+
+    Q, K = SHAPES[3]
+    q, k, v = qkv(Q=Q, K=K, dtype=torch.bfloat16, seed=31)
+    if layout == "hf_views":
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    elif layout == "unaligned":  # one element in: the base is 2 bytes past a 16-byte boundary
+        k, v = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (k, v))
+    taken = fused._kv_descriptors(k, v, 16)
+    assert (taken is None) == (layout == "unaligned")
+    if taken is not None and fused._capability(k.device)[0] < 9 and not interpreting():
+        pytest.skip("tensor descriptors need Hopper")
+    plan = InterventionPlan().scale_first_token({(0, 1): 3.0}).scale_heads({(0, 2): 0.5})
+    req = StatsRequest(argmax=True, entropy=True, spans={"first": (0, 2), "late": (K // 2, K)})
+    (out, st), (ref, rst) = both(q, k, v, plan, req)
+    close_out(out, ref, torch.bfloat16)
+    close_stats(st, rst)
+    monkeypatch.setattr(fused, "KV_DESC", False)
+    lp = plan.compile_layer(0, q.shape[1], q.shape[-1])
+    out_p, st_p = patched_attention(q, k, v, plan=lp, stats=req.compile(Q, K, DEVICE), scaling=q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, out_p, atol=0, rtol=0)
+    torch.testing.assert_close(st.entropy, st_p.entropy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(st.argmax, st_p.argmax)
+
+
 def test_argmax_ties_go_to_the_first_key():
     """The argmax of a plain-logit prefill (the scale folded into exp2, the first column equal to each
     block's max): equal keys (3 and 5, which most rows prefer) resolve to the leftmost, as torch's
