@@ -196,6 +196,33 @@ def _set_knobs(knobs: dict) -> None:
             setattr(fused, name, value)
 
 
+def _bias_scale_plan() -> InterventionPlan:
+    """Case (b)'s plan for the breakdowns: a first-token bias and an output scale on every head (seed 1)."""
+    gen = torch.Generator().manual_seed(1)
+    return InterventionPlan().scale_first_token(
+        {(0, h): float(g) for h, g in enumerate(torch.rand(H, generator=gen) * 3 + 0.2)}).scale_heads(
+        {(0, h): float(s) for h, s in enumerate(torch.rand(H, generator=gen) + 0.5)})
+
+
+def _breakdown_fn(name: str, reqs: dict, bias_plan: InterventionPlan, q, k, v):
+    """The call a breakdown times for case `name`: the bias + scale plan, or the fused pass with the
+    stats of reqs[name] (none for "plain"), compiled under the knobs set now."""
+    if name == "bias_scale":
+        return headlab_fn(q, k, v, bias_plan)
+    cs = reqs[name].compile(q.shape[2], k.shape[2], q.device) if name in reqs else None
+    return lambda: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs)
+
+
+def _bench_or_record(fn, rows: list[dict], row: dict, label: str) -> float | None:
+    """bench(fn) in ms, or None after recording why the compiler or the GPU refused this config."""
+    try:
+        return bench(fn)
+    except Exception as exc:  # noqa: BLE001 - out of shared memory / registers, a failed build
+        print(f"{label}: failed ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
+        rows.append({**row, "error": str(exc)[:300]})
+        return None
+
+
 def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Where case (d)'s time goes: the fused pass with each stat alone and all together, under the
     pass's knobs (`fused.SPAN_POST`, `HEAVY_FIRST`, `FOLD_SCALE`, the block shape),
@@ -205,14 +232,10 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
     saved = {k: (fused.STATS_BLOCKS[D] if k == "STATS_BLOCKS" else getattr(fused, k)) for k in STATS_KNOBS}
     new = {"SPAN_POST": True, "HEAVY_FIRST": True, "FOLD_SCALE": True}
     wide, narrow = (128, 128, 8, 3), (128, 64, 8, 3)
-    gen = torch.Generator().manual_seed(1)
-    bias_plan = InterventionPlan().scale_first_token(
-        {(0, h): float(g) for h, g in enumerate(torch.rand(H, generator=gen) * 3 + 0.2)}).scale_heads(
-        {(0, h): float(s) for h, s in enumerate(torch.rand(H, generator=gen) + 0.5)})
+    bias_plan = _bias_scale_plan()
     for n in sizes:
         q, k, v = inputs(n, n, seed=n)
         spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
-        dev = torch.device("cuda")
         reqs = {
             "argmax": StatsRequest(argmax=True), "entropy": StatsRequest(entropy=True),
             "spans": StatsRequest(spans=spans), "all": StatsRequest(argmax=True, entropy=True, spans=spans),
@@ -233,14 +256,9 @@ def stats_breakdown(sizes: list[int], rows: list[dict]) -> None:
         plain_new = None
         for name, knobs in variants:
             _set_knobs({**saved, **knobs})
-            cs = reqs[name].compile(n, n, dev) if name in reqs else None
-            fn = (headlab_fn(q, k, v, bias_plan) if name == "bias_scale"
-                  else lambda cs=cs: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs))
-            try:
-                ms = bench(fn)
-            except Exception as exc:  # noqa: BLE001 - out of shared memory / registers for this config
-                print(f"stats N={n} {name} {knobs}: failed ({type(exc).__name__}: {exc})", flush=True)
-                rows.append({"mode": "stats_breakdown", "N": n, "case": name, **knobs, "error": str(exc)[:200]})
+            ms = _bench_or_record(_breakdown_fn(name, reqs, bias_plan, q, k, v), rows,
+                                  {"mode": "stats_breakdown", "N": n, "case": name, **knobs}, f"stats N={n} {name} {knobs}")
+            if ms is None:
                 continue
             if name == "plain" and knobs is new:
                 plain_new = ms
@@ -262,16 +280,12 @@ def hopper_breakdown(sizes: list[int], rows: list[dict], rounds: int = 1, block_
     (Measured and removed since: descriptors for the plain pass, stats after the P·V product,
     `tl.range(warp_specialize=True)`; results/stats_pass_h100.json `descriptor_runs`.)"""
     saved = {"KV_DESC": fused.KV_DESC, "PREFILL_BLOCKS": fused.PREFILL_BLOCKS[D], "STATS_BLOCKS": fused.STATS_BLOCKS[D]}
-    gen = torch.Generator().manual_seed(1)
-    bias_plan = InterventionPlan().scale_first_token(
-        {(0, h): float(g) for h, g in enumerate(torch.rand(H, generator=gen) * 3 + 0.2)}).scale_heads(
-        {(0, h): float(s) for h, s in enumerate(torch.rand(H, generator=gen) + 0.5)})
+    bias_plan = _bias_scale_plan()
     shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2),
               (64, 128, 4, 3), (64, 32, 4, 4)]
     for n, rnd in [(n, r) for n in sizes for r in range(rounds)]:
         q, k, v = inputs(n, n, seed=n)
         spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
-        dev = torch.device("cuda")
         reqs = {"argmax": StatsRequest(argmax=True), "argmax_entropy": StatsRequest(argmax=True, entropy=True),
                 "all": StatsRequest(argmax=True, entropy=True, spans=spans)}
         cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
@@ -283,14 +297,10 @@ def hopper_breakdown(sizes: list[int], rows: list[dict], rounds: int = 1, block_
                 for shape in (shapes if sweep_here else [saved[block_knob]]):
                     knobs = {"KV_DESC": desc, block_knob: shape}
                     _set_knobs({**saved, **knobs})
-                    cs = reqs[name].compile(n, n, dev) if name in reqs else None
-                    fn = (headlab_fn(q, k, v, bias_plan) if name == "bias_scale"
-                          else lambda cs=cs: fused.patched_attention(q, k, v, scaling=D ** -0.5, stats=cs))
-                    try:
-                        ms = bench(fn)
-                    except Exception as exc:  # noqa: BLE001 - a config the compiler or the GPU refuses
-                        print(f"hopper N={n} {name} {knobs}: failed ({type(exc).__name__}: {str(exc)[:300]})", flush=True)
-                        rows.append({"mode": "hopper_breakdown", "N": n, "case": name, **knobs, "error": str(exc)[:300]})
+                    ms = _bench_or_record(_breakdown_fn(name, reqs, bias_plan, q, k, v), rows,
+                                          {"mode": "hopper_breakdown", "N": n, "round": rnd, "case": name, **knobs},
+                                          f"hopper N={n} {name} {knobs}")
+                    if ms is None:
                         continue
                     rows.append({"mode": "hopper_breakdown", "N": n, "round": rnd, "case": name, **knobs,
                                  "ms": round(ms, 4), "vs_cudnn": round(cudnn / ms, 3)})

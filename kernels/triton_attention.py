@@ -48,36 +48,6 @@ def _add_bias(s, bias_ptr, head_off, stride_bias_h, cols, KB, rows_ok, GROUP: tl
 
 @triton.jit
 def _logits_tile(
-    q, k_ptrs, start_n, offs_n, n_hi,
-    head_off, row_pos, rows_ok, ls_row, sink_bias_row,
-    bias_ptr, stride_bias_h, KB,
-    sink_ptr, sink_off_row,
-    mask_ptr, mask_off_row, stride_mask_k, mask_floor,
-    qk_scale, softcap,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, BOUNDED: tl.constexpr, BIAS_PHASE: tl.constexpr,
-    HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
-    GROUP: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr = True,
-):
-    """(base-2 logits [BLOCK_M, BLOCK_N] of the rows against keys start_n + offs_n, −inf where masked;
-    the mask itself). Unbounded tiles (every key visible to every row) are not masked at all.
-    SCALED=False (plain logits only: no logit scale, softcap, bias, sink bias or float mask) leaves
-    the product q·k unscaled, for the caller to fold qk_scale into its exp2 argument.
-    `offs_n` may be any key positions (a gathered tile) with start_n = 0."""
-    cols = start_n + offs_n
-    if BOUNDED:
-        k = tl.load(k_ptrs, mask=(cols < n_hi)[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    return _logits_of(
-        q, k, start_n, offs_n, n_hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
-        bias_ptr, stride_bias_h, KB, sink_ptr, sink_off_row, mask_ptr, mask_off_row, stride_mask_k, mask_floor,
-        qk_scale, softcap, IS_CAUSAL, MASK_MODE, BOUNDED, BIAS_PHASE, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK,
-        GROUP, UPCAST, SCALED,
-    )
-
-
-@triton.jit
-def _logits_of(
     q, k, start_n, offs_n, n_hi,
     head_off, row_pos, rows_ok, ls_row, sink_bias_row,
     bias_ptr, stride_bias_h, KB,
@@ -88,7 +58,12 @@ def _logits_of(
     HAS_LS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
     GROUP: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr = True,
 ):
-    """`_logits_tile` for a key tile k [BLOCK_N, D] already loaded (from pointers or a tensor descriptor)."""
+    """(base-2 logits [BLOCK_M, BLOCK_N] of the rows against the key tile k [BLOCK_N, D] at positions
+    start_n + offs_n, −inf where masked; the mask itself). The caller loads k (pointer loads, masked
+    beyond n_hi where BOUNDED, or a tensor descriptor). Unbounded tiles (every key visible to every
+    row) are not masked at all. SCALED=False (plain logits only: no logit scale, softcap, bias, sink
+    bias or float mask) leaves the product q·k unscaled, for the caller to fold qk_scale into its
+    exp2 argument. `offs_n` may be any key positions (a gathered tile) with start_n = 0."""
     cols = start_n + offs_n
     if UPCAST:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
@@ -303,7 +278,7 @@ def _attn_fwd(
                     k = tl.load(k_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
                 else:
                     k = tl.load(k_ptrs)
-            s, _ = _logits_of(
+            s, _ = _logits_tile(
                 q, k, start_n, offs_n, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor, qk_scale, softcap,
                 IS_CAUSAL, MASK_MODE, phase == 2, phase, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST,
@@ -354,9 +329,9 @@ def _attn_fwd(
         offs_c = tl.arange(0, SPAN_CHUNK)
         for c in range(0, n_span_chunks):
             cols = tl.load(SpanKeys + c * SPAN_CHUNK + offs_c)
-            k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < hi)[:, None], other=0.0)
             s, _ = _logits_tile(
-                q, k_ptrs, 0, cols, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
+                q, k, 0, cols, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor,
                 qk_scale, softcap,
                 IS_CAUSAL, MASK_MODE, True, 2, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, GROUP, UPCAST, not FOLD_SCALE,
@@ -541,8 +516,12 @@ def _attn_colsum(
             if HAS_SINK:
                 sink_bias_row = tl.load(SinkBias + row_flat, mask=rows_ok, other=0.0) * LOG2E
             mask_off_row = b64 * stride_mb + h.to(tl.int64) * stride_mh + rows.to(tl.int64) * stride_mq
+            if phase != 1:
+                k = tl.load(k_ptrs, mask=(cols < KN)[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
             s, allowed = _logits_tile(
-                q, k_ptrs, start_n, offs_n, KN, h, q_offset + rows, rows_ok, ls_row, sink_bias_row,
+                q, k, start_n, offs_n, KN, h, q_offset + rows, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off, Mask, mask_off_row, stride_mk, mask_floor, qk_scale, softcap,
                 IS_CAUSAL, MASK_MODE, phase != 1, 2, HAS_LS, HAS_SOFTCAP, HAS_BIAS, HAS_SINK, 1, UPCAST,
             )
