@@ -113,6 +113,20 @@ def _logits_tile(
 
 
 @triton.jit
+def _kv_tile(desc, base, stride_n, b, kvh, start_n, offs_n, offs_d, hi,
+             DESC: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The key (or value) tile [BLOCK_N, HEAD_DIM] at start_n of one (b, kv head): through the tensor
+    descriptor `desc` with DESC, else from `base` (that head's first row) by pointers, masked beyond
+    `hi` with MASKED (zeros there)."""
+    if DESC:
+        return desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    ptrs = base + (start_n + offs_n)[:, None] * stride_n + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _argmax_step(s, raw_max, blk_max, am_idx, am_val, offs_n, start_n, BLOCK_N: tl.constexpr):
     """The running argmax after one key block: the first column holding the block's max, taken where
     the block's max beats the rows' best so far — a compare, a select and a min per element, in
@@ -270,14 +284,8 @@ def _attn_fwd(
         else:  # the diagonal, the last partial block, masked rows
             start, stop = full_hi, hi
         for start_n in range(start, stop, BLOCK_N):
-            if KV_DESC and phase != 2:
-                k = KDesc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            else:
-                k_ptrs = k_base + (start_n + offs_n)[:, None] * stride_kn + offs_d[None, :]
-                if phase == 2:
-                    k = tl.load(k_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
-                else:
-                    k = tl.load(k_ptrs)
+            k = _kv_tile(KDesc, k_base, stride_kn, b, kvh, start_n, offs_n, offs_d, hi,
+                         KV_DESC and phase != 2, phase == 2, BLOCK_N, HEAD_DIM)
             s, _ = _logits_tile(
                 q, k, start_n, offs_n, hi, head_off, row_pos, rows_ok, ls_row, sink_bias_row,
                 Bias, stride_bias_h, KB, SinkFlag, sink_off_row, Mask, mask_off_row, stride_mk, mask_floor, qk_scale, softcap,
@@ -305,14 +313,8 @@ def _attn_fwd(
                 u_i = _entropy_step(u_i, alpha, p, s, phase == 2 or HAS_SINK)
             l_i = l_i * alpha + tl.sum(p, 1)
             if OUTPUT:
-                if KV_DESC and phase != 2:
-                    v = VDesc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                else:
-                    v_ptrs = v_base + (start_n + offs_n)[:, None] * stride_vn + offs_d[None, :]
-                    if phase == 2:
-                        v = tl.load(v_ptrs, mask=((start_n + offs_n) < hi)[:, None], other=0.0)
-                    else:
-                        v = tl.load(v_ptrs)
+                v = _kv_tile(VDesc, v_base, stride_vn, b, kvh, start_n, offs_n, offs_d, hi,
+                             KV_DESC and phase != 2, phase == 2, BLOCK_N, HEAD_DIM)
                 if UPCAST:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
                 else:
