@@ -12,10 +12,10 @@ W_i is where the care goes:
 - **mode "full"** — from the plain attention's output z_i: W_i = z_i − U_i. One attention pass,
   but z arrives rounded to the input dtype, and c_i multiplies that rounding: c_i ≤ C_MAX
   (S_i ≤ 0.83 at β = 0.4) keeps it within C_MAX half-ulps of |z|. The kernel returns every c_i;
-  rows above C_MAX — typically the few rows right after a hidden sink, which see few other keys —
-  are recomputed exactly from their logits (`_fix_rows`); with more than MAX_EXACT_ROWS such
-  (head, row) pairs, or a short call, it is redone in the masked mode (a device sync per call,
-  in prefill).
+  rows above C_MAX — typically rows right after a hidden sink, which see few other keys — are
+  recomputed exactly from their logits: on the GPU by `exact_rows` (the rows listed on the device,
+  then each over every key it sees; its cost follows the number of such rows: 0.4 ms for 3.4% of
+  the (head, row) pairs at 16k keys on an H100), in PyTorch by `_fix_rows`.
 - **mode "masked"** — from the attention over values whose rows at the sink keys are zeroed
   (z^m_i = Σ_{j∉P} A[i,j]·v_j, exactly the non-sink part, rounded once): W_i = z^m_i + Σ_{j∈P∖S_h} A[i,j]·v_j.
   P is the union of the sink sets of the query heads sharing a key/value head (the zeroed copy is
@@ -25,14 +25,15 @@ W_i is where the care goes:
 Calibrated sink sets (`InterventionPlan.act_with_sinks`) run the masked mode directly: one cuDNN
 pass, no sync. Input-adaptive sinks (the paper's) need the received attention r[j] first: the
 plain attention with its log-sum-exp, the transposed QK-only column pass (`_attn_colsum_t`), the
-sink sets, then the full mode (rows above C_MAX fixed, or the masked mode). In a decode step r[j]
+sink sets and lists built on the device (`sink_table`), then the full mode with the rows above
+C_MAX recomputed (`exact_rows`) — nothing is read back to the host. In a decode step r[j]
 is the one row's A[j]: `decode_adaptive` finds and calibrates the sinks in one pass after the
 row's log-sum-exp.
 
 Named difference, shared with the Triton kernel's ACT: the correction kernel takes R_i = 1 − S_i,
 so R_i carries the absolute error of S_i — that of the row's log-sum-exp (cuDNN's: ~2e-6,
 measured) — and the non-sink part the relative error ~2e-6 / R_i: below bf16's rounding while a
-row's hidden sinks hold less than ~99.9% of it. `_fix_rows` sums R_i directly. A row that sees
+row's hidden sinks hold less than ~99.9% of it. `exact_rows` and `_fix_rows` sum R_i directly. A row that sees
 only its own sinks (the first row, where the first token is a sink) is counted instead: R_i = 0,
 and the row stays as it is, as in the reference (1 − S_i there is rounding noise, and taken as
 R_i it left β·U_i: the row lost 1 − β of its output).
@@ -71,13 +72,11 @@ except ImportError:  # CPU-only installs: the PyTorch correction runs
 log = logging.getLogger("headlab.kernels")
 C_MAX = 4.0
 """Largest non-sink factor c_i the full mode accepts (amplification of z's rounding)."""
-MAX_EXACT_ROWS = 512
-FIX_MIN_QUERIES = 8192
-"""(head, row) pairs above C_MAX are recomputed directly (`_fix_rows`) up to MAX_EXACT_ROWS of
-them, in calls of at least FIX_MIN_QUERIES queries; otherwise the whole call is redone in the
-masked mode, which costs less there. Measured on an H100 (benchmarks/results/act_bench_h100.json,
-`fix_rows` rows): at 16k keys the fix-up takes 2.0-2.5 ms for 256 pairs and 4.5-8 ms for 2048,
-the masked pass ~4 ms; at 4k the fix-up 1.6-1.9 ms, the masked pass 0.4 ms."""
+SINK_TABLE_BLOCK = 1024
+"""Keys per step of `_act_sink_table` (one program per batch row and key/value head)."""
+EXACT_ROWS_BLOCKS: tuple[int, int, int, int] = (64, 64, 4, 3)
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of `_act_exact_rows`, the rows above C_MAX
+(`benchmarks/act_bench.py --sweep-exact-rows` times the choices)."""
 CORRECT_BLOCKS: tuple[int, int] = (16, 2)
 """(BLOCK_M, num_warps) of `_act_correct` for calls of more than 16 queries
 (`benchmarks/act_bench.py --sweep-correction` times the choices)."""
@@ -526,36 +525,111 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: La
     if plan.has_adaptive_act:
         z, lse = score_mod.attention_with_lse(query, key, value, scaling, full_causal)
         recv, cnt = received(query, key, lse, scaling, causal)
+        if score_mod.use_kernel(query):
+            _note("input-adaptive sinks: plain attention + column pass + sparse correction, rows above C_MAX "
+                  "recomputed (no read back)")
+            return _adaptive_on_kernels(z, lse, recv, cnt, query, key, value, plan, scaling, causal)
         lists = sink_lists(act_sink_sets(recv, cnt, plan), Hkv)
         if lists is None:
             _note("input-adaptive sinks: none found, plain attention")
             return z.float(), False
         y, c, scaled = _correct(z, lse, query, key, value, lists, plan, scaling, causal, masked=False)
         bad = torch.nonzero(c > C_MAX)  # [N, 3]: the (b, h, row) whose z rounding c_i would amplify
-        if bad.shape[0] <= MAX_EXACT_ROWS and (bad.shape[0] == 0 or query.shape[2] >= FIX_MIN_QUERIES):
-            if bad.shape[0]:
-                _fix_rows(y, scaled, bad, lse, query, key, value, lists, plan, scaling, causal)
-            _note("input-adaptive sinks: plain attention + column pass + sparse correction")
-            return y, scaled
-        _note(f"input-adaptive sinks: over {MAX_EXACT_ROWS} (head, row) pairs with a non-sink factor above {C_MAX:g}, "
-              "the exact masked pass")
-    else:
-        long_decode = query.shape[2] == 1 and key.shape[2] > DECODE_EXCLUDE_MAX_KEYS
-        if attention_mask is not None or (long_decode and triton_decode_reason(query, key, value, None) is None):
-            _note("calibrated sinks, a decode step with a key mask or a long cache: the decode kernel without the "
-                  "sinks + the correction")
-            return decode_excluded_split(query, key, value, plan, scaling, attention_mask)
-        if query.shape[2] == 1 and key.shape[2] <= DECODE_EXCLUDE_MAX_KEYS:
-            _note("calibrated sinks, a short decode step: one attention call without the sinks + the correction")
-            return decode_excluded(query, key, value, plan, scaling)
-        lists = fixed_lists(plan, Hkv, query.device)
-        if lists is None:
-            return score_mod.attention_with_lse(query, key, value, scaling, full_causal)[0].float(), False
-        _note("calibrated sinks: one pass over sink-zeroed values + sparse correction")
-    where = None if plan.has_adaptive_act else _fixed_where(plan, Hkv, key.shape[2], query.device)
+        if bad.shape[0]:
+            _fix_rows(y, scaled, bad, lse, query, key, value, lists, plan, scaling, causal)
+        _note("input-adaptive sinks (PyTorch): plain attention + column sums + correction, rows above C_MAX recomputed")
+        return y, scaled
+    long_decode = query.shape[2] == 1 and key.shape[2] > DECODE_EXCLUDE_MAX_KEYS
+    if attention_mask is not None or (long_decode and triton_decode_reason(query, key, value, None) is None):
+        _note("calibrated sinks, a decode step with a key mask or a long cache: the decode kernel without the "
+              "sinks + the correction")
+        return decode_excluded_split(query, key, value, plan, scaling, attention_mask)
+    if query.shape[2] == 1 and key.shape[2] <= DECODE_EXCLUDE_MAX_KEYS:
+        _note("calibrated sinks, a short decode step: one attention call without the sinks + the correction")
+        return decode_excluded(query, key, value, plan, scaling)
+    lists = fixed_lists(plan, Hkv, query.device)
+    if lists is None:
+        return score_mod.attention_with_lse(query, key, value, scaling, full_causal)[0].float(), False
+    _note("calibrated sinks: one pass over sink-zeroed values + sparse correction")
+    where = _fixed_where(plan, Hkv, key.shape[2], query.device)
     zm, lse = score_mod.attention_with_lse(query, key, zeroed_values(value, lists[0], where), scaling, full_causal)
     y, _, scaled = _correct(zm, lse, query, key, value, lists, plan, scaling, causal, masked=True)
     return y, scaled
+
+
+def sink_table(recv: torch.Tensor, cnt: torch.Tensor, plan: LayerPlan, n_kv: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`reference.act_sink_sets` and `sink_lists` in one Triton launch that reads nothing back:
+    (sinks [B, H, K] int8, dense; positions [B, Hkv, K] int32 and member [B, H, K] int8 — the
+    lists of `sink_lists`, of which the first count [B, Hkv] int32 are valid). From the received
+    attention and its row counts [B, H, K] fp32 (`received`)."""
+    from headlab.kernels.fused import interpreting
+
+    B, H, K = recv.shape
+    G = H // n_kv
+    dev = recv.device
+    sinks = torch.empty(B, H, K, device=dev, dtype=torch.int8)
+    member = torch.empty(B, H, K, device=dev, dtype=torch.int8)
+    positions = torch.empty(B, n_kv, K, device=dev, dtype=torch.int32)
+    count = torch.empty(B, n_kv, device=dev, dtype=torch.int32)
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_adaptive32" not in cache:
+        cache["act_adaptive32"] = (plan.act_tau.float().contiguous(), plan.act_heads.to(torch.int8).contiguous())
+    tau32, act8 = cache["act_adaptive32"]
+    fixed = plan.act_sinks is not None  # heads with calibrated sets: their positions, whatever this input's r
+    if fixed:
+        fmask = fixed_sink_mask(plan, K, dev).view(torch.uint8)
+        fheads = plan.act_fixed_heads.to(dev, torch.int8).contiguous()
+    else:
+        fmask, fheads = act8, act8  # not read
+    _act_sink_table[(B * n_kv,)](
+        recv.contiguous(), cnt.contiguous(), tau32, act8, fmask, fheads, sinks, positions, member, count,
+        H, n_kv, K, fmask.stride(0) if fixed else 0,
+        GROUP=G, BLOCK_G=max(2, triton.next_power_of_2(G)), BLOCK_K=16 if interpreting() else SINK_TABLE_BLOCK,
+        FIXED=fixed, num_warps=4,
+    )
+    return sinks, positions, member, count
+
+
+def exact_rows(y: torch.Tensor, c: torch.Tensor, sinks: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, plan: LayerPlan, scaling: float, causal: bool,
+               head_scale: bool) -> None:
+    """Recompute in place the rows of y [B, H, Q, D] (`correct`'s output) whose factor c [B, H, Q]
+    exceeds C_MAX, from their logits as the reference does (`_act_exact_rows`; the PyTorch
+    `_fix_rows` is its specification): two launches, the row lists built on the device, so no
+    count is read back and the cost follows the number of such rows. sinks [B, H, K] int8
+    (`sink_table`), lse [B, H, Q] fp32 (natural log)."""
+    from headlab.kernels.fused import interpreting
+
+    B, H, Q, D = query.shape
+    Hkv, K = key.shape[1], key.shape[2]
+    rows = torch.empty(B * H, Q, device=query.device, dtype=torch.int32)
+    n_rows = torch.empty(B * H, device=query.device, dtype=torch.int32)
+    _act_flag_rows[(B * H,)](c, rows, n_rows, Q, C_MAX, BLOCK=16 if interpreting() else 1024, num_warps=4)
+    block_m, block_n, warps, stages = (16, 16, 4, 1) if interpreting() else EXACT_ROWS_BLOCKS
+    beta32, scale32 = _kernel_factors(plan)
+    _act_exact_rows[(triton.cdiv(Q, block_m), B * H)](
+        query, key, value, lse, sinks, rows, n_rows, beta32, scale32, y,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *y.stride()[:3],
+        H, Hkv, Q, K, K - Q, scaling * 1.4426950408889634,
+        CAUSAL=causal, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
+        UPCAST=interpreting() and query.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+    )
+
+
+def _adaptive_on_kernels(z: torch.Tensor, lse: torch.Tensor, recv: torch.Tensor, cnt: torch.Tensor,
+                         query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: LayerPlan,
+                         scaling: float, causal: bool) -> tuple[torch.Tensor, bool]:
+    """The paper's input-adaptive ACT in a prefill, after the plain attention (z, lse) and the
+    column sums: the sink sets and lists (`sink_table`), the full-mode correction, and the rows
+    whose factor exceeds C_MAX recomputed exactly (`exact_rows`). Nothing is read back to the host."""
+    B, H, Q, _ = query.shape
+    sinks, positions, member, count = sink_table(recv, cnt, plan, key.shape[1])
+    scale_here = not plan.edits_outputs
+    lse = lse.reshape(B, H, Q).float().contiguous()
+    y, c = correct(z, lse, query, key, value, positions, member, plan, scaling, causal, False, scale_here, count=count)
+    exact_rows(y, c, sinks, lse, query, key, value, plan, scaling, causal, scale_here)
+    return y, scale_here
 
 
 def _fix_rows(y: torch.Tensor, scaled: bool, bad: torch.Tensor, lse: torch.Tensor, query: torch.Tensor,
@@ -567,7 +641,8 @@ def _fix_rows(y: torch.Tensor, scaled: bool, bad: torch.Tensor, lse: torch.Tenso
     accumulation; on CUDA the products run on TF32 tensor cores, exact for bf16 inputs (8-bit
     mantissas fit TF32's 10; fp16 rounds in its last bit). For the few rows whose factor c_i
     exceeds C_MAX — on a model trained on real text (zoo:pycode-llama, every head, 1k tokens)
-    0.2-0.6% of a layer's (head, row) pairs, mostly rows right after a hidden sink."""
+    0.2-0.6% of a layer's (head, row) pairs, mostly rows right after a hidden sink. The PyTorch
+    path (tensors the Triton kernels do not take) and the specification of `exact_rows`."""
     B, H, Q, D = query.shape
     Hkv, K = key.shape[1], key.shape[2]
     G = H // Hkv
@@ -656,9 +731,10 @@ def _kernel_factors(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             positions: torch.Tensor, member: torch.Tensor, plan: LayerPlan, scaling: float, causal: bool,
-            masked: bool, head_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            masked: bool, head_scale: bool, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_act` (and, with `head_scale`, the plan's output scale) in one Triton launch:
-    (y [B, H, Q, D] in query.dtype, or fp32 without `head_scale`; c [B, H, Q] fp32)."""
+    (y [B, H, Q, D] in query.dtype, or fp32 without `head_scale`; c [B, H, Q] fp32). `count`
+    [B, Hkv] int32: how many of each list's positions are valid (`sink_table`); None: all."""
     B, H, Q, D = query.shape
     K = key.shape[2]
     beta32, scale32 = _kernel_factors(plan)
@@ -669,12 +745,12 @@ def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.
     pb = 0 if positions.shape[0] == 1 else positions.stride(0)
     mb = 0 if member.shape[0] == 1 else member.stride(0)
     _act_correct[(triton.cdiv(Q, block_m), B * H)](
-        query, key, value, z, lse, positions, member, beta32, scale32, y, c,
+        query, key, value, z, lse, positions, member, count if count is not None else c, beta32, scale32, y, c,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *z.stride()[:3],
         pb, positions.stride(1), mb, member.stride(1),
         H, key.shape[1], Q, K, positions.shape[-1], K - Q, scaling,
-        CAUSAL=causal, MASKED=masked, HAS_SCALE=head_scale and plan.has_head_scale, BLOCK_M=block_m, HEAD_DIM=D,
-        num_warps=warps,
+        CAUSAL=causal, MASKED=masked, HAS_SCALE=head_scale and plan.has_head_scale, HAS_COUNT=count is not None,
+        BLOCK_M=block_m, HEAD_DIM=D, num_warps=warps,
     )
     return y.transpose(1, 2), c
 
@@ -700,17 +776,20 @@ if triton is not None:
         return pos, mine, seen, tl.where(seen, p, 0.0)
 
     @triton.jit
-    def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Beta, Scale, Yp, Cp,
+    def _act_correct(Qp, Kp, Vp, Zp, Lp, Pos, Mem, Count, Beta, Scale, Yp, Cp,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, szb, szh, szm,
                      spb, sph, smb, smh,
                      H, HKV, QN, KN, M, q_offset, scale,
-                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COUNT: tl.constexpr,
                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring).
+        """BLOCK_M rows of one (batch, head): z' = β·U + c·W over the M listed keys (module docstring)
+        — with HAS_COUNT, the first Count[b, kvh] of them (`sink_table`'s lists, sized on the device).
         One key per step: the listed keys at once as fp32 products (tl.dot, input_precision "ieee")
         measured 4.7× slower on an H100 (335 against 71.5 µs at 4k, act_bench --sweep-correction)."""
         b, h = _program_head(H, Beta, H, False)  # every head: the head list is not read
         kvh, rows, ok, d, q, lse = _row_queries(Qp, Lp, b, h, sqb, sqh, sqm, H, HKV, QN, BLOCK_M, HEAD_DIM)
+        if HAS_COUNT:
+            M = tl.load(Count + b * HKV + kvh)
         # Two steps over the listed keys, one accumulator: first S_i (and the own sinks each row
         # sees), which give c_i; then z' = c_i·z + Σ_m w_m·p_m·v_m with each key's weight known
         # (full mode: β − c on own sinks, 0 elsewhere; masked: β on own sinks, c on the others).
@@ -794,6 +873,141 @@ if triton is not None:
 
 
 if triton is not None:
+    @triton.jit
+    def _act_sink_table(Recv, Cnt, Tau, Act, Fixed, FixedHeads, Sinks, Pos, Mem, Count,
+                        H, HKV, KN, sfh,
+                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, FIXED: tl.constexpr):
+        """One (batch, key/value head): its query heads' sink sets from the received attention —
+        `reference.act_sink_sets` (r[j] = Recv / Cnt > τ_h without each set's first key, ACT heads
+        only; with FIXED, the calibrated heads' positions instead) — written dense (Sinks
+        [B, H, KN] int8) and as `sink_lists` does, without reading anything back: the union's
+        positions in order (Pos [B, Hkv, KN] int32, the first Count[b, kvh] valid) and whose they
+        are (Mem [B, H, KN] int8). Keys in blocks of BLOCK_K, in order, so that each head's first
+        key is known when its block is reached."""
+        bk = tl.program_id(0)
+        b = bk // HKV
+        kvh = bk % HKV
+        g = tl.arange(0, BLOCK_G)
+        gok = g < GROUP
+        h = kvh * GROUP + g
+        row = (b * H + h).to(tl.int64) * KN
+        tau = tl.load(Tau + h, mask=gok, other=2.0)
+        act = (tl.load(Act + h, mask=gok, other=0) != 0) & gok
+        if FIXED:
+            fixed_head = tl.load(FixedHeads + h, mask=gok, other=0) != 0
+        found = tl.zeros([BLOCK_G], dtype=tl.int32)  # the head's first key above τ is behind us
+        n = 0
+        for k0 in range(0, KN, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            at = row[:, None] + cols[None, :]
+            inside = gok[:, None] & (cols < KN)[None, :]
+            recv = tl.load(Recv + at, mask=inside, other=0.0)
+            cnt = tl.load(Cnt + at, mask=inside, other=0.0)
+            r = tl.where(cnt > 0, recv / tl.maximum(cnt, 1.0), 0.0)
+            above = inside & (r > tau[:, None])
+            first = tl.min(tl.where(above, cols[None, :], KN), 1)
+            drop = (found == 0) & (first < KN)
+            sink = above & act[:, None] & ~((cols[None, :] == first[:, None]) & drop[:, None])
+            found = tl.where(first < KN, 1, found)
+            if FIXED:
+                fixed = tl.load(Fixed + h[:, None] * sfh + cols[None, :], mask=inside, other=0) != 0
+                sink = tl.where(fixed_head[:, None], fixed & inside, sink)
+            tl.store(Sinks + at, sink.to(tl.int8), mask=inside)
+            union = tl.max(sink.to(tl.int32), 0)  # [BLOCK_K]
+            slot = n + tl.cumsum(union, 0) - 1
+            listed = union > 0
+            tl.store(Pos + bk.to(tl.int64) * KN + slot, cols, mask=listed)
+            tl.store(Mem + row[:, None] + slot[None, :], sink.to(tl.int8), mask=gok[:, None] & listed[None, :])
+            n += tl.sum(union, 0)
+        tl.store(Count + bk, n)
+
+    @triton.jit
+    def _act_flag_rows(Cp, Rows, NRows, QN, c_max, BLOCK: tl.constexpr):
+        """One (batch, head): the rows whose factor c_i exceeds c_max, in order (Rows [B·H, QN]
+        int32, the first NRows[b·H + h] valid) — the work list of `_act_exact_rows`, without a
+        read back to the host."""
+        bh = tl.program_id(0)
+        base = bh.to(tl.int64) * QN
+        n = 0
+        for r0 in range(0, QN, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            flag = (tl.load(Cp + base + rows, mask=rows < QN, other=0.0) > c_max).to(tl.int32)
+            tl.store(Rows + base + n + tl.cumsum(flag, 0) - 1, rows, mask=flag > 0)
+            n += tl.sum(flag, 0)
+        tl.store(NRows + bh, n)
+
+    @triton.jit
+    def _weighted_values(p, v, UPCAST: tl.constexpr):
+        """p [BLOCK_M, BLOCK_N] fp32 · v [BLOCK_N, D] with p rounded to v's dtype, as the attention
+        pass does (under the interpreter's UPCAST the rounded p meets v in fp32 products)."""
+        if UPCAST:
+            return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        return tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _act_exact_rows(Qp, Kp, Vp, Lp, Sinks, Rows, NRows, Beta, Scale, Yp,
+                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, syb, syh, sym,
+                        H, HKV, QN, KN, q_offset, qk_scale,
+                        CAUSAL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+        """BLOCK_M listed rows of one (batch, head) (`_act_flag_rows`' list; programs past its
+        count do nothing), computed as the reference does: every key the row sees, its
+        probability from the row's log-sum-exp, U and S over the head's sinks, W and R over the
+        others summed directly (no cancellation, R not taken as 1 − S), then z' = β·U + c·W with
+        c = 1 + (1 − β)·S / R (R at most the smallest normal float: U + W, the row as it is).
+        The probabilities meet V in its dtype, as in the attention pass. The rows are in order,
+        so a block's loop ends at its last row's causal edge."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        n_rows = tl.load(NRows + bh)
+        start = tl.program_id(0) * BLOCK_M
+        if start < n_rows:
+            kvh = h // (H // HKV)
+            idx = start + tl.arange(0, BLOCK_M)
+            ok = idx < n_rows
+            rows = tl.load(Rows + bh.to(tl.int64) * QN + idx, mask=ok, other=0)
+            d = tl.arange(0, HEAD_DIM)
+            q = tl.load(Qp + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=ok[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(Lp + bh.to(tl.int64) * QN + rows, mask=ok, other=0.0) * 1.4426950408889634
+            if CAUSAL:
+                hi = tl.minimum(tl.max(tl.where(ok, rows, 0), 0) + q_offset + 1, KN)
+            else:
+                hi = KN
+            k_base = Kp + b * skb + kvh * skh
+            v_base = Vp + b * svb + kvh * svh
+            s_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+            r_mass = tl.zeros([BLOCK_M], dtype=tl.float32)
+            u = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            w = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            for n0 in range(0, hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                cok = cols < hi
+                k = tl.load(k_base + cols[:, None] * skn + d[None, :], mask=cok[:, None], other=0.0)
+                v = tl.load(v_base + cols[:, None] * svn + d[None, :], mask=cok[:, None], other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                seen = ok[:, None] & cok[None, :]
+                if CAUSAL:
+                    seen = seen & (cols[None, :] <= rows[:, None] + q_offset)
+                p = tl.where(seen, tl.math.exp2(s - lse[:, None]), 0.0)
+                sink = tl.load(Sinks + bh.to(tl.int64) * KN + cols, mask=cok, other=0) != 0
+                if tl.max(sink.to(tl.int32), 0) > 0:  # most blocks hold none of the head's few sinks
+                    ps = tl.where(sink[None, :], p, 0.0)
+                    p = p - ps
+                    s_mass += tl.sum(ps, 1)
+                    u += _weighted_values(ps, v, UPCAST)
+                r_mass += tl.sum(p, 1)
+                w += _weighted_values(p, v, UPCAST)
+            beta = tl.load(Beta + h)
+            movable = r_mass > 1.1754943508222875e-38
+            c = 1.0 + (1.0 - beta) * s_mass / tl.where(movable, r_mass, 1.0)
+            y = tl.where(movable[:, None], beta * u + c[:, None] * w, u + w)
+            _store_rows(Yp, Scale, y, b, h, rows, ok, d, syb, syh, sym, HAS_SCALE)
+
     @triton.jit
     def _split_rows(H, HKV, KN, split_size, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
         """The program of a decode kernel over (key split, batch × kv head): (batch, kv head, its
@@ -950,4 +1164,5 @@ if triton is not None:
 
 
 __all__ = ["C_MAX", "apply_act", "apply_act_excluded", "attend", "correct", "decode_adaptive", "decode_excluded", "decode_excluded_split",
-           "fixed_lists", "is_key_mask", "received", "route_reason", "sink_lists", "triton_decode_reason", "zeroed_values"]
+           "exact_rows", "fixed_lists", "is_key_mask", "received", "route_reason", "sink_lists", "sink_table",
+           "triton_decode_reason", "zeroed_values"]

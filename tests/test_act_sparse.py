@@ -4,7 +4,8 @@ calibrated sink sets (`InterventionPlan.act_with_sinks`, `analyses.act.calibrate
 The route is algebra on the plain attention's output; these tests hold it to the reference
 (`kernels.reference`, which calibrates the probability matrix itself) on the CPU: the formula in
 both modes, the Triton correction and the transposed column pass (Triton's interpreter), the
-switch to the exact masked mode when a row's factor c_i is large, and the whole model path. Sinks
+sink table built on the device, the exact recomputation of rows whose factor c_i is large, and
+the whole model path. Sinks
 are planted: per query head, a direction shared by its queries and a few keys, so that the heads
 of one key/value group have different sink sets (the masked mode adds the others' keys back).
 """
@@ -134,7 +135,7 @@ def test_the_triton_correction_equals_the_pytorch_one(dtype, masked):
     got, c = act_sparse.correct(z, lse, q, k, v, positions, member, plan, SCALE, True, masked, head_scale=True)
     assert got.dtype == dtype and got.shape == (2, 4, 24, D)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    # the full mode is only used where c_i <= C_MAX (other rows: `_fix_rows`); there both agree
+    # the full mode is only used where c_i <= C_MAX (other rows: `exact_rows`); there both agree
     rows = (c_expect <= act_sparse.C_MAX)[..., None] if not masked else torch.ones(1, dtype=torch.bool)
     assert rows.float().mean() > 0.8
     want = (expect * plan.head_scale[None, :, None, None]).float()
@@ -159,7 +160,7 @@ def test_the_triton_correction_takes_many_listed_keys(masked):
     z, lse = z.float(), lse.float()
     expect, c_expect = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, True, masked)
     got, c = act_sparse.correct(z, lse, q, k, v, positions, member, plan, SCALE, True, masked, head_scale=False)
-    # rows the route keeps: c_i <= C_MAX by the kernel's own c (the others go to `_fix_rows`); a row
+    # rows the route keeps: c_i <= C_MAX by the kernel's own c (the others go to `exact_rows`); a row
     # all on its sinks (R_i ~ 0) has no defined c, and its rounding decides which side it falls
     moved = (c <= act_sparse.C_MAX) & (c_expect <= act_sparse.C_MAX)
     rows = moved if not masked else torch.ones_like(moved)
@@ -191,34 +192,67 @@ def test_a_row_on_its_own_sinks_only_stays_as_it_is(kernel):
     assert (expect[:, :, 1:] - exact_plain(q, k, v)[0][:, :, 1:]).abs().max() > 0.05  # ACT moved the other rows
 
 
-def test_rows_with_a_large_factor_are_recomputed_exactly(monkeypatch):
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rows_with_a_large_factor_are_recomputed_exactly(kernel, causal, monkeypatch):
     """Rows with c_i > C_MAX (a hidden sink takes most of the row: the full mode would amplify
-    z's rounding by c_i): a few are recomputed from their logits, many make the route redo the
-    call over sink-zeroed values; every result equals the reference."""
-    monkeypatch.setattr(act_sparse, "FIX_MIN_QUERIES", 1)  # the tiny inputs here would take the masked pass
-    fixed_rows, masked_calls = [], []
-    original_fix, original_zero = act_sparse._fix_rows, act_sparse.zeroed_values
-    monkeypatch.setattr(act_sparse, "_fix_rows", lambda y, s, bad, *a: fixed_rows.append(bad.shape[0]) or original_fix(y, s, bad, *a))
-    monkeypatch.setattr(act_sparse, "zeroed_values", lambda *a: masked_calls.append(1) or original_zero(*a))
-    plan = act_plan()
-    counts = {}
-    for strength, limit in ((3.0, 256), (6.0, 256), (6.0, 16)):
-        fixed_rows.clear(), masked_calls.clear()
-        monkeypatch.setattr(act_sparse, "MAX_EXACT_ROWS", limit)
-        q, k, v = planted(24, strength, dtype=torch.float32)
-        expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=True, plan=plan)
-        got, _ = act_sparse.attend(q, k, v, plan, SCALE, True)
-        # R_i = 1 − S_i in fp32 (the named difference the Triton path shares): with S_i = 0.9987
-        # (c_i up to 480 here) c_i carries ~1e-4 relative error — far below the bf16 / fp16
-        # rounding of the outputs where the route runs; the reference sums R_i directly
-        tol = 2e-5 if strength == 3.0 else 1e-3
-        torch.testing.assert_close(got.float(), expect, atol=tol, rtol=tol)
-        if (strength, limit) != (6.0, 16):
-            assert not masked_calls and fixed_rows
-            counts[strength] = fixed_rows[0]
+    z's rounding by c_i) are recomputed from their logits — `_fix_rows` in PyTorch, on the Triton
+    path the row lists built on the device (`_act_flag_rows`) and `_act_exact_rows` — and the
+    result equals the reference; with the recomputation switched off (C_MAX = ∞) it does not."""
+    if kernel and not score_mod.use_kernel(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    if not kernel:
+        monkeypatch.setattr(score_mod, "use_kernel", lambda query: False)
+    plan = act_plan(scale={(0, 2): 1.5})
+    for strength in (3.0, 6.0):
+        q, k, v = planted(40, strength, dtype=torch.float32)
+        expect, _ = reference_attention(q, k, v, scaling=SCALE, is_causal=causal, plan=plan)
+        got, scaled = act_sparse.attend(q, k, v, plan, SCALE, causal)
+        if not scaled:
+            got = got * plan.head_scale[None, :, None, None]
+        torch.testing.assert_close(got.float(), expect, atol=5e-5, rtol=5e-5)
+        z, lse = exact_plain(q, k, v, causal)
+        recv, cnt = act_sparse.received(q, k, lse, SCALE, causal)
+        positions, member = act_sparse.sink_lists(act_sink_sets(recv, cnt, plan), 2)
+        _, c = act_sparse.apply_act(z, lse, q, k, v, positions, member, plan.act_beta, SCALE, causal, False)
+        n_large = int((c > act_sparse.C_MAX).sum())
+        if strength == 6.0:  # many rows to recompute, and without that the amplified rounding shows
+            assert n_large >= 16
+            monkeypatch.setattr(act_sparse, "C_MAX", float("inf"))
+            off, _ = act_sparse.attend(q, k, v, plan, SCALE, causal)
+            monkeypatch.setattr(act_sparse, "C_MAX", 4.0)
+            if not scaled:
+                off = off * plan.head_scale[None, :, None, None]
+            assert (off.float() - expect).abs().max() > 1e-4
         else:
-            assert masked_calls and not fixed_rows
-    assert counts[3.0] <= 16 < counts[6.0]  # few (head, row) pairs, then many
+            assert n_large <= 16
+
+
+def test_the_sink_table_equals_the_sink_sets_and_lists():
+    """`sink_table` (one Triton launch, no read back) against `act_sink_sets` + `sink_lists`: the
+    dense sets, the lists' positions and members and their counts — sets that differ per batch
+    row and per head of a group, keys above τ in several of the kernel's key blocks (the first one
+    dropped per head), and a plan mixing input-adaptive heads with calibrated ones."""
+    if not score_mod.use_kernel(torch.zeros(1, 1, 1, 16)):
+        pytest.skip("needs triton (its interpreter on the CPU)")
+    mixed = InterventionPlan().act([(0, 0), (0, 1), (0, 3)], tau=0.05).act_with_sinks({(0, 2): [1, 7, 30]})
+    for plan, strength in ((act_plan(), 3.0), (act_plan(tau=0.05), 1.5), (mixed.compile_layer(0, 4, D), 3.0)):
+        q, k, v = planted(40, strength, dtype=torch.float32, seed=4)
+        k[1] = k[1].flip(1)  # batch row 1: other sink positions
+        z, lse = exact_plain(q, k, v)
+        recv, cnt = act_sparse.received(q, k, lse, SCALE, True)
+        expect = act_sink_sets(recv, cnt, plan)
+        sinks, positions, member, count = act_sparse.sink_table(recv, cnt, plan, 2)
+        assert torch.equal(sinks.bool(), expect)
+        assert expect.sum() >= 8 and not torch.equal(expect[0], expect[1])
+        lists = act_sparse.sink_lists(expect, 2)
+        for b in range(2):
+            for kvh in range(2):
+                n = int(count[b, kvh])
+                assert n == int(expect[b, 2 * kvh: 2 * kvh + 2].any(0).sum())
+                assert torch.equal(positions[b, kvh, :n], lists[0][b, kvh, :n])
+                assert torch.equal(member[b, 2 * kvh: 2 * kvh + 2, :n], lists[1][b, 2 * kvh: 2 * kvh + 2, :n])
+    assert expect[:, 2, [1, 7, 30]].all() and expect[:, 2].sum() == 6  # the calibrated head: its positions
 
 
 def test_calibrated_sinks_are_the_papers_calibration_on_fixed_positions():
@@ -474,8 +508,8 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("n, planting", [(1024, "even"), (1024, "first"), (3000, "first")])
 def test_the_cuda_route_matches_the_reference_at_cuda_shapes(n, planting):
     """bf16 at Llama-3-8B attention shapes (32 q / 8 kv heads, d=128) with the benchmark's planted
-    hidden sinks: input-adaptive ACT (cuDNN + column pass + correction, rows above C_MAX
-    recomputed or the masked pass) and calibrated sinks (the masked pass), against the fp32 reference."""
+    hidden sinks: input-adaptive ACT (cuDNN + column pass + sink table + correction, rows above
+    C_MAX recomputed by `exact_rows`) and calibrated sinks (the masked pass), against the fp32 reference."""
     import importlib.util
     from pathlib import Path
 
