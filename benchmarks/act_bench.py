@@ -103,10 +103,12 @@ def cases(q, k, v, adaptive, calibrated):
     }
 
 
-def parity(adaptive, calibrated) -> list[dict]:
+def parity(adaptive, calibrated, only: str | None = None) -> list[dict]:
     out = []
     for planting, label, plan in (("even", "adaptive", adaptive), ("first", "adaptive", adaptive),
                                   ("steady", "adaptive", adaptive), ("first", "calibrated", calibrated)):
+        if only is not None and label != only:
+            continue
         q, k, v = inputs(2048, seed=3, planting=planting)
         plain, _ = reference_attention(q.float(), k.float(), v.float(), scaling=SCALE, is_causal=True)
         expect, _ = reference_attention(q.float(), k.float(), v.float(), scaling=SCALE, is_causal=True, plan=plan)
@@ -128,7 +130,8 @@ def sweep(rows: list[dict]) -> None:
     run = fused._Launch(q, k, None, SCALE, True, None, None, None, 0)
     best = None
     for cfg in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 3),
-                (128, 64, 8, 2), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4)]:
+                (128, 64, 8, 2), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3),
+                (128, 32, 4, 2), (128, 64, 4, 2), (64, 32, 4, 4), (128, 16, 4, 3)]:
         fused.COLSUM_T_BLOCKS[D] = cfg
         try:
             ms = bench(lambda: run.received(lse, 0, 16384))
@@ -140,6 +143,7 @@ def sweep(rows: list[dict]) -> None:
         if best is None or ms < best[1]:
             best = (cfg, ms)
     fused.COLSUM_T_BLOCKS[D] = best[0]
+    rows.append({"sweep": "colsum_t", "best": best[0], "keys": 16384})
     print(f"sweep colsum_t: best {best[0]}", flush=True)
 
 
@@ -161,41 +165,80 @@ def kernel_rows(rows: list[dict], adaptive, calibrated) -> None:
             torch.cuda.empty_cache()
 
 
-def breakdown(rows: list[dict], adaptive, calibrated, planting: str, n: int = 16384) -> None:
-    """Where the routed ACT's time goes (and the Triton path's column pass for comparison)."""
+def adaptive_rows(rows: list[dict], adaptive) -> None:
+    """The input-adaptive route against cuDNN SDPA, both timed in two interleaved rounds per size
+    and planting (cuDNN's own time moves by a few % between calls at 16k)."""
+    for n in (4096, 16384, 32768, 65536):
+        for planting in ("even", "first", "steady"):
+            q, k, v = inputs(n, planting=planting)
+            fns = {"sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                   "act_routed": lambda: act_sparse.attend(q, k, v, adaptive, SCALE, True)[0]}
+            for rnd in range(2):
+                ms = {name: bench(fn) for name, fn in fns.items()}
+                rows.append({"mode": "prefill_adaptive", "keys": n, "planting": planting, "round": rnd,
+                             "sdpa_ms": round(ms["sdpa_default"], 4), "act_routed_ms": round(ms["act_routed"], 4),
+                             "vs_sdpa_default": round(ms["sdpa_default"] / ms["act_routed"], 3)})
+                print(f"prefill adaptive K={n:>6} {planting:<6} round {rnd}: SDPA {ms['sdpa_default']:.3f} ms, "
+                      f"routed {ms['act_routed']:.3f} ms, x{ms['sdpa_default'] / ms['act_routed']:.3f}", flush=True)
+
+
+def breakdown(rows: list[dict], adaptive, planting: str, n: int = 16384) -> None:
+    """Where the routed input-adaptive ACT's time goes: each piece alone, the sink table against
+    the PyTorch sets + lists it replaced (which read the list length back), and the rows above
+    C_MAX recomputed."""
     q, k, v = inputs(n, planting=planting)
     z, lse = score_mod.attention_with_lse(q, k, v, SCALE, True)
+    lse = lse.float().contiguous()
     recv, cnt = act_sparse.received(q, k, lse, SCALE, True)
-    sinks = act_sink_sets(recv, cnt, adaptive)
-    lists = act_sparse.sink_lists(sinks, HKV)
-    general = fused._Launch(q, k, v, SCALE, True, None, None, None, 0)
-    rows_all = torch.arange(n, device="cuda")
+    sinks, positions, member, count = act_sparse.sink_table(recv, cnt, adaptive, HKV)
+    y, c = act_sparse.correct(z, lse, q, k, v, positions, member, adaptive, SCALE, True, False, True, count=count)
+
     parts = {
         "cudnn_with_lse": lambda: score_mod.attention_with_lse(q, k, v, SCALE, True),
         "column_pass_transposed": lambda: act_sparse.received(q, k, lse, SCALE, True),
-        "column_pass_general": lambda: general.received(lse, 0, 0, rows=rows_all),
-        "sink_sets_and_lists": lambda: act_sparse.sink_lists(act_sink_sets(recv, cnt, adaptive), HKV),
-        "correction_full_mode": lambda: act_sparse.correct(z, lse, q, k, v, *lists, adaptive, SCALE, True, False, True),
-        "zeroed_values_copy": lambda: act_sparse.zeroed_values(v, lists[0]),
+        "sink_table": lambda: act_sparse.sink_table(recv, cnt, adaptive, HKV),
+        "sink_sets_and_lists_pytorch": lambda: act_sparse.sink_lists(act_sink_sets(recv, cnt, adaptive), HKV),
+        "correction_full_mode": lambda: act_sparse.correct(z, lse, q, k, v, positions, member, adaptive, SCALE, True,
+                                                           False, True, count=count),
+        "exact_rows": lambda: act_sparse.exact_rows(y, c, sinks, lse, q, k, v, adaptive, SCALE, True, True),
+        "routed_total": lambda: act_sparse.attend(q, k, v, adaptive, SCALE, True),
+        "sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }
     for name, fn in parts.items():
         ms = bench(fn)
         rows.append({"mode": "breakdown", "keys": n, "planting": planting, "part": name, "ms": round(ms, 4)})
-        print(f"breakdown K={n} {name:<26} {ms:8.3f} ms", flush=True)
-    y, c = act_sparse.correct(z, lse, q, k, v, *lists, adaptive, SCALE, True, False, True)
-    bad = torch.nonzero(c > act_sparse.C_MAX)
-    for count in (256, 2048):  # the fix-up's cost, to place MAX_EXACT_ROWS / FIX_MIN_QUERIES
-        some = bad[torch.randperm(bad.shape[0], device=bad.device)[:count]]
-        if not some.shape[0]:
-            break
-        ms = bench(lambda: act_sparse._fix_rows(y, True, some, lse, q, k, v, lists, adaptive, SCALE, True))
-        rows.append({"mode": "breakdown", "keys": n, "planting": planting, "part": f"fix_rows_{some.shape[0]}_pairs",
-                     "ms": round(ms, 4), "us_per_pair": round(ms * 1e3 / max(1, some.shape[0]), 3)})
-        print(f"breakdown K={n} fix_rows {some.shape[0]} pairs {ms:8.3f} ms", flush=True)
+        print(f"breakdown K={n} {planting:<6} {name:<28} {ms:8.3f} ms", flush=True)
     rows.append({"mode": "breakdown", "keys": n, "planting": planting, "sinks_found": int(sinks.sum()),
-                 "union_per_kv_head": lists[0].shape[-1],
+                 "union_per_kv_head_max": int(count.max()),
                  "head_rows_above_c_max": int((c > act_sparse.C_MAX).sum()), "head_rows": c.numel(), "c_max": float(c.max())})
     print(rows[-1], flush=True)
+
+
+def sweep_exact_rows(rows: list[dict], adaptive) -> None:
+    """Time `act_sparse.EXACT_ROWS_BLOCKS` choices on the rows above C_MAX at 16k ("even": the
+    most such rows) and set the best."""
+    q, k, v = inputs(16384, planting="even")
+    z, lse = score_mod.attention_with_lse(q, k, v, SCALE, True)
+    lse = lse.float().contiguous()
+    recv, cnt = act_sparse.received(q, k, lse, SCALE, True)
+    sinks, positions, member, count = act_sparse.sink_table(recv, cnt, adaptive, HKV)
+    y, c = act_sparse.correct(z, lse, q, k, v, positions, member, adaptive, SCALE, True, False, True, count=count)
+    best = None
+    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (16, 64, 4, 2),
+                (32, 128, 4, 2)]:
+        act_sparse.EXACT_ROWS_BLOCKS = cfg
+        try:
+            ms = bench(lambda: act_sparse.exact_rows(y, c, sinks, lse, q, k, v, adaptive, SCALE, True, True))
+        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses
+            print(f"sweep exact_rows {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        rows.append({"mode": "sweep_exact_rows", "blocks": list(cfg), "ms": round(ms, 4)})
+        print(f"sweep exact_rows {cfg}: {ms * 1e3:.1f} us", flush=True)
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    act_sparse.EXACT_ROWS_BLOCKS = best[0]
+    rows.append({"mode": "sweep_exact_rows", "best": list(best[0]), "head_rows_above_c_max": int((c > act_sparse.C_MAX).sum())})
+    print(f"sweep exact_rows: best {best[0]}", flush=True)
 
 
 def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
@@ -339,6 +382,9 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true", help="decode rows and generate only")
     ap.add_argument("--sweep-correction", action="store_true", help="first pick act_sparse.CORRECT_BLOCKS")
+    ap.add_argument("--sweep-exact-rows", action="store_true", help="first pick act_sparse.EXACT_ROWS_BLOCKS")
+    ap.add_argument("--only-adaptive", action="store_true",
+                    help="the input-adaptive route only: its prefill rows and pieces, no decode or generate")
     ap.add_argument("--only-calibrated", action="store_true",
                     help="the calibrated route's prefill pieces and totals only (with --sweep-correction: after it)")
     args = ap.parse_args()
@@ -352,6 +398,16 @@ def main() -> None:
         sweep(rows)
     if args.sweep_correction:
         sweep_correction(rows, calibrated)
+    if args.sweep_exact_rows:
+        sweep_exact_rows(rows, adaptive)
+    result["exact_rows_blocks"] = list(act_sparse.EXACT_ROWS_BLOCKS)
+    if args.only_adaptive:
+        result["parity"] = parity(adaptive, calibrated, only="adaptive")
+        adaptive_rows(rows, adaptive)
+        for planting, n in (("even", 16384), ("first", 16384), ("steady", 16384), ("even", 4096), ("even", 65536)):
+            breakdown(rows, adaptive, planting, n)
+        emit(result, args.out)
+        return
     if args.only_calibrated:
         for n in (4096, 16384, 32768):
             calibrated_breakdown(rows, calibrated, n)
@@ -363,7 +419,7 @@ def main() -> None:
         result["parity"] = parity(adaptive, calibrated)
         kernel_rows(rows, adaptive, calibrated)
         for planting, n in (("even", 16384), ("first", 16384), ("steady", 16384), ("steady", 4096)):
-            breakdown(rows, adaptive, calibrated, planting, n)
+            breakdown(rows, adaptive, planting, n)
         for n in (4096, 16384):
             calibrated_breakdown(rows, calibrated, n)
     decode_rows(rows, calibrated)
