@@ -16,7 +16,8 @@ with (b), and with the (d) stats. `--e2e`: a 32-layer Llama-3-8B-shaped model (r
 at 32k tokens, plain SDPA forward vs a patched forward with the (d) stats on the last 256 queries
 of every layer. `--stats-breakdown` / `--window-breakdown` time case (d)'s passes per stat and per
 knob of `headlab.kernels.fused` (SPAN_POST, HEAVY_FIRST, FOLD_SCALE, KV_DESC, block shape);
-`--hopper-breakdown` the passes with the argmax through tensor descriptors or pointer loads.
+`--hopper-breakdown` the passes with the argmax through tensor descriptors or pointer loads;
+`--span-breakdown` case (d)'s key-set masses per SPAN_CHUNK.
 """
 
 from __future__ import annotations
@@ -308,6 +309,29 @@ def hopper_breakdown(sizes: list[int], rows: list[dict], rounds: int = 1, block_
     _set_knobs(saved)
 
 
+def span_breakdown(sizes: list[int], rows: list[dict], rounds: int = 2) -> None:
+    """Case (d)'s key-set masses after the main loop (`fused.SPAN_POST`) per `fused.SPAN_CHUNK`
+    (keys gathered per step: fewer, longer steps after each row block's loop), against the same
+    pass without key sets and cuDNN, in `rounds` interleaved rounds per size."""
+    saved = fused.SPAN_CHUNK
+    for n, rnd in [(n, r) for n in sizes for r in range(rounds)]:
+        q, k, v = inputs(n, n, seed=n)
+        spans = {"first": (0, 4), "middle": (n // 2, n // 2 + 64), "needle": list(range(100, n, n // 16))}
+        reqs = {"argmax_entropy": StatsRequest(argmax=True, entropy=True),
+                "all": StatsRequest(argmax=True, entropy=True, spans=spans)}
+        cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        rows.append({"mode": "span_breakdown", "N": n, "round": rnd, "case": "cudnn", "ms": round(cudnn, 4)})
+        for name, chunk in [("argmax_entropy", saved)] + [("all", c) for c in (16, 32, 64)]:
+            fused.SPAN_CHUNK = chunk
+            row = {"mode": "span_breakdown", "N": n, "round": rnd, "case": name, "SPAN_CHUNK": chunk}
+            ms = _bench_or_record(_breakdown_fn(name, reqs, None, q, k, v), rows, row, f"span N={n} {name} {chunk}")
+            if ms is None:
+                continue
+            rows.append({**row, "ms": round(ms, 4), "vs_cudnn": round(cudnn / ms, 3)})
+            print(f"span N={n} {name:<14} chunk {chunk:>3}: {ms:8.3f} ms x{cudnn / ms:.3f} cuDNN", flush=True)
+    fused.SPAN_CHUNK = saved
+
+
 def window_breakdown(sizes: list[int], rows: list[dict]) -> None:
     """Case (d) on the last 256 queries: the QK-only pass over the window with the stats (what runs
     after SDPA's output), timed alone, under the pass's knobs and per stat; SDPA in the same run.
@@ -548,6 +572,8 @@ def main() -> None:
                     help="time case (d) on the last 256 queries per stat and per knob first")
     ap.add_argument("--hopper-breakdown", action="store_true",
                     help="time the prefill pass with / without tensor descriptors (KV_DESC) per block shape first")
+    ap.add_argument("--span-breakdown", action="store_true",
+                    help="time case (d) per SPAN_CHUNK (the key-set masses after the main loop) first")
     ap.add_argument("--rounds", type=int, default=1, help="with --hopper-breakdown: repeat each size's cases")
     ap.add_argument("--no-block-shapes", action="store_true", help="with --hopper-breakdown: the module's block shapes only")
     ap.add_argument("--no-flex", action="store_true")
@@ -571,6 +597,8 @@ def main() -> None:
         window_breakdown(args.sizes, rows)
     if args.hopper_breakdown:
         hopper_breakdown(args.sizes, rows, args.rounds, not args.no_block_shapes)
+    if args.span_breakdown:
+        span_breakdown(args.sizes, rows, max(2, args.rounds))
     result["blocks"] = {"prefill": fused.PREFILL_BLOCKS[D], "stats": fused.STATS_BLOCKS[D], "qk_only": fused.QK_ONLY_BLOCKS[D],
                         "colsum": fused.COLSUM_BLOCKS[D], "decode": fused.DECODE_BLOCKS}
     if not args.skip_kernels:
