@@ -165,46 +165,6 @@ def kernel_rows(rows: list[dict], adaptive, calibrated) -> None:
             torch.cuda.empty_cache()
 
 
-def gluon_colsum_check(rows: list[dict]) -> bool:
-    """The Gluon column pass (`fused.COLSUM_GLUON`) against the Triton one: largest relative
-    difference of the received attention and equal counts (causal and full prefill, a chunk of
-    queries after a cache, ragged lengths), then both timed at 4k / 16k / 64k. True when every
-    comparison holds (relative difference below 1e-3)."""
-    ok = True
-    for n_q, n_k, causal in ((4096, 4096, True), (3000, 3000, True), (1000, 3000, True), (2048, 2048, False)):
-        q, k, _ = inputs(n_k, seed=2)
-        q = q[:, :, n_k - n_q:]
-        _, lse = score_mod.attention_with_lse(q, k, k, SCALE, causal and n_q == n_k) if n_q == n_k else (None, None)
-        if lse is None:  # a chunk after a cache: the rows' log-sum-exp from the Triton pass
-            lse = fused._Launch(q, k, k, SCALE, causal, None, None, None, n_k - n_q).forward(output=False)["lse"]
-        run = fused._Launch(q, k, None, SCALE, causal, None, None, None, n_k - n_q)
-        lse = lse.float().contiguous()
-        base = run.received(lse, 0, n_q)
-        fused.COLSUM_GLUON = True
-        try:
-            used = run._gluon_colsum()
-            got = run.received(lse, 0, n_q)
-        finally:
-            fused.COLSUM_GLUON = False
-        rel = float(((got[0] - base[0]).abs() / base[0].abs().clamp_min(1e-6)).max())
-        same_cnt = bool(torch.equal(got[1], base[1]))
-        ok = ok and used and rel < 1e-3 and same_cnt
-        rows.append({"mode": "gluon_colsum_parity", "queries": n_q, "keys": n_k, "causal": causal, "gluon_used": used,
-                     "max_rel_diff": rel, "counts_equal": same_cnt})
-        print(rows[-1], flush=True)
-    for n in (4096, 16384, 65536):
-        q, k, v = inputs(n)
-        _, lse = score_mod.attention_with_lse(q, k, v, SCALE, True)
-        lse = lse.float().contiguous()
-        for flag in (False, True):
-            fused.COLSUM_GLUON = flag
-            ms = bench(lambda: act_sparse.received(q, k, lse, SCALE, True))
-            rows.append({"mode": "gluon_colsum_time", "keys": n, "gluon": flag, "ms": round(ms, 4)})
-            print(f"column pass K={n} gluon={flag}: {ms:.3f} ms", flush=True)
-        fused.COLSUM_GLUON = False
-    return ok
-
-
 def adaptive_rows(rows: list[dict], adaptive) -> None:
     """The input-adaptive route against cuDNN SDPA, both timed in two interleaved rounds per size
     and planting (cuDNN's own time moves by a few % between calls at 16k)."""
@@ -423,8 +383,6 @@ def main() -> None:
     ap.add_argument("--skip-prefill", action="store_true", help="decode rows and generate only")
     ap.add_argument("--sweep-correction", action="store_true", help="first pick act_sparse.CORRECT_BLOCKS")
     ap.add_argument("--sweep-exact-rows", action="store_true", help="first pick act_sparse.EXACT_ROWS_BLOCKS")
-    ap.add_argument("--gluon-colsum", action="store_true",
-                    help="check and time the Gluon column pass first; use it for the rest of the run if it holds")
     ap.add_argument("--only-adaptive", action="store_true",
                     help="the input-adaptive route only: its prefill rows and pieces, no decode or generate")
     ap.add_argument("--only-calibrated", action="store_true",
@@ -440,9 +398,6 @@ def main() -> None:
         sweep(rows)
     if args.sweep_correction:
         sweep_correction(rows, calibrated)
-    if args.gluon_colsum:
-        fused.COLSUM_GLUON = gluon_colsum_check(rows)
-        result["colsum_gluon"] = fused.COLSUM_GLUON
     if args.sweep_exact_rows:
         sweep_exact_rows(rows, adaptive)
     result["exact_rows_blocks"] = list(act_sparse.EXACT_ROWS_BLOCKS)

@@ -63,11 +63,6 @@ COLSUM_T_BLOCKS: dict[int, tuple[int, int, int, int]] = {
 consecutive rows); d=128 as `benchmarks/act_bench.py --sweep` picked on an H100 (2.2 ms at 16k
 keys against 3.9 ms for `_attn_colsum`; (128, 64, 4, 4) within 3% in another run)."""
 
-COLSUM_GLUON = False
-"""The transposed column pass as the Gluon kernel `gluon_colsum._colsum_wgmma` (its QK product issued
-asynchronously, overlapping the previous row block's exp2) on sm_90 with bf16 / fp16 inputs,
-head_dim 64 or 128 and a contiguous last dimension; `_attn_colsum_t` elsewhere."""
-
 SPAN_POST = True
 """Key-set masses of a prefill pass from the sets' own keys after its main loop (`_attn_fwd`'s
 SPAN_POST) where the sets are sparse (`KeySets.sparse`); False, or dense sets, measure them in
@@ -321,17 +316,6 @@ class _Launch:
         cnt = torch.empty_like(recv)
         if (rows is None and self.mask_mode == 0 and self.logit_scale is None and self.bias is None
                 and self.softcap is None and self.sink_flags is None):
-            if self._gluon_colsum():
-                from headlab.kernels.gluon_colsum import _colsum_wgmma
-
-                _colsum_wgmma[(triton.cdiv(self.KN, 128), B * H)](
-                    self.q, self.k, lse, recv, cnt,
-                    self.q.stride(0), self.q.stride(1), self.q.stride(2),
-                    self.k.stride(0), self.k.stride(1), self.k.stride(2),
-                    H, self.HKV, QN, self.KN, self.q_offset, row_lo, row_hi, self.scaling * 1.4426950408889634,
-                    BLOCK_N=128, BLOCK_M=64, HEAD_DIM=D, IS_CAUSAL=self.is_causal, num_warps=4,
-                )
-                return recv, cnt
             block_n, block_m, warps, stages = (16, 16, 4, 1) if interpreting() else COLSUM_T_BLOCKS[D]
             _attn_colsum_t[(triton.cdiv(self.KN, block_n), B * H)](
                 self.q, self.k, lse, recv, cnt,
@@ -352,18 +336,6 @@ class _Launch:
             **self.common(),
         )
         return recv, cnt
-
-    def _gluon_colsum(self) -> bool:
-        """Whether the column pass can run as the Gluon kernel (`COLSUM_GLUON`)."""
-        if not COLSUM_GLUON or interpreting() or _capability(self.device)[0] != 9:
-            return False
-        from headlab.kernels.gluon_colsum import gluon
-
-        # its row blocks move by 16-byte cp.async copies: Triton must see 16-aligned bases and strides
-        aligned = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st % 16 == 0 for st in t.stride()[:3])
-                      for t in (self.q, self.k))
-        return (gluon is not None and self.q.dtype in (torch.bfloat16, torch.float16) and self.k.dtype == self.q.dtype
-                and self.q.shape[-1] in (64, 128) and aligned)
 
     def sink_mass(self, sinks: torch.Tensor, lse: torch.Tensor, plan_sinks: int | None = None) -> torch.Tensor:
         """S_i = Σ_{s ∈ sinks} A[i, s] per row: [B, H, Q], from the few sink keys gathered in PyTorch.

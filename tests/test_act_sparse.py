@@ -587,26 +587,3 @@ def test_adaptive_decode_moves_the_first_sink_of_the_right_split():
     got, _ = act_sparse.attend(q, k, v, plan, SCALE, True)
     torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=2e-5)
     assert (expect - plain)[:, 0].abs().amax() > 0.01 and (expect - plain)[:, 2].abs().amax() > 0.01
-
-
-@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon kernel targets Hopper")
-@pytest.mark.parametrize("n_q, n_k, causal", [(2048, 2048, True), (1500, 1500, True), (700, 2100, True), (1024, 1024, False)])
-def test_the_gluon_column_pass_equals_the_triton_one(n_q, n_k, causal, monkeypatch):
-    """`gluon_colsum._colsum_wgmma` (the QK product issued asynchronously, overlapping the previous
-    row block's exp2) against `_attn_colsum_t` at CUDA shapes: causal prefill, a ragged length, a
-    chunk of queries after a cache, and full attention."""
-    from headlab.kernels import fused
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, n_q, 32, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
-    k = torch.randn(1, n_k, 8, 128, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
-    run = fused._Launch(q, k, k, 128 ** -0.5, causal, None, None, None, n_k - n_q)
-    lse = run.forward(output=False)["lse"].float().contiguous()
-    expect = run.received(lse, 0, n_q)
-    monkeypatch.setattr(fused, "COLSUM_GLUON", True)
-    assert run._gluon_colsum()
-    got = run.received(lse, 0, n_q)
-    torch.testing.assert_close(got[0], expect[0], atol=1e-4, rtol=1e-4)
-    assert torch.equal(got[1], expect[1])
-    # every row's probabilities sum to 1, so the received attention of a head sums to its row count
-    torch.testing.assert_close(got[0].sum(-1), torch.full((1, 32), float(n_q), device="cuda"), atol=0, rtol=1e-3)
