@@ -214,10 +214,10 @@ def breakdown(rows: list[dict], adaptive, planting: str, n: int = 16384) -> None
     print(rows[-1], flush=True)
 
 
-def sweep_exact_rows(rows: list[dict], adaptive) -> None:
-    """Time `act_sparse.EXACT_ROWS_BLOCKS` choices on the rows above C_MAX at 16k ("even": the
+def sweep_exact_rows(rows: list[dict], adaptive, n: int = 16384) -> None:
+    """Time `act_sparse.EXACT_ROWS_BLOCKS` choices on the rows above C_MAX at n keys ("even": the
     most such rows) and set the best."""
-    q, k, v = inputs(16384, planting="even")
+    q, k, v = inputs(n, planting="even")
     z, lse = score_mod.attention_with_lse(q, k, v, SCALE, True)
     lse = lse.float().contiguous()
     recv, cnt = act_sparse.received(q, k, lse, SCALE, True)
@@ -225,20 +225,21 @@ def sweep_exact_rows(rows: list[dict], adaptive) -> None:
     y, c = act_sparse.correct(z, lse, q, k, v, positions, member, adaptive, SCALE, True, False, True, count=count)
     best = None
     for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (16, 64, 4, 2),
-                (32, 128, 4, 2)]:
+                (32, 128, 4, 2), (16, 32, 2, 3), (16, 64, 2, 3), (32, 32, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3)]:
         act_sparse.EXACT_ROWS_BLOCKS = cfg
         try:
             ms = bench(lambda: act_sparse.exact_rows(y, c, sinks, lse, q, k, v, adaptive, SCALE, True, True))
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses
             print(f"sweep exact_rows {cfg}: {type(exc).__name__}", flush=True)
             continue
-        rows.append({"mode": "sweep_exact_rows", "blocks": list(cfg), "ms": round(ms, 4)})
-        print(f"sweep exact_rows {cfg}: {ms * 1e3:.1f} us", flush=True)
+        rows.append({"mode": "sweep_exact_rows", "keys": n, "blocks": list(cfg), "ms": round(ms, 4)})
+        print(f"sweep exact_rows K={n} {cfg}: {ms * 1e3:.1f} us", flush=True)
         if best is None or ms < best[1]:
             best = (cfg, ms)
     act_sparse.EXACT_ROWS_BLOCKS = best[0]
-    rows.append({"mode": "sweep_exact_rows", "best": list(best[0]), "head_rows_above_c_max": int((c > act_sparse.C_MAX).sum())})
-    print(f"sweep exact_rows: best {best[0]}", flush=True)
+    rows.append({"mode": "sweep_exact_rows", "keys": n, "best": list(best[0]),
+                 "head_rows_above_c_max": int((c > act_sparse.C_MAX).sum())})
+    print(f"sweep exact_rows K={n}: best {best[0]}", flush=True)
 
 
 def calibrated_breakdown(rows: list[dict], calibrated, n: int) -> None:
