@@ -958,8 +958,8 @@ if triton is not None:
         The probabilities meet V in its dtype, as in the attention pass. The rows are in order,
         so a block's loop ends at its last row's causal edge."""
         bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        b = (bh // H).to(tl.int64)  # int64 offsets, as `_program_head`
+        h = (bh % H).to(tl.int64)
         n_rows = tl.load(NRows + bh)
         start = tl.program_id(0) * BLOCK_M
         if start < n_rows:
@@ -1014,7 +1014,7 @@ if triton is not None:
         query heads [BLOCK_G] (the tile's rows), which rows are real, dims, each row's offset in
         [B·H, KN] logits, the split's key range [lo, hi))."""
         bk = tl.program_id(1)
-        b = bk // HKV
+        b = (bk // HKV).to(tl.int64)  # int64 offsets: a batch of long caches passes 2^31 elements
         kvh = bk % HKV
         g = tl.arange(0, BLOCK_G)
         h = kvh * GROUP + g

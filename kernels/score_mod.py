@@ -273,9 +273,11 @@ if triton is not None:
         """(batch, head) of this program (program_id(1) = batch × head; with SUBSET, batch × the
         index of a listed head in Heads[NH])."""
         bh = tl.program_id(1)
+        # int64, as the attention pass's offsets: b × (a batch row's stride) passes 2^31 elements
+        # from B·Q·H·D ≥ 2^31 (9 rows of 64k tokens at 32 × 128), where int32 offsets wrap
         if SUBSET:
-            return bh // NH, tl.load(Heads + bh % NH)
-        return bh // H, bh % H
+            return (bh // NH).to(tl.int64), tl.load(Heads + bh % NH).to(tl.int64)
+        return (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
     @triton.jit
     def _row_queries(Qp, Lp, b, h, sqb, sqh, sqm, H, HKV, QN, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):

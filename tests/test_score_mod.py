@@ -202,3 +202,30 @@ def test_the_cuda_route_in_a_model_matches_the_reference(monkeypatch):
     assert (got - expect).abs().max() < 0.25 and (got - expect).abs().mean() < 0.02
     assert torch.equal(got_gen, expect_gen)
     assert not score_mod.enabled(torch.zeros(1, device="cuda"))  # fp32 tensors keep the exact reference
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_properties(0).total_memory < 60 * 2 ** 30,
+                    reason="needs a GPU with 60 GB (tensors of over 2^31 elements)")
+@pytest.mark.parametrize("subset", [True, False], ids=["in_place", "new_buffer"])
+def test_the_correction_reaches_rows_past_2_31_elements(subset):
+    """The correction kernels' offsets are int64: with B·Q·H·D > 2^31 (a third batch row of 256k
+    tokens at 32 × 128 in HF's [B, Q, H, D] memory, whose first element sits at 2^31), the last rows
+    of that batch row equal the same correction run on those rows alone. In int32 the offsets
+    wrapped to other memory."""
+    B, Q, H, Hkv, D = 3, 1 << 18, 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, Q, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    out = torch.randn(B, Q, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(B, Hkv, 64, D, device="cuda", dtype=torch.bfloat16, generator=g)  # key 0 is the biased one
+    lse = torch.randn(B, H, Q, device="cuda", generator=g) + 8.0
+    plan = (InterventionPlan().scale_first_token({(0, h): 1.5 for h in range(0, H, 4)}).scale_heads({(0, 1): 1.2})
+            .compile_layer(0, H, D).to("cuda"))
+    rows = slice(Q - 64, Q)
+    before = out[2:, :, rows].contiguous()
+    # the same rows alone (non-causal: every row sees the 64 keys, key 0 the biased one)
+    expect = score_mod.correct(before.clone(), lse[2:, :, rows], q[2:, :, rows].contiguous(), k[2:], k[2:],
+                               plan, D ** -0.5, 0, False, head_scale=True)
+    big = out if subset else out.float()  # float: a new buffer is written instead of out in place
+    got = score_mod.correct(big, lse, q, k, k, plan, D ** -0.5, 0, False, head_scale=True)
+    torch.testing.assert_close(got[2:, :, rows].float(), expect.float(), atol=0, rtol=0)
+    assert (expect.float() - before.float()).abs().max() > 0.01  # the correction changed these rows
