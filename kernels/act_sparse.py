@@ -438,10 +438,7 @@ def decode_adaptive(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     u, w, fv = (torch.empty(splits, rows, D, **f32) for _ in range(3))
     sm, rm, fp = (torch.empty(splits, rows, **f32) for _ in range(3))
     fi = torch.empty(splits, rows, device=query.device, dtype=torch.int32)
-    cache = plan.__dict__.setdefault("_kernel_cache", {})
-    if "act_adaptive32" not in cache:
-        cache["act_adaptive32"] = (plan.act_tau.float().contiguous(), plan.act_heads.to(torch.int8).contiguous())
-    tau32, act8 = cache["act_adaptive32"]
+    tau32, act8 = _adaptive_factors(plan)
     beta32, scale32 = _kernel_factors(plan)
     if attention_mask is not None:
         kmask, kmb, kmk = attention_mask.view(torch.uint8), attention_mask.stride(0) if attention_mask.shape[0] > 1 else 0, \
@@ -572,10 +569,7 @@ def sink_table(recv: torch.Tensor, cnt: torch.Tensor, plan: LayerPlan, n_kv: int
     member = torch.empty(B, H, K, device=dev, dtype=torch.int8)
     positions = torch.empty(B, n_kv, K, device=dev, dtype=torch.int32)
     count = torch.empty(B, n_kv, device=dev, dtype=torch.int32)
-    cache = plan.__dict__.setdefault("_kernel_cache", {})
-    if "act_adaptive32" not in cache:
-        cache["act_adaptive32"] = (plan.act_tau.float().contiguous(), plan.act_heads.to(torch.int8).contiguous())
-    tau32, act8 = cache["act_adaptive32"]
+    tau32, act8 = _adaptive_factors(plan)
     fixed = plan.act_sinks is not None  # heads with calibrated sets: their positions, whatever this input's r
     if fixed:
         fmask = fixed_sink_mask(plan, K, dev).view(torch.uint8)
@@ -727,6 +721,14 @@ def _kernel_factors(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
         cache["act_beta32"] = plan.act_beta.float().contiguous()
         cache["head_scale32"] = plan.head_scale.float().contiguous()
     return cache["act_beta32"], cache["head_scale32"]
+
+
+def _adaptive_factors(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ [H] fp32, ACT heads [H] int8) as the input-adaptive kernels read them, kept per plan."""
+    cache = plan.__dict__.setdefault("_kernel_cache", {})
+    if "act_adaptive32" not in cache:
+        cache["act_adaptive32"] = (plan.act_tau.float().contiguous(), plan.act_heads.to(torch.int8).contiguous())
+    return cache["act_adaptive32"]
 
 
 def correct(z: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
